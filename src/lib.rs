@@ -1,0 +1,1 @@
+//! Workspace root: holds the cross-crate tests and benchmarks.

@@ -1,0 +1,316 @@
+//! `tritter-data build`: sources → language → filter → tokenize → shards, with counts.
+
+use crate::document::Document;
+use crate::error::{DataError, Result};
+use crate::language::Language;
+use crate::recipe::DataRecipe;
+use crate::shard::{DatasetManifest, LanguageCounts, ShardWriter, Split, FORMAT, MANIFEST_FILE};
+use crate::source::{list_source, ResolvedSource};
+use crate::stats::PipelineStats;
+use crate::tokenizer::TokenizerSpec;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Overrides the recipe's output directory.
+    pub out: Option<PathBuf>,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildSummary {
+    pub dir: PathBuf,
+    pub manifest: DatasetManifest,
+    pub seconds: f64,
+    pub bytes_read: u64,
+}
+
+impl BuildSummary {
+    /// A human-readable table of what each stage kept and dropped.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let m = &self.manifest;
+        out.push_str(&format!("dataset {} at {}\n", m.name, self.dir.display()));
+        out.push_str(&format!(
+            "{:<12} {:>9} {:>12}  dropped\n",
+            "stage", "kept", "kept bytes"
+        ));
+        for (name, c) in &m.stats.stages {
+            let dropped: Vec<String> = c.dropped.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+            out.push_str(&format!(
+                "{:<12} {:>9} {:>12}  {}\n",
+                name,
+                c.kept,
+                c.kept_bytes,
+                dropped.join(", ")
+            ));
+        }
+        for (lang, c) in &m.languages {
+            out.push_str(&format!(
+                "{lang:<12} {:>9} docs {:>12} bytes {:>12} tokens\n",
+                c.documents, c.bytes, c.tokens
+            ));
+        }
+        for (split, info) in &m.splits {
+            out.push_str(&format!(
+                "{:<12} {:>9} docs {:>12} tokens in {} shard(s)\n",
+                split.name(),
+                info.documents,
+                info.tokens,
+                info.shards.len()
+            ));
+        }
+        let mb = self.bytes_read as f64 / 1e6;
+        out.push_str(&format!(
+            "read {mb:.1} MB in {:.1} s ({:.1} MB/s)\n",
+            self.seconds,
+            mb / self.seconds.max(1e-9)
+        ));
+        out
+    }
+}
+
+/// Builds the dataset a recipe describes. The dataset is written to a temporary directory
+/// beside the output and renamed into place only when complete, so a failed build never
+/// leaves a half-written dataset or destroys the previous one.
+pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<BuildSummary> {
+    let start = Instant::now();
+    let out_dir = options.out.clone().unwrap_or_else(|| recipe.output_dir());
+    let tokenizer = recipe.tokenizer.load(&recipe.base_dir)?;
+    let languages = recipe.languages();
+
+    let mut sources = Vec::new();
+    for source in &recipe.sources {
+        if let Some(resolved) = list_source(recipe, source)? {
+            sources.push(resolved);
+        }
+    }
+
+    let staging = staging_dir(&out_dir);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| DataError::io(&staging, e))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(|e| DataError::io(&staging, e))?;
+
+    let mut stats = PipelineStats::default();
+    let mut language_counts: BTreeMap<String, LanguageCounts> = BTreeMap::new();
+    let mut train = ShardWriter::new(&staging, Split::Train, recipe.shard_tokens);
+    let mut valid = ShardWriter::new(&staging, Split::Valid, recipe.shard_tokens);
+    let mut first_train_doc: Option<Vec<u32>> = None;
+    let mut total_bytes = 0u64;
+    let mut bytes_read = 0u64;
+
+    let total_files: usize = sources.iter().map(|s| s.files.len()).sum();
+    let bar = progress_bar(options.progress, total_files as u64);
+    for source in &sources {
+        let mut source_bytes = 0u64;
+        for file in &source.files {
+            bar.inc(1);
+            stats.stage("source").keep(file.size as usize);
+            if file.size > recipe.max_file_bytes {
+                stats.stage("filter").drop("file too large");
+                continue;
+            }
+            if total_bytes + file.size > recipe.max_total_bytes
+                || source
+                    .max_bytes
+                    .is_some_and(|m| source_bytes + file.size > m)
+            {
+                stats.stage("filter").drop("over size cap");
+                continue;
+            }
+            let content = match std::fs::read(&file.path) {
+                Ok(c) => c,
+                Err(_) => {
+                    stats.stage("read").drop("unreadable");
+                    continue;
+                }
+            };
+            bytes_read += content.len() as u64;
+            let Some(language) = Language::detect(&file.path, &content) else {
+                stats.stage("language").drop("not code");
+                continue;
+            };
+            if !languages.contains(&language) {
+                stats
+                    .stage("language")
+                    .drop(&format!("{language} not selected"));
+                continue;
+            }
+            stats.stage("language").keep(content.len());
+            if let Some(reason) = filter_reason(&content) {
+                stats.stage("filter").drop(reason);
+                continue;
+            }
+            stats.stage("filter").keep(content.len());
+            source_bytes += content.len() as u64;
+            total_bytes += content.len() as u64;
+            let doc = Document {
+                id: format!("{}/{}", source.name, file.relative),
+                source: source.name.clone(),
+                language,
+                content,
+            };
+            let ids = tokenizer.encode_document(&doc.content, doc.language);
+            stats.stage("tokenize").keep(doc.content.len());
+            let counts = language_counts
+                .entry(language.name().to_string())
+                .or_default();
+            counts.documents += 1;
+            counts.bytes += doc.content.len() as u64;
+            counts.tokens += ids.len() as u64;
+            if is_valid_document(&doc, recipe.valid_fraction) {
+                valid.push_document(&ids)?;
+            } else {
+                if first_train_doc.is_none() {
+                    first_train_doc = Some(ids.clone());
+                }
+                train.push_document(&ids)?;
+            }
+            if bar.length().is_some() {
+                let secs = start.elapsed().as_secs_f64().max(1e-9);
+                bar.set_message(format!("{:.1} MB/s", bytes_read as f64 / 1e6 / secs));
+            }
+        }
+    }
+    bar.finish_and_clear();
+
+    let train_info = train.finish()?;
+    let mut valid_info = valid.finish()?;
+    if train_info.documents == 0 && valid_info.documents == 0 {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(DataError::EmptyCorpus(format!(
+            "no {} files were kept from sources [{}]",
+            recipe.languages.join("/"),
+            describe_sources(&sources)
+        )));
+    }
+    // A held-out split must exist; with a tiny corpus, hold out the first training document.
+    if valid_info.documents == 0 && recipe.valid_fraction > 0.0 {
+        let ids = first_train_doc.expect("train split is non-empty");
+        let mut w = ShardWriter::new(&staging, Split::Valid, recipe.shard_tokens);
+        w.push_document(&ids)?;
+        valid_info = w.finish()?;
+    }
+    if train_info.documents == 0 {
+        return Err(DataError::EmptyCorpus(
+            "every kept document fell into the validation split; lower `valid_fraction`".into(),
+        ));
+    }
+
+    let tokenizer_spec = copy_tokenizer(recipe, &staging)?;
+    let manifest = DatasetManifest {
+        format: FORMAT.to_string(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        name: recipe.name.clone(),
+        tokenizer: tokenizer_spec,
+        vocab_size: tokenizer.vocab_size(),
+        eos: tokenizer.eos(),
+        splits: BTreeMap::from([(Split::Train, train_info), (Split::Valid, valid_info)]),
+        languages: language_counts,
+        stats,
+        recipe: serde_json::to_value(recipe).unwrap_or_default(),
+    };
+    let manifest_path = staging.join(MANIFEST_FILE);
+    let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+    std::fs::write(&manifest_path, json).map_err(|e| DataError::io(&manifest_path, e))?;
+    replace_dir(&staging, &out_dir)?;
+
+    Ok(BuildSummary {
+        dir: out_dir,
+        manifest,
+        seconds: start.elapsed().as_secs_f64(),
+        bytes_read,
+    })
+}
+
+/// Why a file is not worth training on, if it is not.
+fn filter_reason(content: &[u8]) -> Option<&'static str> {
+    if content.iter().all(|b| b.is_ascii_whitespace()) {
+        return Some("empty");
+    }
+    if std::str::from_utf8(content).is_err() {
+        return Some("invalid utf-8");
+    }
+    None
+}
+
+/// Held-out documents are chosen by a hash of their id, so the split is stable across
+/// rebuilds and machines.
+fn is_valid_document(doc: &Document, valid_fraction: f64) -> bool {
+    (doc.id_hash() % 1_000_000) < (valid_fraction * 1_000_000.0) as u64
+}
+
+fn describe_sources(sources: &[ResolvedSource]) -> String {
+    sources
+        .iter()
+        .map(|s| {
+            format!(
+                "{} ({}, {} candidate files)",
+                s.name,
+                s.root.display(),
+                s.files.len()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn copy_tokenizer(recipe: &DataRecipe, dir: &Path) -> Result<TokenizerSpec> {
+    match &recipe.tokenizer {
+        TokenizerSpec::Byte => Ok(TokenizerSpec::Byte),
+        TokenizerSpec::HuggingFace(path) => {
+            let src = recipe.resolve(path);
+            let dst = dir.join("tokenizer.json");
+            std::fs::copy(&src, &dst).map_err(|e| DataError::io(&src, e))?;
+            Ok(TokenizerSpec::HuggingFace("tokenizer.json".into()))
+        }
+    }
+}
+
+fn staging_dir(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    out.with_file_name(name)
+}
+
+/// Moves a finished dataset into place, replacing an older one only after the new one is
+/// complete.
+fn replace_dir(staging: &Path, out: &Path) -> Result<()> {
+    if out.exists() {
+        let mut name = out.file_name().unwrap_or_default().to_os_string();
+        name.push(".old");
+        let old = out.with_file_name(name);
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| DataError::io(&old, e))?;
+        }
+        std::fs::rename(out, &old).map_err(|e| DataError::io(out, e))?;
+        std::fs::rename(staging, out).map_err(|e| DataError::io(out, e))?;
+        std::fs::remove_dir_all(&old).map_err(|e| DataError::io(&old, e))?;
+    } else {
+        if let Some(parent) = out.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
+        }
+        std::fs::rename(staging, out).map_err(|e| DataError::io(out, e))?;
+    }
+    Ok(())
+}
+
+fn progress_bar(enabled: bool, len: u64) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "building dataset [{bar:30}] {pos}/{len} files ({per_sec}) {msg} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}

@@ -1,0 +1,23 @@
+//! Tritter's code-corpus pipeline: sources → language → filter → tokenize → token shards.
+//!
+//! Each stage is a small function over [`Document`]s that counts what it kept and dropped;
+//! the counts end in the dataset's `manifest.json`. The crate has no Burn dependency, so it
+//! builds fast and is usable on its own.
+
+pub mod build;
+pub mod document;
+pub mod error;
+pub mod language;
+pub mod recipe;
+pub mod shard;
+pub mod source;
+pub mod stats;
+pub mod tokenizer;
+
+pub use build::{build_dataset, BuildOptions, BuildSummary};
+pub use document::Document;
+pub use error::DataError;
+pub use language::Language;
+pub use recipe::DataRecipe;
+pub use shard::{DatasetManifest, ShardReader, Split, TokenStream};
+pub use tokenizer::{ByteTokenizer, HfTokenizer, Tokenizer, TokenizerSpec};

@@ -1,0 +1,3 @@
+//! Inference: loading exports, KV cache, sampling and generation.
+
+pub mod kv_cache;

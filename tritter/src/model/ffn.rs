@@ -1,0 +1,38 @@
+//! Squared-ReLU gated feed-forward: `down(relu(gate(x))² ⊙ up(x))`.
+
+use super::bitlinear::{BitLinear, BitLinearConfig};
+use super::config::TritterConfig;
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+use tritter_kernels::TritterBackend;
+
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// `[hidden, 2·ffn]`: gate and up projections in one product.
+    pub gate_up: BitLinear<B>,
+    pub down: BitLinear<B>,
+    pub ffn_size: usize,
+}
+
+impl<B: Backend> FeedForward<B> {
+    pub fn new(config: &TritterConfig, device: &B::Device) -> Self {
+        Self {
+            gate_up: BitLinearConfig::new(config.hidden_size, 2 * config.ffn_size)
+                .with_norm_eps(config.norm_eps)
+                .init(device),
+            down: BitLinearConfig::new(config.ffn_size, config.hidden_size)
+                .with_norm_eps(config.norm_eps)
+                .init(device),
+            ffn_size: config.ffn_size,
+        }
+    }
+}
+
+impl<B: TritterBackend> FeedForward<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate_up = self.gate_up.forward(x);
+        let gate = gate_up.clone().narrow(2, 0, self.ffn_size);
+        let up = gate_up.narrow(2, self.ffn_size, self.ffn_size);
+        self.down.forward(relu(gate).powi_scalar(2) * up)
+    }
+}
