@@ -37,7 +37,6 @@ pub struct DataRecipe {
 
 /// One source of documents.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub name: String,
     #[serde(flatten)]

@@ -1,0 +1,221 @@
+//! Training recipes (TOML): the model, the data recipe, and the optimisation settings.
+
+use crate::model::{ConfigOverrides, TritterConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tritter_data::DatasetManifest;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainRecipe {
+    pub name: String,
+    /// The data recipe whose dataset this run trains on (built first when missing).
+    pub data: PathBuf,
+    /// `cpu`, `cuda` or `wgpu`; `--device` overrides it.
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    pub model: ModelSection,
+    pub train: TrainSection,
+    #[serde(default)]
+    pub optim: OptimSection,
+    /// Directory the recipe was read from.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `preset` plus any [`ConfigOverrides`] field; unknown fields are rejected by the
+/// overrides.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelSection {
+    pub preset: String,
+    #[serde(flatten)]
+    pub overrides: ConfigOverrides,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps in the whole run.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accumulation: usize,
+    /// Steps between checkpoints (one burn-train "epoch").
+    pub checkpoint_every: usize,
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+    /// Validation batches evaluated at every checkpoint.
+    #[serde(default = "default_valid_batches")]
+    pub valid_batches: usize,
+    /// Where runs go: `<output_dir>/<name>`; `--out` overrides the run directory.
+    #[serde(default = "default_output_dir")]
+    pub output_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    /// Peak learning rate, reached after warmup.
+    pub lr: f64,
+    pub warmup_steps: usize,
+    /// Cosine decay floor as a fraction of the peak.
+    pub min_lr_ratio: f64,
+    /// BitNet two-stage schedule: at this fraction of the run the learning rate drops ...
+    pub stage2_at: f64,
+    /// ... by this factor, and weight decay goes to zero.
+    pub stage2_lr_ratio: f64,
+    /// Decoupled weight decay of the ternary (BitLinear) weights in stage 1. Norms,
+    /// embeddings and the head are never decayed.
+    pub weight_decay: f64,
+    /// Clip gradients to this global L2 norm.
+    pub grad_clip: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        Self {
+            lr: 1.5e-3,
+            warmup_steps: 100,
+            min_lr_ratio: 0.1,
+            stage2_at: 0.5,
+            stage2_lr_ratio: 0.5,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+        }
+    }
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_seed() -> u64 {
+    42
+}
+fn one() -> usize {
+    1
+}
+fn default_keep() -> usize {
+    2
+}
+fn default_valid_batches() -> usize {
+    8
+}
+fn default_output_dir() -> PathBuf {
+    "runs".into()
+}
+
+/// A recipe that could not be used, naming the file and what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("cannot read recipe {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("malformed recipe {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl TrainRecipe {
+    pub fn from_file(path: &Path) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut recipe: TrainRecipe = toml::from_str(&text).map_err(|e| RecipeError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        recipe.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        recipe.validate().map_err(|message| RecipeError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(recipe)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let t = &self.train;
+        for (field, v) in [
+            ("train.steps", t.steps),
+            ("train.batch_size", t.batch_size),
+            ("train.seq_len", t.seq_len),
+            ("train.grad_accumulation", t.grad_accumulation),
+            ("train.checkpoint_every", t.checkpoint_every),
+            ("train.keep_checkpoints", t.keep_checkpoints),
+            ("train.valid_batches", t.valid_batches),
+        ] {
+            if v == 0 {
+                return Err(format!("`{field}` = 0: must be positive"));
+            }
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return Err(format!("`optim.lr` = {}: must be positive", o.lr));
+        }
+        if !(0.0..=1.0).contains(&o.stage2_at) {
+            return Err(format!(
+                "`optim.stage2_at` = {}: must be in [0, 1]",
+                o.stage2_at
+            ));
+        }
+        if !(o.grad_clip > 0.0) {
+            return Err(format!(
+                "`optim.grad_clip` = {}: must be positive",
+                o.grad_clip
+            ));
+        }
+        crate::device::DeviceKind::parse(&self.device).map_err(|e| e.to_string())?;
+        // Resolve the preset now so an unknown one is reported with the recipe.
+        self.model_config(1).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// The data recipe path, resolved against this recipe's directory.
+    pub fn data_recipe_path(&self) -> PathBuf {
+        self.base_dir.join(&self.data)
+    }
+
+    /// The model config for a vocabulary of `vocab_size` (from the dataset's tokenizer),
+    /// validated, with `max_seq_len` at least the training sequence length.
+    pub fn model_config(&self, vocab_size: usize) -> anyhow::Result<TritterConfig> {
+        let mut config = TritterConfig::preset(&self.model.preset, vocab_size)?
+            .with_overrides(&self.model.overrides);
+        if self.model.overrides.vocab_size.is_none() {
+            config.vocab_size = vocab_size;
+        }
+        config.validate()?;
+        if config.max_seq_len < self.train.seq_len {
+            anyhow::bail!(
+                "`train.seq_len` = {} exceeds the model's `max_seq_len` = {}",
+                self.train.seq_len,
+                config.max_seq_len
+            );
+        }
+        Ok(config)
+    }
+
+    /// The model config for the dataset this recipe trains on.
+    pub fn model_config_for(&self, manifest: &DatasetManifest) -> anyhow::Result<TritterConfig> {
+        let config = self.model_config(manifest.vocab_size)?;
+        if config.vocab_size < manifest.vocab_size {
+            anyhow::bail!(
+                "model vocab_size {} is smaller than the dataset tokenizer's {}",
+                config.vocab_size,
+                manifest.vocab_size
+            );
+        }
+        Ok(config)
+    }
+}
