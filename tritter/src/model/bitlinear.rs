@@ -81,4 +81,32 @@ mod tests {
         y.into_data()
             .assert_approx_eq::<f32>(&TensorData::from([expected]), Default::default());
     }
+
+    #[test]
+    fn straight_through_gradients_pass_the_quantizers() {
+        use burn::backend::Autodiff;
+        type B = Autodiff<TestBackend>;
+        let device = Default::default();
+        let x = Tensor::<B, 2>::from_data([[0.3, -1.2, 0.7]], &device).require_grad();
+        let w = Tensor::<B, 2>::from_data([[0.5, -0.2], [0.1, 0.9], [-0.7, 0.05]], &device)
+            .require_grad();
+        let y = tritter_kernels::reference::bitlinear_matmul(x.clone(), w.clone());
+        let grads = y.sum().backward();
+        // With STE, d(sum(x·W))/dW = xᵀ·1 and d/dx = 1·Wqᵀ... i.e. the gradient of the
+        // float product through the quantized operands: dW[i][j] = xq[i], dx[i] = Σ_j Wq[i][j].
+        let gw: Vec<f32> = w.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        let gx: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        // xq = round(x·127/1.2)·1.2/127
+        let q = |v: f32| (v * 127.0 / 1.2).round() * 1.2 / 127.0;
+        let expected_gw = [q(0.3), q(0.3), q(-1.2), q(-1.2), q(0.7), q(0.7)];
+        for (a, b) in gw.iter().zip(expected_gw) {
+            assert!((a - b).abs() < 1e-5, "{gw:?}");
+        }
+        // γ = mean|W| = 2.45 / 6; Wq = [[1, 0], [0, 1], [-1, 0]] (0.05/γ rounds to 0).
+        let gamma = 2.45f32 / 6.0;
+        let expected_gx = [gamma, gamma, -gamma];
+        for (a, b) in gx.iter().zip(expected_gx) {
+            assert!((a - b).abs() < 1e-5, "{gx:?}");
+        }
+    }
 }

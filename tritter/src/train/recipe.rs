@@ -25,13 +25,36 @@ pub struct TrainRecipe {
     pub base_dir: PathBuf,
 }
 
-/// `preset` plus any [`ConfigOverrides`] field; unknown fields are rejected by the
-/// overrides.
+/// `preset` plus any [`ConfigOverrides`] field; an unknown field is an error.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "toml::Table", into = "toml::Table")]
 pub struct ModelSection {
     pub preset: String,
-    #[serde(flatten)]
     pub overrides: ConfigOverrides,
+}
+
+impl TryFrom<toml::Table> for ModelSection {
+    type Error = String;
+
+    fn try_from(mut table: toml::Table) -> Result<Self, String> {
+        let preset = match table.remove("preset") {
+            Some(toml::Value::String(p)) => p,
+            Some(other) => return Err(format!("`model.preset` = {other}: expected a preset name")),
+            None => return Err("`model.preset` is missing".into()),
+        };
+        let overrides = toml::Value::Table(table)
+            .try_into::<ConfigOverrides>()
+            .map_err(|e| format!("in [model]: {e}"))?;
+        Ok(Self { preset, overrides })
+    }
+}
+
+impl From<ModelSection> for toml::Table {
+    fn from(section: ModelSection) -> toml::Table {
+        let mut table = toml::Table::try_from(&section.overrides).unwrap_or_default();
+        table.insert("preset".into(), toml::Value::String(section.preset));
+        table
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
