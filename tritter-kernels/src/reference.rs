@@ -1,10 +1,11 @@
 //! Reference implementations of the Tritter ops, in Burn tensor ops. These define what the
 //! kernels must compute; the formulas follow BitNet b1.58 (arXiv 2402.17764).
 
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Tensor, TensorData};
 
 /// Floor on the absmean/absmax denominators (BitNet's ε).
 pub const QUANT_EPS: f32 = 1e-5;
@@ -51,6 +52,22 @@ pub fn bitlinear_matmul<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Te
     x.matmul(w)
 }
 
+/// BitLinear's forward on plain tensors: the product and its quantized operands.
+pub fn bitlinear_forward<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+) -> crate::BitLinearForward<B> {
+    let (wq, gamma) = ternary_quantize(weight);
+    let w_quantized = wq * gamma.unsqueeze();
+    let (xq, inv_scale) = int8_quantize(x);
+    let x_quantized = xq * inv_scale;
+    crate::BitLinearForward {
+        output: x_quantized.clone().matmul(w_quantized.clone()),
+        x_quantized,
+        w_quantized,
+    }
+}
+
 /// Scaled dot-product attention through Burn's attention op.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
@@ -71,4 +88,78 @@ pub fn attention<B: Backend>(
             is_causal: causal,
         },
     )
+}
+
+/// `true` above the causal diagonal of a `[q, kv]` score matrix whose last query is the
+/// last key (queries continue a cache of `kv − q` positions).
+pub fn causal_mask<B: Backend>(
+    [batch, heads, q, kv]: [usize; 4],
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let offset = kv - q;
+    let masked: Vec<bool> = (0..q)
+        .flat_map(|i| (0..kv).map(move |j| j > i + offset))
+        .collect();
+    Tensor::<B, 2, Bool>::from_data(TensorData::new(masked, [q, kv]), device)
+        .unsqueeze::<4>()
+        .expand([batch, heads, q, kv])
+}
+
+/// Gradients of scaled dot-product attention, from its inputs, its output and the
+/// output's gradient (the standard softmax backward, with the probabilities recomputed):
+/// `dV = Pᵀ·dO`, `dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O))`, `dQ = dS·K·τ`, `dK = dSᵀ·Q·τ`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    out: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    causal: bool,
+    grad_out: Tensor<B, 4>,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let [batch, heads, nq, d] = q.dims();
+    let nk = k.dims()[2];
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut scores = q.clone().matmul(k.clone().swap_dims(2, 3)) * scale;
+    if let Some(mask) = mask {
+        scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+    }
+    if causal {
+        scores = scores.mask_fill(
+            causal_mask([batch, heads, nq, nk], &q.device()),
+            f32::NEG_INFINITY,
+        );
+    }
+    let p = softmax(scores, 3);
+    let grad_v = p.clone().swap_dims(2, 3).matmul(grad_out.clone());
+    let grad_p = grad_out.clone().matmul(v.swap_dims(2, 3));
+    let delta = (grad_out * out).sum_dim(3);
+    let grad_s = p * (grad_p - delta) * scale;
+    let grad_q = grad_s.clone().matmul(k);
+    let grad_k = grad_s.swap_dims(2, 3).matmul(q);
+    (grad_q, grad_k, grad_v)
+}
+
+/// RMSNorm over the last dimension of `[rows, dim]`: `x / sqrt(mean(x²) + ε) · g`.
+pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, gamma: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+    let inv_rms = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
+    x * inv_rms * gamma.unsqueeze()
+}
+
+/// Gradients of [`rms_norm`] with `r = 1/sqrt(mean(x²) + ε)` per row:
+/// `dx = r·(g ⊙ dy) − x·r³·mean(g ⊙ dy ⊙ x)`, `dg = Σ_rows dy ⊙ x·r`.
+pub fn rms_norm_backward<B: Backend>(
+    x: Tensor<B, 2>,
+    gamma: Tensor<B, 1>,
+    eps: f64,
+    grad_out: Tensor<B, 2>,
+) -> (Tensor<B, 2>, Tensor<B, 1>) {
+    let inv_rms = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
+    let normalized = x.clone() * inv_rms.clone();
+    let grad_gamma = (grad_out.clone() * normalized).sum_dim(0).squeeze_dim(0);
+    let g_dy = grad_out * gamma.unsqueeze();
+    let dot = (g_dy.clone() * x.clone()).mean_dim(1);
+    let grad_x = g_dy * inv_rms.clone() - x * inv_rms.powi_scalar(3) * dot;
+    (grad_x, grad_gamma)
 }

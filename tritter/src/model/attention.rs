@@ -1,7 +1,7 @@
 //! Attention: fused q/k/v BitLinear, QK-norm, RoPE, grouped-query heads, causal or
 //! sliding-window masking, and an optional KV cache.
 
-use super::bitlinear::{BitLinear, BitLinearConfig};
+use super::bitlinear::{rms_norm, BitLinear, BitLinearConfig};
 use super::config::TritterConfig;
 use crate::infer::kv_cache::LayerCache;
 use burn::nn::{RmsNorm, RmsNormConfig};
@@ -48,20 +48,22 @@ impl<B: TritterBackend> Attention<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
+        rope: &Rope<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qkv = self.qkv.forward(x);
         let split = |start: usize, heads: usize| {
-            qkv.clone()
-                .narrow(2, start * hd, heads * hd)
-                .reshape([batch, seq, heads, hd])
-                .swap_dims(1, 2)
+            contiguous(
+                qkv.clone()
+                    .narrow(2, start * hd, heads * hd)
+                    .reshape([batch, seq, heads, hd])
+                    .swap_dims(1, 2),
+            )
         };
-        let q = rope.apply(self.q_norm.forward(split(0, nh)));
-        let k = rope.apply(self.k_norm.forward(split(nh, nkv)));
+        let q = rope.q.apply(rms_norm(&self.q_norm, split(0, nh)));
+        let k = rope.k.apply(rms_norm(&self.k_norm, split(nh, nkv)));
         let v = split(nh + nkv, nkv);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),
@@ -117,28 +119,48 @@ pub fn sliding_window_mask<B: Backend>(
         .expand([batch, heads, q, kv])
 }
 
-/// Rotary position tables for positions `start..start + len` (rotate-half convention):
-/// pairs `(x_j, x_{j + d/2})` rotate by `p · θ^(−2j/d)`.
+/// Copies a strided view into contiguous memory. Element-wise kernels (Flex's above all)
+/// are many times faster on contiguous tensors than on views left by `narrow`/`swap_dims`.
+pub fn contiguous<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = x.dims();
+    x.reshape([dims.iter().product::<usize>()]).reshape(dims)
+}
+
+/// Rotary position tables (rotate-half convention): pairs `(x_j, x_{j + d/2})` rotate by
+/// `p · θ^(−2j/d)` at position `p`. Built once per forward for `[batch, heads, len, d]`,
+/// materialized at full size so the rotation is three contiguous element-wise ops.
+#[derive(Clone)]
 pub struct RopeTables<B: Backend> {
+    /// `[cos, cos]` per position.
     cos: Tensor<B, 4>,
+    /// `[−sin, sin]` per position.
     sin: Tensor<B, 4>,
 }
 
 impl<B: Backend> RopeTables<B> {
-    pub fn new(head_dim: usize, theta: f64, start: usize, len: usize, device: &B::Device) -> Self {
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        start: usize,
+        [batch, heads, len]: [usize; 3],
+        device: &B::Device,
+    ) -> Self {
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
+        let mut cos = Vec::with_capacity(len * head_dim);
+        let mut sin = Vec::with_capacity(len * head_dim);
         for p in start..start + len {
-            for j in 0..half {
-                let freq = theta.powf(-2.0 * j as f64 / head_dim as f64);
-                let angle = p as f64 * freq;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
+            let angles: Vec<f64> = (0..half)
+                .map(|j| p as f64 * theta.powf(-2.0 * j as f64 / head_dim as f64))
+                .collect();
+            cos.extend(angles.iter().chain(&angles).map(|a| a.cos() as f32));
+            sin.extend(angles.iter().map(|a| -a.sin() as f32));
+            sin.extend(angles.iter().map(|a| a.sin() as f32));
         }
         let table = |v: Vec<f32>| {
-            Tensor::<B, 2>::from_data(TensorData::new(v, [len, half]), device).unsqueeze::<4>()
+            let t = Tensor::<B, 2>::from_data(TensorData::new(v, [len, head_dim]), device)
+                .unsqueeze::<4>()
+                .expand([batch, heads, len, head_dim]);
+            contiguous(t)
         };
         Self {
             cos: table(cos),
@@ -146,15 +168,42 @@ impl<B: Backend> RopeTables<B> {
         }
     }
 
-    /// Rotates `[batch, heads, len, head_dim]`.
+    /// Rotates a contiguous `[batch, heads, len, head_dim]` tensor:
+    /// `x·cos + rotate_half(x)·sin`, `rotate_half([x1, x2]) = [x2, x1]`.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let d = x.dims()[3];
-        let half = d / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.narrow(3, half, half);
-        let r1 = x1.clone() * self.cos.clone() - x2.clone() * self.sin.clone();
-        let r2 = x2 * self.cos.clone() + x1 * self.sin.clone();
-        Tensor::cat(vec![r1, r2], 3)
+        let half = x.dims()[3] / 2;
+        let rotated = Tensor::cat(
+            vec![
+                x.clone().narrow(3, half, half),
+                x.clone().narrow(3, 0, half),
+            ],
+            3,
+        );
+        x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+/// The rotary tables of one forward pass: for the query heads and the key heads.
+pub struct Rope<B: Backend> {
+    pub q: RopeTables<B>,
+    pub k: RopeTables<B>,
+}
+
+impl<B: Backend> Rope<B> {
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        start: usize,
+        [batch, q_heads, kv_heads, len]: [usize; 4],
+        device: &B::Device,
+    ) -> Self {
+        let q = RopeTables::new(head_dim, theta, start, [batch, q_heads, len], device);
+        let k = if kv_heads == q_heads {
+            q.clone()
+        } else {
+            RopeTables::new(head_dim, theta, start, [batch, kv_heads, len], device)
+        };
+        Self { q, k }
     }
 }
 
@@ -172,9 +221,10 @@ mod tests {
             Tensor::<TestBackend, 4>::random([1, 1, 1, d], Distribution::Normal(0.0, 1.0), &device);
         let k =
             Tensor::<TestBackend, 4>::random([1, 1, 1, d], Distribution::Normal(0.0, 1.0), &device);
+        let table = |p| RopeTables::<TestBackend>::new(d, 10_000.0, p, [1, 1, 1], &device);
         let score = |pq: usize, pk: usize| {
-            let rq = RopeTables::<TestBackend>::new(d, 10_000.0, pq, 1, &device).apply(q.clone());
-            let rk = RopeTables::<TestBackend>::new(d, 10_000.0, pk, 1, &device).apply(k.clone());
+            let rq = table(pq).apply(q.clone());
+            let rk = table(pk).apply(k.clone());
             (rq * rk).sum().into_scalar()
         };
         let a = score(5, 2);
@@ -183,7 +233,24 @@ mod tests {
         assert!((a - b).abs() < 1e-3, "{a} vs {b}");
         assert!((a - c).abs() > 1e-3, "different offsets should differ");
         // Position 0 is the identity.
-        let r0 = RopeTables::<TestBackend>::new(d, 10_000.0, 0, 1, &device).apply(q.clone());
+        let r0 = table(0).apply(q.clone());
+        // A pair (x_j, x_{j+d/2}) at position 1 rotates by θ^(−2j/d) radians.
+        let x = Tensor::<TestBackend, 4>::from_data(
+            TensorData::new(
+                (0..d)
+                    .map(|i| if i == 1 || i == 9 { 1.0 } else { 0.0 })
+                    .collect::<Vec<f32>>(),
+                [1, 1, 1, d],
+            ),
+            &device,
+        );
+        let r: Vec<f32> = table(1).apply(x).into_data().to_vec().unwrap();
+        let angle = 10_000f64.powf(-2.0 / d as f64);
+        let (c, s) = (angle.cos() as f32, angle.sin() as f32);
+        assert!(
+            (r[1] - (c - s)).abs() < 1e-5 && (r[9] - (c + s)).abs() < 1e-5,
+            "{r:?}"
+        );
         r0.into_data()
             .assert_approx_eq::<f32>(&q.into_data(), Default::default());
     }

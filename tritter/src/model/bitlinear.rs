@@ -41,13 +41,24 @@ impl BitLinearConfig {
     }
 }
 
+/// RMSNorm through the backend extension (one graph node under autodiff).
+pub fn rms_norm<B: TritterBackend, const D: usize>(
+    norm: &RmsNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let d = dims[D - 1];
+    let rows = dims.iter().product::<usize>() / d;
+    B::rms_norm(x.reshape([rows, d]), norm.gamma.val(), norm.epsilon).reshape(dims)
+}
+
 impl<B: TritterBackend> BitLinear<B> {
     /// `[..., d_input]` → `[..., d_output]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let d_input = dims[D - 1];
         let tokens = dims[..D - 1].iter().product::<usize>();
-        let x = self.norm.forward(x).reshape([tokens, d_input]);
+        let x = rms_norm(&self.norm, x).reshape([tokens, d_input]);
         let y = B::bitlinear_matmul(x, self.weight.val());
         let mut out_dims = dims;
         out_dims[D - 1] = self.weight.dims()[1];

@@ -1,7 +1,8 @@
 //! A transformer block with the norm reordering of Chameleon ("post-sublayer norm"):
 //! `h = x + RMSNorm(Attn(x))`, `out = h + RMSNorm(FFN(h))`.
 
-use super::attention::{Attention, RopeTables};
+use super::attention::{Attention, Rope};
+use super::bitlinear::rms_norm;
 use super::config::TritterConfig;
 use super::ffn::FeedForward;
 use crate::infer::kv_cache::LayerCache;
@@ -37,10 +38,10 @@ impl<B: TritterBackend> Block<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
+        rope: &Rope<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.attn_norm.forward(self.attn.forward(x, rope, cache));
-        h.clone() + self.ffn_norm.forward(self.ffn.forward(h))
+        let h = x.clone() + rms_norm(&self.attn_norm, self.attn.forward(x, rope, cache));
+        h.clone() + rms_norm(&self.ffn_norm, self.ffn.forward(h))
     }
 }

@@ -1,5 +1,6 @@
 //! Squared-ReLU gated feed-forward: `down(relu(gate(x))² ⊙ up(x))`.
 
+use super::attention::contiguous;
 use super::bitlinear::{BitLinear, BitLinearConfig};
 use super::config::TritterConfig;
 use burn::prelude::*;
@@ -31,8 +32,8 @@ impl<B: Backend> FeedForward<B> {
 impl<B: TritterBackend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate_up = self.gate_up.forward(x);
-        let gate = gate_up.clone().narrow(2, 0, self.ffn_size);
-        let up = gate_up.narrow(2, self.ffn_size, self.ffn_size);
-        self.down.forward(relu(gate).powi_scalar(2) * up)
+        let gate = relu(contiguous(gate_up.clone().narrow(2, 0, self.ffn_size)));
+        let up = contiguous(gate_up.narrow(2, self.ffn_size, self.ffn_size));
+        self.down.forward(gate.clone() * gate * up)
     }
 }

@@ -7,7 +7,7 @@ pub mod config;
 pub mod ffn;
 
 use crate::infer::kv_cache::KvCache;
-use attention::RopeTables;
+use attention::Rope;
 use block::Block;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
@@ -56,15 +56,15 @@ impl<B: TritterBackend> TritterModel<B> {
         tokens: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let [_, seq] = tokens.dims();
+        let [batch, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let device = tokens.device();
-        let rope = RopeTables::new(
-            self.config.head_dim(),
-            self.config.rope_theta,
+        let c = &self.config;
+        let rope = Rope::new(
+            c.head_dim(),
+            c.rope_theta,
             start,
-            seq,
-            &device,
+            [batch, c.num_heads, c.num_kv_heads, seq],
+            &tokens.device(),
         );
         let mut x = self.embedding.forward(tokens);
         for (i, block) in self.blocks.iter().enumerate() {
@@ -74,7 +74,7 @@ impl<B: TritterBackend> TritterModel<B> {
         if let Some(cache) = cache {
             cache.advance(seq);
         }
-        self.head(self.norm.forward(x))
+        self.head(bitlinear::rms_norm(&self.norm, x))
     }
 
     fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -220,7 +220,7 @@ mod tests {
             burn::tensor::Distribution::Normal(0.0, 1.0),
             &device,
         );
-        let rope = RopeTables::new(16, config.rope_theta, 0, 5, &device);
+        let rope = Rope::new(16, config.rope_theta, 0, [2, 4, 4, 5], &device);
         let ours = attn.forward(x.clone(), &rope, None);
         // Reference: explicit per-head attention with a causal mask.
         let qkv = attn.qkv.forward(x);
@@ -230,8 +230,8 @@ mod tests {
                 .reshape([2, 5, 4, 16])
                 .swap_dims(1, 2)
         };
-        let q = rope.apply(attn.q_norm.forward(heads(0)));
-        let k = rope.apply(attn.k_norm.forward(heads(4)));
+        let q = rope.q.apply(attn.q_norm.forward(heads(0)));
+        let k = rope.k.apply(attn.k_norm.forward(heads(4)));
         let v = heads(8);
         let reference = mha(
             q,

@@ -119,9 +119,9 @@ pub fn ensure_dataset(recipe: &TrainRecipe) -> Result<(PathBuf, DatasetManifest)
     Ok((dir, manifest))
 }
 
-/// The newest epoch whose model, optimizer and scheduler checkpoints all exist and whose
-/// model file loads; a damaged newest checkpoint (a run killed mid-write) falls back to the
-/// one before it.
+/// The newest epoch whose model, optimizer and scheduler checkpoints all exist and decode;
+/// a damaged newest checkpoint (a run killed while burn-train was writing it) falls back
+/// to the one before it.
 pub fn latest_checkpoint(run_dir: &Path) -> Option<usize> {
     let dir = run_dir.join(CHECKPOINT_DIR);
     let mut epochs: Vec<usize> = std::fs::read_dir(&dir)
@@ -141,7 +141,9 @@ pub fn latest_checkpoint(run_dir: &Path) -> Option<usize> {
         .collect();
     epochs.sort_unstable();
     epochs.into_iter().rev().find(|epoch| {
-        let ok = checkpoint_loads(&dir.join(format!("model-{epoch}")));
+        let ok = ["model", "optim", "scheduler"]
+            .iter()
+            .all(|kind| checkpoint_loads(&dir.join(format!("{kind}-{epoch}"))));
         if !ok {
             eprintln!(
                 "warning: checkpoint {epoch} in {} is damaged; using an older one",

@@ -1,0 +1,329 @@
+//! Autodiff for the Tritter ops: one graph node per BitLinear product instead of the
+//! dozen element-wise nodes the straight-through reference would record.
+
+use crate::TritterBackend;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::{Bool, Tensor, TensorPrimitive};
+
+/// Backward of `y = Q_a(x) · Q_w(W)` with straight-through estimators: the quantizers
+/// pass gradients unchanged, so `dx = dy · Q_w(W)ᵀ` and `dW = Q_a(x)ᵀ · dy`.
+#[derive(Debug)]
+struct BitLinearBackward;
+
+impl<B: Backend> Backward<B, 2> for BitLinearBackward {
+    /// The quantized operands (dequantized to f32): `Q_a(x)` and `Q_w(W)`.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (xq, wq) = ops.state;
+        if let Some(node) = node_w {
+            let grad_w = B::float_matmul(B::float_transpose(xq), grad.clone());
+            grads.register::<B>(node.id, grad_w);
+        }
+        if let Some(node) = node_x {
+            let grad_x = B::float_matmul(grad, B::float_transpose(wq));
+            grads.register::<B>(node.id, grad_x);
+        }
+    }
+}
+
+/// BitLinear's product on `Autodiff<B>`: the inner backend's quantized forward, and
+/// [`BitLinearBackward`].
+pub fn bitlinear_matmul<B: TritterBackend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<B, C>, 2>,
+    weight: Tensor<Autodiff<B, C>, 2>,
+) -> Tensor<Autodiff<B, C>, 2> {
+    let x = x.into_primitive().tensor();
+    let w = weight.into_primitive().tensor();
+    let inner = |t: FloatTensor<B>| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t));
+    let forward = B::bitlinear_forward(inner(x.primitive.clone()), inner(w.primitive.clone()));
+    let output = forward.output.into_primitive().tensor();
+    let result = match BitLinearBackward
+        .prepare::<C>([x.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            (
+                forward.x_quantized.into_primitive().tensor(),
+                forward.w_quantized.into_primitive().tensor(),
+            ),
+            output,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(result))
+}
+
+/// Backward of attention: recomputes the probabilities from `q`, `k` and the mask (the
+/// forward keeps no score matrix) and applies [`crate::reference::attention_backward`].
+#[derive(Debug)]
+struct AttentionBackward;
+
+type AttentionState<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    Option<BoolTensor<B>>,
+    bool,
+);
+
+impl<B: Backend> Backward<B, 3> for AttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (q, k, v, out, mask, causal) = ops.state;
+        let t = |x: FloatTensor<B>| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x));
+        let (grad_q, grad_k, grad_v) = crate::reference::attention_backward(
+            t(q),
+            t(k),
+            t(v),
+            t(out),
+            mask.map(Tensor::<B, 4, Bool>::from_primitive),
+            causal,
+            t(grad),
+        );
+        for (node, g) in [(node_q, grad_q), (node_k, grad_k), (node_v, grad_v)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g.into_primitive().tensor());
+            }
+        }
+    }
+}
+
+/// Attention on `Autodiff<B>`: the inner backend's attention forward (no score matrix
+/// recorded), and [`AttentionBackward`].
+pub fn attention<B: TritterBackend, C: CheckpointStrategy>(
+    q: Tensor<Autodiff<B, C>, 4>,
+    k: Tensor<Autodiff<B, C>, 4>,
+    v: Tensor<Autodiff<B, C>, 4>,
+    mask: Option<Tensor<Autodiff<B, C>, 4, Bool>>,
+    causal: bool,
+) -> Tensor<Autodiff<B, C>, 4> {
+    let (q, k, v) = (
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+    );
+    let mask: Option<BoolTensor<B>> = mask.map(|m| m.into_primitive());
+    let inner =
+        |t: &FloatTensor<B>| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t.clone()));
+    let out = B::tritter_attention(
+        inner(&q.primitive),
+        inner(&k.primitive),
+        inner(&v.primitive),
+        mask.clone().map(Tensor::<B, 4, Bool>::from_primitive),
+        causal,
+    )
+    .into_primitive()
+    .tensor();
+    let result = match AttentionBackward
+        .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            (
+                q.primitive,
+                k.primitive,
+                v.primitive,
+                out.clone(),
+                mask,
+                causal,
+            ),
+            out,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(result))
+}
+
+/// Backward of RMSNorm: [`crate::reference::rms_norm_backward`] in one graph node.
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: Backend> Backward<B, 2> for RmsNormBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, gamma, eps) = ops.state;
+        let (grad_x, grad_gamma) = crate::reference::rms_norm_backward(
+            Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x)),
+            Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(gamma)),
+            eps,
+            Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad)),
+        );
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, grad_x.into_primitive().tensor());
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<B>(node.id, grad_gamma.into_primitive().tensor());
+        }
+    }
+}
+
+/// RMSNorm on `Autodiff<B>`: the inner backend's forward and [`RmsNormBackward`].
+pub fn rms_norm<B: TritterBackend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<B, C>, 2>,
+    gamma: Tensor<Autodiff<B, C>, 1>,
+    eps: f64,
+) -> Tensor<Autodiff<B, C>, 2> {
+    let x = x.into_primitive().tensor();
+    let gamma = gamma.into_primitive().tensor();
+    let out = B::rms_norm(
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x.primitive.clone())),
+        Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(gamma.primitive.clone())),
+        eps,
+    )
+    .into_primitive()
+    .tensor();
+    let result = match RmsNormBackward
+        .prepare::<C>([x.node.clone(), gamma.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((x.primitive, gamma.primitive, eps), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(result))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::reference;
+    use crate::TritterBackend;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Distribution, Tensor};
+
+    type B = Autodiff<Flex>;
+
+    #[test]
+    fn rms_norm_gradients_match_differentiating_the_reference() {
+        let device = Default::default();
+        for (rows, dim) in [(1, 4), (13, 33), (64, 256)] {
+            let x0 =
+                Tensor::<Flex, 2>::random([rows, dim], Distribution::Normal(0.0, 2.0), &device);
+            let g0 = Tensor::<Flex, 1>::random([dim], Distribution::Normal(1.0, 0.3), &device);
+            let dy =
+                Tensor::<Flex, 2>::random([rows, dim], Distribution::Normal(0.0, 1.0), &device);
+            let run = |fused: bool| {
+                let x = Tensor::<B, 2>::from_inner(x0.clone()).require_grad();
+                let g = Tensor::<B, 1>::from_inner(g0.clone()).require_grad();
+                let y = if fused {
+                    B::rms_norm(x.clone(), g.clone(), 1e-5)
+                } else {
+                    reference::rms_norm(x.clone(), g.clone(), 1e-5)
+                };
+                let grads = (y.clone() * Tensor::from_inner(dy.clone()))
+                    .sum()
+                    .backward();
+                (y.inner(), x.grad(&grads).unwrap(), g.grad(&grads).unwrap())
+            };
+            let (y1, gx1, gg1) = run(true);
+            let (y2, gx2, gg2) = run(false);
+            let tol = burn::tensor::Tolerance::<f32>::default();
+            y1.into_data().assert_approx_eq::<f32>(&y2.into_data(), tol);
+            gx1.into_data()
+                .assert_approx_eq::<f32>(&gx2.into_data(), tol);
+            gg1.into_data()
+                .assert_approx_eq::<f32>(&gg2.into_data(), tol);
+        }
+    }
+
+    #[test]
+    fn attention_gradients_match_differentiating_the_reference() {
+        let device = Default::default();
+        // (batch, heads, q, kv, d, causal, window): prefill, a cache continuation, a window.
+        for (b, h, nq, nk, d, causal, window) in [
+            (1, 2, 5, 5, 8, true, None),
+            (2, 3, 3, 7, 16, true, None),
+            (1, 2, 9, 9, 8, false, Some(3)),
+            (2, 1, 4, 4, 4, false, None),
+        ] {
+            let r = |s: [usize; 4]| {
+                Tensor::<Flex, 4>::random(s, Distribution::Normal(0.0, 1.0), &device)
+            };
+            let (q0, k0, v0) = (r([b, h, nq, d]), r([b, h, nk, d]), r([b, h, nk, d]));
+            let g = r([b, h, nq, d]);
+            let mask = window.map(|w| {
+                let m: Vec<bool> = (0..nq)
+                    .flat_map(|i| (0..nk).map(move |j| j > i + nk - nq || i + nk - nq - j >= w))
+                    .collect();
+                Tensor::<B, 2, burn::tensor::Bool>::from_data(
+                    burn::tensor::TensorData::new(m, [nq, nk]),
+                    &device,
+                )
+                .unsqueeze::<4>()
+                .expand([b, h, nq, nk])
+            });
+            let run = |fused: bool| {
+                let q = Tensor::<B, 4>::from_inner(q0.clone()).require_grad();
+                let k = Tensor::<B, 4>::from_inner(k0.clone()).require_grad();
+                let v = Tensor::<B, 4>::from_inner(v0.clone()).require_grad();
+                let out = if fused {
+                    B::tritter_attention(q.clone(), k.clone(), v.clone(), mask.clone(), causal)
+                } else {
+                    reference::attention(q.clone(), k.clone(), v.clone(), mask.clone(), causal)
+                };
+                let grads = (out.clone() * Tensor::from_inner(g.clone()))
+                    .sum()
+                    .backward();
+                [
+                    out.inner(),
+                    q.grad(&grads).unwrap(),
+                    k.grad(&grads).unwrap(),
+                    v.grad(&grads).unwrap(),
+                ]
+            };
+            let tol = burn::tensor::Tolerance::<f32>::default();
+            for (a, r) in run(true).into_iter().zip(run(false)) {
+                a.into_data().assert_approx_eq::<f32>(&r.into_data(), tol);
+            }
+        }
+    }
+
+    #[test]
+    fn fused_op_matches_the_straight_through_reference() {
+        let device = Default::default();
+        for (tokens, d_in, d_out) in [(1, 4, 3), (7, 33, 17), (64, 96, 130)] {
+            let x0 =
+                Tensor::<Flex, 2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), &device);
+            let w0 =
+                Tensor::<Flex, 2>::random([d_in, d_out], Distribution::Normal(0.0, 0.1), &device);
+            let g =
+                Tensor::<Flex, 2>::random([tokens, d_out], Distribution::Normal(0.0, 1.0), &device);
+            let run = |fused: bool| {
+                let x = Tensor::<B, 2>::from_inner(x0.clone()).require_grad();
+                let w = Tensor::<B, 2>::from_inner(w0.clone()).require_grad();
+                let y = if fused {
+                    B::bitlinear_matmul(x.clone(), w.clone())
+                } else {
+                    reference::bitlinear_matmul(x.clone(), w.clone())
+                };
+                let grads = (y.clone() * Tensor::from_inner(g.clone())).sum().backward();
+                (y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap())
+            };
+            let (y1, gx1, gw1) = run(true);
+            let (y2, gx2, gw2) = run(false);
+            let tol = burn::tensor::Tolerance::<f32>::default();
+            y1.into_data().assert_approx_eq::<f32>(&y2.into_data(), tol);
+            gx1.into_data()
+                .assert_approx_eq::<f32>(&gx2.into_data(), tol);
+            gw1.into_data()
+                .assert_approx_eq::<f32>(&gw2.into_data(), tol);
+        }
+    }
+}
