@@ -1,6 +1,43 @@
 //! Device selection at run time: `cpu` (Flex), `cuda`, `wgpu`.
 
+use anyhow::Result;
 use std::fmt;
+use tritter_kernels::TritterBackend;
+
+/// Work that runs on whichever backend the device selects.
+pub trait BackendJob {
+    type Output;
+    fn run<B: TritterBackend>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+/// Checks that `kind` is usable here, then runs `job` on its backend. GPU runtimes report
+/// a missing or failing device by panicking; that becomes an error naming the device.
+pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
+    kind.check_available()?;
+    match kind {
+        DeviceKind::Cpu => job.run::<burn::backend::Flex>(Default::default()),
+        DeviceKind::Wgpu => {
+            catch_backend_panic(kind, || job.run::<burn::backend::Wgpu>(Default::default()))
+        }
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => {
+            catch_backend_panic(kind, || job.run::<burn::backend::Cuda>(Default::default()))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => Err(DeviceError::CudaNotBuilt.into()),
+    }
+}
+
+fn catch_backend_panic<T>(device: DeviceKind, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown error");
+        anyhow::bail!("--device {device}: the backend failed: {message}")
+    })
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {

@@ -5,10 +5,10 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
-use tritter::device::DeviceKind;
+use tritter::device::{run_on, BackendJob, DeviceKind};
 use tritter::export::export_model;
 use tritter::infer::{generate, load_export, Sampler, SamplingConfig};
-use tritter::train::{catch_backend_panic, load_checkpoint_model};
+use tritter::train::load_checkpoint_model;
 use tritter_kernels::TritterBackend;
 
 #[derive(Parser)]
@@ -94,41 +94,30 @@ fn main() -> Result<()> {
                 top_p,
                 seed,
             };
-            let kind = DeviceKind::parse(&device)?;
-            kind.check_available()?;
-            match kind {
-                DeviceKind::Cpu => run_generate::<burn::backend::Flex>(
-                    &model,
-                    &prompt,
-                    max_new_tokens,
-                    sampling,
-                    Default::default(),
-                )?,
-                DeviceKind::Wgpu => catch_backend_panic(kind, || {
-                    run_generate::<burn::backend::Wgpu>(
-                        &model,
-                        &prompt,
-                        max_new_tokens,
-                        sampling,
-                        Default::default(),
-                    )
-                })?,
-                #[cfg(feature = "cuda")]
-                DeviceKind::Cuda => catch_backend_panic(kind, || {
-                    run_generate::<burn::backend::Cuda>(
-                        &model,
-                        &prompt,
-                        max_new_tokens,
-                        sampling,
-                        Default::default(),
-                    )
-                })?,
-                #[cfg(not(feature = "cuda"))]
-                DeviceKind::Cuda => return Err(tritter::device::DeviceError::CudaNotBuilt.into()),
-            }
+            let job = GenerateJob {
+                model: &model,
+                prompt: &prompt,
+                max_new: max_new_tokens,
+                sampling,
+            };
+            run_on(DeviceKind::parse(&device)?, job)?;
         }
     }
     Ok(())
+}
+
+struct GenerateJob<'a> {
+    model: &'a std::path::Path,
+    prompt: &'a str,
+    max_new: usize,
+    sampling: SamplingConfig,
+}
+
+impl BackendJob for GenerateJob<'_> {
+    type Output = ();
+    fn run<B: TritterBackend>(self, device: B::Device) -> Result<()> {
+        run_generate::<B>(self.model, self.prompt, self.max_new, self.sampling, device)
+    }
 }
 
 fn run_generate<B: TritterBackend>(

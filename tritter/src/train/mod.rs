@@ -10,7 +10,7 @@ pub mod recipe;
 pub mod schedule;
 pub mod step;
 
-use crate::device::DeviceKind;
+use crate::device::{run_on, BackendJob, DeviceKind};
 use crate::model::{TritterConfig, TritterModel};
 use anyhow::{bail, Context, Result};
 use burn::backend::Autodiff;
@@ -64,34 +64,15 @@ pub type CheckpointRecorder = NamedMpkFileRecorder<FullPrecisionSettings>;
 
 /// Trains as the recipe says, on the device it (or `options`) names.
 pub fn train(recipe: &TrainRecipe, options: &TrainOptions) -> Result<TrainSummary> {
-    let device = DeviceKind::parse(options.device.as_deref().unwrap_or(&recipe.device))?;
-    device.check_available()?;
-    match device {
-        DeviceKind::Cpu => {
-            train_on::<Autodiff<burn::backend::Flex>>(recipe, options, Default::default())
+    struct TrainJob<'a>(&'a TrainRecipe, &'a TrainOptions);
+    impl BackendJob for TrainJob<'_> {
+        type Output = TrainSummary;
+        fn run<B: TritterBackend>(self, device: B::Device) -> Result<TrainSummary> {
+            train_on::<Autodiff<B>>(self.0, self.1, device)
         }
-        DeviceKind::Wgpu => catch_backend_panic(device, || {
-            train_on::<Autodiff<burn::backend::Wgpu>>(recipe, options, Default::default())
-        }),
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => catch_backend_panic(device, || {
-            train_on::<Autodiff<burn::backend::Cuda>>(recipe, options, Default::default())
-        }),
-        #[cfg(not(feature = "cuda"))]
-        DeviceKind::Cuda => Err(crate::device::DeviceError::CudaNotBuilt.into()),
     }
-}
-
-/// GPU runtimes report a missing or failing device by panicking; turn that into an error.
-pub fn catch_backend_panic<T>(device: DeviceKind, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown error");
-        bail!("--device {device}: the backend failed: {message}")
-    })
+    let device = DeviceKind::parse(options.device.as_deref().unwrap_or(&recipe.device))?;
+    run_on(device, TrainJob(recipe, options))
 }
 
 /// Loads the recipe's dataset, building it first when it does not exist.
