@@ -150,31 +150,31 @@ impl TritterConfig {
                 return err(field, &v, "must be positive");
             }
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return err(
                 "hidden_size",
                 &self.hidden_size,
                 &format!("must be divisible by num_heads = {}", self.num_heads),
             );
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return err(
                 "num_kv_heads",
                 &self.num_kv_heads,
                 &format!("must divide num_heads = {}", self.num_heads),
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return err(
                 "hidden_size",
                 &self.hidden_size,
                 "must give an even head_dim (hidden_size / num_heads) for RoPE",
             );
         }
-        if !(self.rope_theta > 1.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 1.0 {
             return err("rope_theta", &self.rope_theta, "must be greater than 1");
         }
-        if !(self.norm_eps > 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             return err("norm_eps", &self.norm_eps, "must be positive");
         }
         if self.sliding_window == Some(0) {

@@ -344,7 +344,7 @@ impl MetricsRendererTraining for PlainRenderer {
         let epoch = item.global_progress.items_processed;
         let Some(p) = item.progress else { return };
         let step = (epoch.saturating_sub(1)) * self.steps_per_epoch + p.items_processed;
-        if step % self.every == 0 || p.items_processed == p.items_total {
+        if step.is_multiple_of(self.every) || p.items_processed == p.items_total {
             println!(
                 "step {step:>6}/{} | {}",
                 self.total_steps,

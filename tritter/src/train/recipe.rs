@@ -193,7 +193,7 @@ impl TrainRecipe {
                 o.stage2_at
             ));
         }
-        if !(o.grad_clip > 0.0) {
+        if o.grad_clip.is_nan() || o.grad_clip <= 0.0 {
             return Err(format!(
                 "`optim.grad_clip` = {}: must be positive",
                 o.grad_clip
