@@ -56,6 +56,7 @@ pub fn window_start(seed: u64, n: u64, len: usize, seq_len: usize) -> usize {
 }
 
 /// Serves the training split one checkpoint interval (burn-train epoch) at a time.
+#[derive(Clone)]
 pub struct TrainLoader<B: Backend> {
     stream: Arc<TokenStream>,
     seed: u64,
@@ -105,19 +106,6 @@ impl<B: Backend> TrainLoader<B> {
             .collect();
         TokenBatch::from_windows(&windows, &self.device)
     }
-
-    fn clone_to(&self, device: B::Device) -> Self {
-        Self {
-            stream: self.stream.clone(),
-            seed: self.seed,
-            batch_size: self.batch_size,
-            seq_len: self.seq_len,
-            micro_per_epoch: self.micro_per_epoch,
-            micro_total: self.micro_total,
-            next_epoch: self.next_epoch.clone(),
-            device,
-        }
-    }
 }
 
 struct TrainIter<'a, B: Backend> {
@@ -164,11 +152,14 @@ impl<B: Backend> DataLoader<B, TokenBatch<B>> for TrainLoader<B> {
     }
 
     fn to_device(&self, device: &B::Device) -> Arc<dyn DataLoader<B, TokenBatch<B>>> {
-        Arc::new(self.clone_to(device.clone()))
+        Arc::new(Self {
+            device: device.clone(),
+            ..self.clone()
+        })
     }
 
     fn slice(&self, _start: usize, _end: usize) -> Arc<dyn DataLoader<B, TokenBatch<B>>> {
-        Arc::new(self.clone_to(self.device.clone()))
+        Arc::new(self.clone())
     }
 }
 

@@ -53,17 +53,16 @@ impl<B: AutodiffBackend + TritterBackend> TrainStep for LmTrainer<B> {
                 )));
             }
         }
-        let grads = loss.backward();
-        let grad_norm = global_grad_norm_of(&self.model, &grads);
-        TrainOutput::new(
-            self,
+        let grads = GradientsParams::from_grads(loss.backward(), self);
+        let grad_norm = global_grad_norm::<B, _>(self, &grads);
+        TrainOutput {
             grads,
-            LmStats {
+            item: LmStats {
                 loss: loss_value,
                 tokens,
                 grad_norm: Some(grad_norm),
             },
-        )
+        }
     }
 
     fn optimize<B2, O>(self, optim: &mut O, lr: f64, mut grads: GradientsParams) -> Self
@@ -106,30 +105,6 @@ impl<B: TritterBackend> InferenceStep for LmTrainer<B> {
     }
 }
 
-/// L2 norm over every parameter's gradient, from the backward pass's gradients.
-fn global_grad_norm_of<B: AutodiffBackend, M: Module<B>>(model: &M, grads: &B::Gradients) -> f64 {
-    struct Norm<'a, B: AutodiffBackend> {
-        grads: &'a B::Gradients,
-        sum: Option<Tensor<B::InnerBackend, 1>>,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Norm<'_, B> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(g) = param.val().grad(self.grads) {
-                let sq = g.square().sum();
-                self.sum = Some(match self.sum.take() {
-                    Some(s) => s + sq,
-                    None => sq,
-                });
-            }
-        }
-    }
-    let mut visitor = Norm::<B> { grads, sum: None };
-    model.visit(&mut visitor);
-    visitor
-        .sum
-        .map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt())
-}
-
 /// Scales the gradients so their global L2 norm is at most `max_norm` (Burn's built-in
 /// clipping is per tensor). Returns the norm before clipping.
 pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
@@ -137,21 +112,6 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     grads: &mut GradientsParams,
     max_norm: f64,
 ) -> f64 {
-    struct Collect<'a, B: AutodiffBackend> {
-        grads: &'a GradientsParams,
-        sum: Option<Tensor<B::InnerBackend, 1>>,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                let sq = g.square().sum();
-                self.sum = Some(match self.sum.take() {
-                    Some(s) => s + sq,
-                    None => sq,
-                });
-            }
-        }
-    }
     struct Scale<'a, B: AutodiffBackend> {
         grads: &'a mut GradientsParams,
         factor: f64,
@@ -164,11 +124,7 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
             }
         }
     }
-    let mut collect = Collect::<B> { grads, sum: None };
-    model.visit(&mut collect);
-    let norm = collect
-        .sum
-        .map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt());
+    let norm = global_grad_norm::<B, M>(model, grads);
     if norm > max_norm {
         let mut scale = Scale::<B> {
             grads,
@@ -178,6 +134,33 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         model.visit(&mut scale);
     }
     norm
+}
+
+/// L2 norm over every parameter's gradient.
+pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &GradientsParams,
+) -> f64 {
+    struct SumSquares<'a, B: AutodiffBackend> {
+        grads: &'a GradientsParams,
+        sum: Option<Tensor<B::InnerBackend, 1>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for SumSquares<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                let sq = g.square().sum();
+                self.sum = Some(match self.sum.take() {
+                    Some(s) => s + sq,
+                    None => sq,
+                });
+            }
+        }
+    }
+    let mut visitor = SumSquares::<B> { grads, sum: None };
+    model.visit(&mut visitor);
+    visitor
+        .sum
+        .map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt())
 }
 
 /// Decoupled weight decay (`θ ← θ·(1 − lr·λ)`) of the BitLinear weight matrices only:
