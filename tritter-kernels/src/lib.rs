@@ -6,12 +6,15 @@
 //! a backend without a dedicated kernel uses it, and `Autodiff<B>` differentiates it.
 
 mod autodiff;
+pub mod packed;
 pub mod reference;
+
+pub use packed::{PackedStorage, PackedTernary};
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Tensor};
+use burn::tensor::{Bool, Tensor, TensorData};
 
 /// BitLinear's forward: the product and the quantized operands it was computed from.
 #[derive(Debug, Clone)]
@@ -55,9 +58,72 @@ pub trait TritterBackend: Backend {
     ) -> Tensor<Self, 4> {
         reference::attention(q, k, v, mask, causal)
     }
+
+    /// Moves a packed ternary matrix (the export's bytes, `[d_out, ceil(d_in / 4)]`) to
+    /// `device`, still packed. The default keeps 16 codes per 32-bit word on the device.
+    fn ternary_upload(
+        bytes: &[u8],
+        d_out: usize,
+        d_in: usize,
+        gamma: f32,
+        device: &Self::Device,
+    ) -> PackedTernary<Self> {
+        packed::upload_words(bytes, d_out, d_in, gamma, device)
+    }
+
+    /// BitLinear's inference product from packed weights: `x` `[tokens, d_in]` (already
+    /// RMS-normalized), quantized to int8 per token. Returns `[tokens, d_out]`.
+    fn ternary_packed_matmul(x: Tensor<Self, 2>, w: &PackedTernary<Self>) -> Tensor<Self, 2> {
+        packed::matmul_words(x, w)
+    }
+
+    /// Device memory [`TritterBackend::ternary_packed_matmul`] needs beyond its input and
+    /// output, at most, for a `[d_out, d_in]` matrix.
+    fn ternary_scratch_bytes(d_out: usize, d_in: usize) -> usize {
+        packed::words_scratch_bytes(d_out, d_in)
+    }
 }
 
-impl TritterBackend for burn::backend::Flex {}
+/// The CPU backend computes packed products natively: bytes stay in host memory, each
+/// row is unpacked once per call and serves every token, accumulation in `i32`.
+impl TritterBackend for burn::backend::Flex {
+    fn ternary_upload(
+        bytes: &[u8],
+        d_out: usize,
+        d_in: usize,
+        gamma: f32,
+        _device: &Self::Device,
+    ) -> PackedTernary<Self> {
+        packed::upload_host(bytes, d_out, d_in, gamma)
+    }
+
+    fn ternary_packed_matmul(x: Tensor<Self, 2>, w: &PackedTernary<Self>) -> Tensor<Self, 2> {
+        let PackedStorage::Host(bytes) = &w.storage else {
+            return packed::matmul_words(x, w);
+        };
+        let [tokens, d_in] = x.dims();
+        assert_eq!(
+            d_in, w.d_in,
+            "input width {d_in} against a matrix of {}",
+            w.d_in
+        );
+        let device = x.device();
+        let values: Vec<f32> = x
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 activations");
+        let y = packed::ternary_gemm(&values, tokens, bytes, w.d_out, d_in, w.gamma);
+        Tensor::from_data(TensorData::new(y, [tokens, w.d_out]), &device)
+    }
+
+    fn ternary_scratch_bytes(d_out: usize, d_in: usize) -> usize {
+        // Quantized activations and i32 accumulators are per call and proportional to
+        // the activations; one unpacked row per thread.
+        let _ = d_out;
+        d_in.div_ceil(4) * 4 * rayon::current_num_threads()
+    }
+}
 impl TritterBackend for burn::backend::Wgpu {}
 #[cfg(feature = "cuda")]
 impl TritterBackend for burn::backend::Cuda {}
