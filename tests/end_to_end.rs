@@ -5,7 +5,9 @@ mod common;
 use burn::backend::Flex;
 use burn::prelude::*;
 use tritter::export::export_model;
-use tritter::infer::{generate, load_export, Sampler, SamplingConfig};
+use tritter::infer::{
+    generate, load_export, KvCacheType, PlanRequest, Sampler, SamplingConfig, StreamingEngine,
+};
 use tritter::train::recipe::TrainRecipe;
 use tritter::train::{load_checkpoint_model, read_valid_losses, train, TrainOptions, METRICS_FILE};
 
@@ -166,6 +168,46 @@ fn export_reproduces_the_checkpoint_and_generation_is_consistent() {
         .unwrap()
     };
     assert_eq!(sampled(3), sampled(3));
+
+    // The packed engine, streaming one layer at a time, generates the same greedy tokens
+    // from the trained weights, and batching prompts does not change them.
+    let request = |batch| PlanRequest {
+        budget: 64 << 20,
+        context: 64,
+        batch,
+        kv_cache: KvCacheType::F32,
+        layer_group_size: Some(1),
+        prefill_chunk: 3,
+    };
+    let mut engine = StreamingEngine::<Flex>::open(&out, request(2), true, device).unwrap();
+    assert!(engine.plan.streaming && engine.plan.num_groups == model.config.num_layers);
+    let other = vec![1u32, 5, 100, 101, 102, 103, 104];
+    let result = engine
+        .generate(
+            &[prompt.to_vec(), other.clone()],
+            24,
+            &SamplingConfig::default(),
+            None,
+            false,
+            |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(result.tokens[0], from_checkpoint, "streamed vs resident");
+    let other_resident = generate(
+        &loaded.model,
+        &other,
+        24,
+        &mut Sampler::new(SamplingConfig::default()),
+        None,
+        true,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        result.tokens[1], other_resident,
+        "second prompt of the batch"
+    );
+    assert!(result.stats.bytes_streamed > 0);
 }
 
 #[test]

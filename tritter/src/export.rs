@@ -14,13 +14,14 @@
 
 use crate::model::bitlinear::BitLinear;
 use crate::model::block::Block;
-use crate::model::TritterModel;
+use crate::model::{TritterConfig, TritterModel};
 use anyhow::{Context, Result};
 use burn::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tritter_kernels::reference::ternary_quantize;
+use xxhash_rust::xxh3::xxh3_64;
 
 pub const FORMAT: &str = "tritter-ternary-v1";
 
@@ -55,24 +56,105 @@ pub fn unpack_ternary(bytes: &[u8], rows: usize, cols: usize) -> Option<Vec<f32>
     Some(out)
 }
 
+/// The BitLinear layers of a block, in file order and in the order of
+/// [`TritterConfig::bitlinear_shapes`].
+pub const BITLINEAR_NAMES: [&str; 4] = ["attn.qkv", "attn.out", "ffn.gate_up", "ffn.down"];
+
 /// The BitLinear layers of a block with their names, in file order.
 pub fn block_bitlinears<B: Backend>(block: &Block<B>) -> [(&'static str, &BitLinear<B>); 4] {
+    let [qkv, out, gate_up, down] = BITLINEAR_NAMES;
     [
-        ("attn.qkv", &block.attn.qkv),
-        ("attn.out", &block.attn.out),
-        ("ffn.gate_up", &block.ffn.gate_up),
-        ("ffn.down", &block.ffn.down),
+        (qkv, &block.attn.qkv),
+        (out, &block.attn.out),
+        (gate_up, &block.ffn.gate_up),
+        (down, &block.ffn.down),
     ]
 }
 
-fn f32_bytes<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<u8> {
+/// Tensors of an export in file order, with the checksums written beside them.
+#[derive(Default)]
+pub struct ExportWriter {
+    tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+}
+
+impl ExportWriter {
+    pub fn push(&mut self, name: String, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) {
+        self.tensors.push((name, dtype, shape, bytes));
+    }
+
+    pub fn push_f32(&mut self, name: String, shape: Vec<usize>, values: &[f32]) {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.push(name, Dtype::F32, shape, bytes);
+    }
+
+    /// A BitLinear's three tensors: packed codes `[d_out, ceil(d_in / 4)]`, scale, norm.
+    pub fn push_bitlinear(
+        &mut self,
+        prefix: &str,
+        d_out: usize,
+        d_in: usize,
+        packed: Vec<u8>,
+        gamma: f32,
+        norm: &[f32],
+    ) {
+        self.push(
+            format!("{prefix}.weight"),
+            Dtype::U8,
+            vec![d_out, d_in.div_ceil(4)],
+            packed,
+        );
+        self.push_f32(format!("{prefix}.scale"), vec![1], &[gamma]);
+        self.push_f32(format!("{prefix}.norm"), vec![d_in], norm);
+    }
+
+    /// Writes the file through a temporary one, renamed when complete. The metadata
+    /// holds `format`, `config`, `tokenizer` (and `tokenizer_json`) and `checksums`:
+    /// the xxh3-64 of every tensor's bytes, so a corrupt tensor is found by name.
+    pub fn write(
+        self,
+        config: &TritterConfig,
+        tokenizer: &tritter_data::TokenizerSpec,
+        tokenizer_json: Option<&str>,
+        path: &Path,
+    ) -> Result<u64> {
+        let checksums: BTreeMap<&str, String> = self
+            .tensors
+            .iter()
+            .map(|(name, _, _, bytes)| (name.as_str(), format!("{:016x}", xxh3_64(bytes))))
+            .collect();
+        let mut metadata = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("config".to_string(), serde_json::to_string(config)?),
+            ("tokenizer".to_string(), serde_json::to_string(tokenizer)?),
+            ("checksums".to_string(), serde_json::to_string(&checksums)?),
+        ]);
+        if let Some(json) = tokenizer_json {
+            metadata.insert("tokenizer_json".to_string(), json.to_string());
+        }
+        let views: Vec<(String, TensorView<'_>)> = self
+            .tensors
+            .iter()
+            .map(|(name, dtype, shape, bytes)| {
+                (
+                    name.clone(),
+                    TensorView::new(*dtype, shape.clone(), bytes).expect("consistent tensor"),
+                )
+            })
+            .collect();
+        let tmp = path.with_extension("safetensors.partial");
+        safetensors::serialize_to_file(views, Some(metadata), &tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        Ok(std::fs::metadata(path)?.len())
+    }
+}
+
+fn f32_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .to_vec::<f32>()
         .expect("f32 tensor")
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect()
 }
 
 /// Writes `model` to `path` (through a temporary file, renamed when complete).
@@ -82,26 +164,31 @@ pub fn export_model<B: Backend>(
     tokenizer_json: Option<&str>,
     path: &Path,
 ) -> Result<u64> {
-    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut full = |name: String, shape: Vec<usize>, bytes: Vec<u8>| {
-        tensors.push((name, Dtype::F32, shape, bytes));
+    let mut out = ExportWriter::default();
+    let full = |out: &mut ExportWriter, name: String, shape: &[usize], values: Vec<f32>| {
+        out.push_f32(name, shape.to_vec(), &values);
     };
+    let emb = &model.embedding.weight;
     full(
+        &mut out,
         "embedding.weight".into(),
-        model.embedding.weight.dims().to_vec(),
-        f32_bytes(model.embedding.weight.val()),
+        &emb.dims(),
+        f32_values(emb.val()),
     );
     if let Some(head) = &model.lm_head {
         full(
+            &mut out,
             "lm_head.weight".into(),
-            head.weight.dims().to_vec(),
-            f32_bytes(head.weight.val()),
+            &head.weight.dims(),
+            f32_values(head.weight.val()),
         );
     }
+    let norm = &model.norm.gamma;
     full(
+        &mut out,
         "norm.gamma".into(),
-        model.norm.gamma.dims().to_vec(),
-        f32_bytes(model.norm.gamma.val()),
+        &norm.dims(),
+        f32_values(norm.val()),
     );
     for (i, block) in model.blocks.iter().enumerate() {
         for (name, norm) in [
@@ -110,10 +197,12 @@ pub fn export_model<B: Backend>(
             ("attn_norm", &block.attn_norm),
             ("ffn_norm", &block.ffn_norm),
         ] {
+            let g = &norm.gamma;
             full(
+                &mut out,
                 format!("blocks.{i}.{name}.gamma"),
-                norm.gamma.dims().to_vec(),
-                f32_bytes(norm.gamma.val()),
+                &g.dims(),
+                f32_values(g.val()),
             );
         }
     }
@@ -121,57 +210,110 @@ pub fn export_model<B: Backend>(
         for (name, layer) in block_bitlinears(block) {
             let [d_in, d_out] = layer.weight.dims();
             let (q, gamma) = ternary_quantize(layer.weight.val());
-            let q: Vec<f32> = q
-                .transpose()
-                .into_data()
-                .convert::<f32>()
-                .to_vec()
-                .expect("f32");
-            let prefix = format!("blocks.{i}.{name}");
-            tensors.push((
-                format!("{prefix}.weight"),
-                Dtype::U8,
-                vec![d_out, d_in.div_ceil(4)],
+            let q = f32_values(q.transpose());
+            out.push_bitlinear(
+                &format!("blocks.{i}.{name}"),
+                d_out,
+                d_in,
                 pack_ternary(&q, d_out, d_in),
-            ));
-            tensors.push((
-                format!("{prefix}.scale"),
-                Dtype::F32,
-                vec![1],
-                f32_bytes(gamma),
-            ));
-            tensors.push((
-                format!("{prefix}.norm"),
-                Dtype::F32,
-                vec![d_in],
-                f32_bytes(layer.norm.gamma.val()),
-            ));
+                f32_values(gamma)[0],
+                &f32_values(layer.norm.gamma.val()),
+            );
         }
     }
+    out.write(&model.config, tokenizer, tokenizer_json, path)
+}
 
-    let mut metadata = HashMap::from([
-        ("format".to_string(), FORMAT.to_string()),
-        ("config".to_string(), serde_json::to_string(&model.config)?),
-        ("tokenizer".to_string(), serde_json::to_string(tokenizer)?),
-    ]);
-    if let Some(json) = tokenizer_json {
-        metadata.insert("tokenizer_json".to_string(), json.to_string());
+/// Writes an export of `config` with random weights, straight to packed codes: models of
+/// any size without building them in f32 (for tests and benchmarks of inference).
+/// Codes are drawn near-uniformly from {−1, 0, 1}, γ keeps unit output variance, the
+/// embedding is N(0, 1)-like and norms are 1. Deterministic in `seed`.
+pub fn write_random_export(config: &TritterConfig, seed: u64, path: &Path) -> Result<u64> {
+    let mut state = seed;
+    let mut next = move || {
+        // splitmix64
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    // The 81 bytes made of valid codes only.
+    let valid: Vec<u8> = (0..=255u8).filter(|b| b & (b >> 1) & 0x55 == 0).collect();
+    let mut normal = |n: usize, std: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                // Irwin–Hall approximation of a normal: sum of 4 uniforms.
+                let u = next();
+                let s: f32 = (0..4)
+                    .map(|k| ((u >> (16 * k)) & 0xffff) as f32 / 65535.0)
+                    .sum();
+                (s - 2.0) * std * 3f32.sqrt()
+            })
+            .collect()
+    };
+    let (v, h, hd) = (config.vocab_size, config.hidden_size, config.head_dim());
+    let mut out = ExportWriter::default();
+    out.push_f32("embedding.weight".into(), vec![v, h], &normal(v * h, 1.0));
+    if !config.tie_embeddings {
+        out.push_f32(
+            "lm_head.weight".into(),
+            vec![h, v],
+            &normal(h * v, 1.0 / (h as f32).sqrt()),
+        );
     }
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            (
-                name.clone(),
-                TensorView::new(*dtype, shape.clone(), bytes).expect("consistent tensor"),
-            )
-        })
-        .collect();
-    let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, Some(metadata), &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(std::fs::metadata(path)?.len())
+    out.push_f32("norm.gamma".into(), vec![h], &vec![1.0; h]);
+    for i in 0..config.num_layers {
+        for (name, d) in [
+            ("attn.q_norm", hd),
+            ("attn.k_norm", hd),
+            ("attn_norm", h),
+            ("ffn_norm", h),
+        ] {
+            out.push_f32(format!("blocks.{i}.{name}.gamma"), vec![d], &vec![1.0; d]);
+        }
+    }
+    let mut next = {
+        let mut state = seed ^ 0x5151_5151;
+        move || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+    };
+    for i in 0..config.num_layers {
+        for (name, (d_in, d_out)) in BITLINEAR_NAMES.into_iter().zip(config.bitlinear_shapes()) {
+            let row_bytes = d_in.div_ceil(4);
+            let mut packed = vec![0u8; d_out * row_bytes];
+            for chunk in packed.chunks_mut(8) {
+                let r = next().to_le_bytes();
+                for (b, r) in chunk.iter_mut().zip(r) {
+                    *b = valid[(r as usize * valid.len()) >> 8];
+                }
+            }
+            if d_in % 4 != 0 {
+                // Padding codes are 1 (= 0), as the exporter writes them.
+                let keep = d_in % 4;
+                for row in packed.chunks_mut(row_bytes) {
+                    let last = row.last_mut().expect("row");
+                    let mask = (1u8 << (2 * keep)) - 1;
+                    *last = (*last & mask) | (0x55 & !mask);
+                }
+            }
+            let gamma = (1.5 / d_in as f32).sqrt();
+            out.push_bitlinear(
+                &format!("blocks.{i}.{name}"),
+                d_out,
+                d_in,
+                packed,
+                gamma,
+                &vec![1.0; d_in],
+            );
+        }
+    }
+    out.write(config, &tritter_data::TokenizerSpec::Byte, None, path)
 }
 
 #[cfg(test)]

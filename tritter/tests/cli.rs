@@ -160,7 +160,7 @@ fn truncated_checkpoint_and_export() {
         &["generate", "--model", "cut.safetensors", "--prompt", "x"],
         dir.path(),
     );
-    assert_clear_error(&out, &["cut.safetensors", "truncated or corrupt"]);
+    assert_clear_error(&out, &["cut.safetensors", "truncated", "tensor `"]);
 
     // A truncated checkpoint file.
     let ckpt = dir.path().join("run/checkpoint/model-1.mpk");
@@ -224,4 +224,223 @@ fn killed_run_resumes_from_its_last_checkpoint() {
         !losses.is_empty() && losses.iter().all(|l| l.is_finite()),
         "{losses:?}"
     );
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn plans_for_presets_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = |args: &[&str]| {
+        let mut all = vec!["plan"];
+        all.extend_from_slice(args);
+        run(tritter_bin(), &all, dir.path())
+    };
+    // 70B (15.9 GiB packed) in 16 GiB streams in groups.
+    let out = plan(&[
+        "--preset",
+        "70B",
+        "--memory-budget",
+        "16GiB",
+        "--context",
+        "8192",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        text.contains("layer buffers") && text.contains("streaming:"),
+        "{text}"
+    );
+    // 7B at 128K tokens of f16 cache does not fit 8 GiB: the cache is named.
+    let out = plan(&[
+        "--preset",
+        "7B",
+        "--memory-budget",
+        "8GiB",
+        "--context",
+        "131072",
+    ]);
+    assert_clear_error(
+        &out,
+        &[
+            "does not fit the memory budget of 8.00 GiB",
+            "over by",
+            "kv cache",
+        ],
+    );
+    let out = plan(&["--preset", "7B", "--memory-budget", "lots"]);
+    assert_clear_error(&out, &["lots", "not a size"]);
+    let out = plan(&["--preset", "9B", "--memory-budget", "1GiB"]);
+    assert_clear_error(&out, &["9B"]);
+    let out = plan(&[
+        "--preset",
+        "test",
+        "--memory-budget",
+        "1GiB",
+        "--kv-cache",
+        "int8",
+    ]);
+    assert_clear_error(&out, &["int8"]);
+}
+
+/// A random-weight model at least four times the budget streams through it, and the
+/// process's resident set grows by less than the budget.
+#[test]
+fn streaming_holds_a_model_four_times_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tritter::TritterConfig::preset("1B", 264).unwrap();
+    let model = dir.path().join("big.safetensors");
+    let bytes = tritter::export::write_random_export(&config, 11, &model).unwrap();
+    let budget: u64 = 48 << 20;
+    assert!(bytes >= 4 * budget, "{bytes}");
+    let out = run(
+        tritter_bin(),
+        &[
+            "generate",
+            "--model",
+            "big.safetensors",
+            "--prompt",
+            "def f(x):",
+            "--max-new-tokens",
+            "6",
+            "--memory-budget",
+            "48MiB",
+        ],
+        dir.path(),
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("streaming 16 groups of 1 layers"), "{err}");
+    let peak: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("engine-peak-rss-bytes "))
+        .expect("peak RSS reported")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        peak <= budget,
+        "resident set grew by {peak} bytes, budget {budget}: {err}"
+    );
+    assert!(
+        peak > 2 * (12 << 20),
+        "two layer buffers must have been held: {peak}"
+    );
+
+    // A budget below the resident parts and two one-layer groups is refused up front.
+    let out = run(
+        tritter_bin(),
+        &[
+            "generate",
+            "--model",
+            "big.safetensors",
+            "--prompt",
+            "x",
+            "--memory-budget",
+            "20MiB",
+        ],
+        dir.path(),
+    );
+    assert_clear_error(
+        &out,
+        &[
+            "big.safetensors",
+            "does not fit the memory budget",
+            "even with layer groups of one layer",
+        ],
+    );
+    // --stream without a budget, int4 before its kernels exist.
+    let out = run(
+        tritter_bin(),
+        &[
+            "generate",
+            "--model",
+            "big.safetensors",
+            "--prompt",
+            "x",
+            "--stream",
+        ],
+        dir.path(),
+    );
+    assert_clear_error(&out, &["--stream needs --memory-budget"]);
+}
+
+#[test]
+fn batched_prompts_match_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tritter::TritterConfig::preset("test", 264).unwrap();
+    tritter::export::write_random_export(&config, 2, &dir.path().join("m.safetensors")).unwrap();
+    let prompts = ["def add(a, b):", "fn main() {", "import triton"];
+    let lines: Vec<String> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if i == 1 {
+                serde_json::json!({ "prompt": p }).to_string()
+            } else {
+                serde_json::json!(p).to_string()
+            }
+        })
+        .collect();
+    std::fs::write(dir.path().join("prompts.jsonl"), lines.join("\n")).unwrap();
+    let out = run(
+        tritter_bin(),
+        &[
+            "generate",
+            "--model",
+            "m.safetensors",
+            "--prompts",
+            "prompts.jsonl",
+            "--max-new-tokens",
+            "12",
+            "--memory-budget",
+            "8MiB",
+            "--layer-group-size",
+            "1",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let completions: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(completions.len(), 3);
+    for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(completions[i]["prompt"], *p);
+        // The same prompt alone through the resident path (latent weights).
+        let alone = run(
+            tritter_bin(),
+            &[
+                "generate",
+                "--model",
+                "m.safetensors",
+                "--prompt",
+                p,
+                "--max-new-tokens",
+                "12",
+            ],
+            dir.path(),
+        );
+        assert!(alone.status.success(), "{}", stderr(&alone));
+        let text = String::from_utf8_lossy(&alone.stdout);
+        let expected = format!("{p}{}", completions[i]["completion"].as_str().unwrap());
+        assert_eq!(text.trim_end_matches('\n'), expected, "prompt {i}");
+    }
+    // A malformed prompts file names its line.
+    std::fs::write(dir.path().join("bad.jsonl"), "\"ok\"\n{\"text\": 1}\n").unwrap();
+    let out = run(
+        tritter_bin(),
+        &[
+            "generate",
+            "--model",
+            "m.safetensors",
+            "--prompts",
+            "bad.jsonl",
+        ],
+        dir.path(),
+    );
+    assert_clear_error(&out, &["bad.jsonl:2", "prompt"]);
 }

@@ -1,14 +1,20 @@
 //! `tritter`: export trained models and generate with them.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tritter::device::{run_on, BackendJob, DeviceKind};
-use tritter::export::export_model;
-use tritter::infer::{generate, load_export, Sampler, SamplingConfig};
+use tritter::export::{export_model, write_random_export};
+use tritter::infer::budget;
+use tritter::infer::{
+    generate, load_export, ByteSize, KvCacheType, ModelFile, PlanRequest, Sampler, SamplingConfig,
+    StreamingEngine,
+};
+use tritter::tokenizer::Tokenizer;
 use tritter::train::load_checkpoint_model;
+use tritter::TritterConfig;
 use tritter_kernels::TritterBackend;
 
 #[derive(Parser)]
@@ -30,12 +36,33 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Generate text from an exported model, streaming tokens to stdout.
+    /// Generate text from an exported model, streaming tokens to stdout. With
+    /// `--memory-budget`, the packed engine plans the model into the budget and streams
+    /// layer groups when it does not fit (or always, with `--stream`).
     Generate {
         #[arg(long)]
         model: PathBuf,
+        #[arg(long, required_unless_present = "prompts")]
+        prompt: Option<String>,
+        /// JSON lines, each a string or an object with a `prompt` field: generated
+        /// together, one completion per line on stdout.
+        #[arg(long, alias = "batch-file", conflicts_with = "prompt")]
+        prompts: Option<PathBuf>,
+        /// Bytes the engine may hold on the device, e.g. `2GiB`.
         #[arg(long)]
-        prompt: String,
+        memory_budget: Option<ByteSize>,
+        /// Layers per streamed group (default: the largest that fits twice).
+        #[arg(long)]
+        layer_group_size: Option<usize>,
+        /// Stream layer groups even when the whole model fits.
+        #[arg(long)]
+        stream: bool,
+        /// KV cache storage: f32 or f16 (int4 is planned only).
+        #[arg(long, default_value = "f32")]
+        kv_cache: KvCacheType,
+        /// Prompt tokens per sequence processed at once.
+        #[arg(long, default_value_t = 256)]
+        prefill_chunk: usize,
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
         /// 0 is greedy.
@@ -49,6 +76,69 @@ enum Command {
         seed: u64,
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Print the memory plan of a model (or a preset) under a budget; fails when it does
+    /// not fit, naming what exceeds the budget.
+    Plan {
+        #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
+        model: Option<PathBuf>,
+        /// A size preset instead of a model file (`test`, `125M`, … `70B`).
+        #[arg(long)]
+        preset: Option<String>,
+        /// Vocabulary size with `--preset` (264: the byte tokenizer).
+        #[arg(long, default_value_t = 264)]
+        vocab_size: usize,
+        #[arg(long)]
+        memory_budget: ByteSize,
+        /// Tokens per sequence (prompt + new tokens).
+        #[arg(long, default_value_t = 2048)]
+        context: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value = "f16")]
+        kv_cache: KvCacheType,
+        #[arg(long)]
+        layer_group_size: Option<usize>,
+        #[arg(long, default_value_t = 256)]
+        prefill_chunk: usize,
+        /// The backend whose kernels' scratch memory to count.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Streaming against resident generation on the CPU: a random-weight model `--ratio`
+    /// times the budget, batch 1 and batch 16.
+    Streaming {
+        /// Preset of the random model (byte vocabulary).
+        #[arg(long, default_value = "3B")]
+        preset: String,
+        /// Override the preset's key/value heads (grouped-query attention).
+        #[arg(long, default_value = "4")]
+        num_kv_heads: Option<usize>,
+        #[arg(long, default_value = "f16")]
+        kv_cache: KvCacheType,
+        #[arg(long, default_value_t = 8)]
+        prefill_chunk: usize,
+        /// Model bytes ÷ memory budget.
+        #[arg(long, default_value_t = 4.0)]
+        ratio: f64,
+        #[arg(long, default_value_t = 8)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        new_tokens: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        batches: Vec<usize>,
+        /// Where to write the random model (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -81,6 +171,12 @@ fn main() -> Result<()> {
         Command::Generate {
             model,
             prompt,
+            prompts,
+            memory_budget,
+            layer_group_size,
+            stream,
+            kv_cache,
+            prefill_chunk,
             max_new_tokens,
             temperature,
             top_k,
@@ -94,13 +190,462 @@ fn main() -> Result<()> {
                 top_p,
                 seed,
             };
-            let job = GenerateJob {
-                model: &model,
-                prompt: &prompt,
-                max_new: max_new_tokens,
-                sampling,
+            let prompts = match (&prompt, &prompts) {
+                (Some(p), _) => vec![p.clone()],
+                (None, Some(file)) => read_prompts(file)?,
+                (None, None) => unreachable!("clap requires one"),
             };
-            run_on(DeviceKind::parse(&device)?, job)?;
+            let device = DeviceKind::parse(&device)?;
+            if memory_budget.is_none() && layer_group_size.is_some() {
+                bail!("--layer-group-size needs --memory-budget");
+            }
+            if memory_budget.is_some() || stream || prompt.is_none() {
+                let budget = match (memory_budget, stream) {
+                    (Some(b), _) => b.0,
+                    (None, true) => bail!("--stream needs --memory-budget"),
+                    (None, false) => u64::MAX,
+                };
+                let job = EngineJob {
+                    model: &model,
+                    prompts,
+                    batch_file: prompt.is_none(),
+                    max_new: max_new_tokens,
+                    sampling,
+                    budget,
+                    layer_group_size,
+                    stream,
+                    kv_cache,
+                    prefill_chunk,
+                };
+                run_on(device, job)?;
+            } else {
+                let job = GenerateJob {
+                    model: &model,
+                    prompt: &prompts[0],
+                    max_new: max_new_tokens,
+                    sampling,
+                };
+                run_on(device, job)?;
+            }
+        }
+        Command::Plan {
+            model,
+            preset,
+            vocab_size,
+            memory_budget,
+            context,
+            batch,
+            kv_cache,
+            layer_group_size,
+            prefill_chunk,
+            device,
+        } => {
+            let config = match (&model, &preset) {
+                (Some(path), _) => ModelFile::open(path)?.config,
+                (None, Some(name)) => TritterConfig::preset(name, vocab_size)?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let request = PlanRequest {
+                budget: memory_budget.0,
+                context,
+                batch,
+                kv_cache,
+                layer_group_size,
+                prefill_chunk,
+            };
+            let scratch = match DeviceKind::parse(&device)? {
+                DeviceKind::Cpu => <burn::backend::Flex as TritterBackend>::ternary_scratch_bytes,
+                _ => tritter_kernels::packed::words_scratch_bytes,
+            };
+            let what = match (&model, &preset) {
+                (Some(path), _) => path.display().to_string(),
+                _ => format!("preset {}", preset.as_deref().unwrap_or_default()),
+            };
+            let plan = budget::plan(&config, &request, scratch)
+                .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+            println!(
+                "{what}: {} layers, {} ternary weights ({} packed), {} tokens × batch {}",
+                config.num_layers,
+                config.ternary_parameter_count(),
+                ByteSize(config.packed_size_bytes() as u64),
+                context,
+                batch
+            );
+            println!("{plan}");
+            if plan.streaming {
+                println!(
+                    "streaming: {} groups of {} layers; each token moves {} of layers",
+                    plan.num_groups,
+                    plan.layer_group_size,
+                    ByteSize(plan.layer_bytes * config.num_layers as u64)
+                );
+            } else {
+                println!("resident: every layer stays on the device");
+            }
+        }
+        Command::Bench {
+            bench:
+                Bench::Streaming {
+                    preset,
+                    num_kv_heads,
+                    kv_cache,
+                    prefill_chunk,
+                    ratio,
+                    prompt_tokens,
+                    new_tokens,
+                    batches,
+                    dir,
+                },
+        } => {
+            let mut config = TritterConfig::preset(&preset, 264)?;
+            if let Some(kv) = num_kv_heads {
+                config.num_kv_heads = kv;
+                config.validate()?;
+            }
+            let shape = StreamingBench {
+                name: format!("{preset} (kv heads {})", config.num_kv_heads),
+                config,
+                kv_cache,
+                prefill_chunk,
+                ratio,
+                prompt_tokens,
+                new_tokens,
+            };
+            bench_streaming(&shape, &batches, dir)?
+        }
+    }
+    Ok(())
+}
+
+/// `<bos> <code>` and the prompt's tokens.
+fn prompt_ids(tokenizer: &dyn Tokenizer, prompt: &str) -> Vec<u32> {
+    let mut ids: Vec<u32> = tokenizer
+        .bos()
+        .into_iter()
+        .chain(tokenizer.code_marker())
+        .collect();
+    ids.extend(tokenizer.encode(prompt.as_bytes()));
+    ids
+}
+
+/// Writes generated text as tokens come, whole decoded bytes at a time.
+#[derive(Default)]
+struct TextPrinter {
+    generated: Vec<u32>,
+    printed: usize,
+}
+
+impl TextPrinter {
+    fn push(&mut self, token: u32, tokenizer: &dyn Tokenizer, out: &mut impl Write) {
+        self.generated.push(token);
+        let text = tokenizer.decode(&self.generated);
+        if text.len() > self.printed {
+            let _ = out.write_all(&text[self.printed..]);
+            let _ = out.flush();
+            self.printed = text.len();
+        }
+    }
+}
+
+/// Prompts from JSON lines: a string, or an object with a `prompt` field.
+fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let prompt = match &value {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Object(o) => match o.get("prompt") {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                _ => bail!(
+                    "{}:{}: expected an object with a string `prompt`",
+                    path.display(),
+                    i + 1
+                ),
+            },
+            _ => bail!(
+                "{}:{}: expected a string or an object with `prompt`",
+                path.display(),
+                i + 1
+            ),
+        };
+        prompts.push(prompt);
+    }
+    if prompts.is_empty() {
+        bail!("{} holds no prompts", path.display());
+    }
+    Ok(prompts)
+}
+
+struct EngineJob<'a> {
+    model: &'a Path,
+    prompts: Vec<String>,
+    batch_file: bool,
+    max_new: usize,
+    sampling: SamplingConfig,
+    budget: u64,
+    layer_group_size: Option<usize>,
+    stream: bool,
+    kv_cache: KvCacheType,
+    prefill_chunk: usize,
+}
+
+impl BackendJob for EngineJob<'_> {
+    type Output = ();
+    fn run<B: TritterBackend>(self, device: B::Device) -> Result<()> {
+        let baseline = rss::reset_peak();
+        let tokenizer = ModelFile::open(self.model)?.tokenizer()?;
+        let ids: Vec<Vec<u32>> = self
+            .prompts
+            .iter()
+            .map(|p| prompt_ids(tokenizer.as_ref(), p))
+            .collect();
+        let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let request = PlanRequest {
+            budget: self.budget,
+            context: longest + self.max_new,
+            batch: ids.len(),
+            kv_cache: self.kv_cache,
+            layer_group_size: self.layer_group_size,
+            prefill_chunk: self.prefill_chunk,
+        };
+        let mut engine = StreamingEngine::<B>::open(self.model, request, self.stream, device)?;
+        let plan = &engine.plan;
+        if self.budget != u64::MAX {
+            eprintln!("{plan}");
+        }
+        eprintln!(
+            "{}",
+            if plan.streaming {
+                format!(
+                    "streaming {} groups of {} layers",
+                    plan.num_groups, plan.layer_group_size
+                )
+            } else {
+                "every layer resident".to_string()
+            }
+        );
+        let mut stdout = std::io::stdout().lock();
+        let single = !self.batch_file;
+        if single {
+            stdout.write_all(self.prompts[0].as_bytes())?;
+            stdout.flush()?;
+        }
+        let mut printer = TextPrinter::default();
+        let out = engine.generate(
+            &ids,
+            self.max_new,
+            &self.sampling,
+            Some(tokenizer.eos()),
+            false,
+            |_, t| {
+                if single {
+                    printer.push(t, tokenizer.as_ref(), &mut stdout);
+                }
+            },
+        )?;
+        if single {
+            writeln!(stdout)?;
+        } else {
+            for (i, (prompt, tokens)) in self.prompts.iter().zip(&out.tokens).enumerate() {
+                let line = serde_json::json!({
+                    "id": i,
+                    "prompt": prompt,
+                    "completion": String::from_utf8_lossy(&tokenizer.decode(tokens)),
+                });
+                writeln!(stdout, "{line}")?;
+            }
+        }
+        eprintln!("{}", out.stats);
+        if let (Some(base), Some(peak)) = (baseline, rss::peak()) {
+            eprintln!(
+                "resident set: {} at start, peak {} (engine: {} of a {} budget)",
+                ByteSize(base),
+                ByteSize(peak),
+                ByteSize(peak.saturating_sub(base)),
+                if self.budget == u64::MAX {
+                    "unlimited".to_string()
+                } else {
+                    ByteSize(self.budget).to_string()
+                }
+            );
+            eprintln!("engine-peak-rss-bytes {}", peak.saturating_sub(base));
+        }
+        Ok(())
+    }
+}
+
+/// Resident-set figures of this process (Linux `/proc`).
+mod rss {
+    fn status_field(name: &str) -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    /// Resets the peak resident set to the current one; returns the current one.
+    pub fn reset_peak() -> Option<u64> {
+        std::fs::write("/proc/self/clear_refs", "5").ok()?;
+        status_field("VmRSS:")
+    }
+
+    pub fn peak() -> Option<u64> {
+        status_field("VmHWM:")
+    }
+}
+
+/// Single-thread copy bandwidth of a buffer far larger than the caches, bytes/s.
+fn memcpy_bandwidth() -> f64 {
+    let n = 256 << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        best = best.min(start.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    n as f64 / best
+}
+
+struct StreamingBench {
+    name: String,
+    config: TritterConfig,
+    kv_cache: KvCacheType,
+    prefill_chunk: usize,
+    ratio: f64,
+    prompt_tokens: usize,
+    new_tokens: usize,
+}
+
+fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBuf>) -> Result<()> {
+    let StreamingBench {
+        name: preset,
+        config,
+        kv_cache,
+        prefill_chunk,
+        ratio,
+        prompt_tokens,
+        new_tokens,
+    } = shape;
+    let (ratio, prompt_tokens, new_tokens) = (*ratio, *prompt_tokens, *new_tokens);
+    type B = burn::backend::Flex;
+    let device = burn::backend::flex::FlexDevice;
+    let temp = tempfile::tempdir()?;
+    let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("random-model.safetensors");
+    let start = Instant::now();
+    let bytes = write_random_export(config, 7, &path)?;
+    eprintln!(
+        "wrote {} ({}) in {:.1} s",
+        path.display(),
+        ByteSize(bytes),
+        start.elapsed().as_secs_f64()
+    );
+    let copy = memcpy_bandwidth();
+    let budget = (bytes as f64 / ratio) as u64;
+    let threads = rayon::current_num_threads();
+    println!(
+        "streaming bench: preset {preset}, model {} ({} layers), budget {} (model ÷ {ratio}), prompt {prompt_tokens} + {new_tokens} new tokens, {kv_cache} KV cache, {threads} threads",
+        ByteSize(bytes),
+        config.num_layers,
+        ByteSize(budget)
+    );
+    println!(
+        "memory copy bandwidth (1 thread): {:.2} GiB/s",
+        copy / (1u64 << 30) as f64
+    );
+    println!(
+        "{:<10} {:>5} {:>6} {:>9} {:>10} {:>11} {:>10} {:>10} {:>8} {:>10} {:>12} {:>9}",
+        "engine",
+        "batch",
+        "groups",
+        "tokens/s",
+        "decode t/s",
+        "first tok s",
+        "MiB/token",
+        "xfer GiB/s",
+        "hidden",
+        "overlap",
+        "xfer/copy bw",
+        "peak MiB"
+    );
+    let prompts = |batch: usize| -> Vec<Vec<u32>> {
+        (0..batch)
+            .map(|b| {
+                (0..prompt_tokens)
+                    .map(|t| (8 + (t * 31 + b * 7) % 256) as u32)
+                    .collect()
+            })
+            .collect()
+    };
+    let sampling = SamplingConfig::default();
+    let mut rows = Vec::new();
+    for (name, budget, batch) in std::iter::once(("resident", u64::MAX, 1))
+        .chain(batches.iter().map(|&b| ("streaming", budget, b)))
+    {
+        let request = PlanRequest {
+            budget,
+            context: prompt_tokens + new_tokens,
+            batch,
+            kv_cache: *kv_cache,
+            layer_group_size: None,
+            prefill_chunk: *prefill_chunk,
+        };
+        let mut engine = StreamingEngine::<B>::open(&path, request, false, device)?;
+        let groups = engine.plan.num_groups;
+        let out = engine.generate(
+            &prompts(batch),
+            new_tokens,
+            &sampling,
+            None,
+            false,
+            |_, _| {},
+        )?;
+        let s = &out.stats;
+        println!(
+            "{:<10} {:>5} {:>6} {:>9.2} {:>10.2} {:>11.3} {:>10.1} {:>10.2} {:>7.1}% {:>9.1}% {:>12.2} {:>9.1}",
+            name,
+            batch,
+            groups,
+            s.tokens_per_sec(),
+            s.decode_tokens_per_sec(),
+            s.first_token_secs,
+            s.bytes_per_token() / (1 << 20) as f64,
+            s.transfer_bandwidth() / (1u64 << 30) as f64,
+            100.0 * s.overlap(),
+            100.0 * s.overlap_efficiency(),
+            s.transfer_bandwidth() / copy,
+            s.peak_device_bytes as f64 / (1 << 20) as f64
+        );
+        rows.push((name, batch, s.clone()));
+    }
+    let resident = rows.iter().find(|r| r.0 == "resident").map(|r| r.2.clone());
+    let one = rows
+        .iter()
+        .find(|r| r.0 == "streaming" && r.1 == 1)
+        .map(|r| r.2.clone());
+    if let (Some(resident), Some(one)) = (&resident, &one) {
+        println!(
+            "first-token latency, streaming ÷ resident: {:.2}",
+            one.first_token_secs / resident.first_token_secs
+        );
+    }
+    for (name, batch, s) in &rows {
+        if let (true, Some(one)) = (*name == "streaming" && *batch > 1, &one) {
+            println!(
+                "batch-{batch} throughput ÷ batch-1: {:.2} overall, {:.2} after the prefill",
+                s.tokens_per_sec() / one.tokens_per_sec(),
+                s.decode_tokens_per_sec() / one.decode_tokens_per_sec()
+            );
         }
     }
     Ok(())
@@ -129,19 +674,13 @@ fn run_generate<B: TritterBackend>(
 ) -> Result<()> {
     let loaded = load_export::<B>(path, &device)?;
     let tokenizer = loaded.tokenizer.as_ref();
-    let mut ids: Vec<u32> = tokenizer
-        .bos()
-        .into_iter()
-        .chain(tokenizer.code_marker())
-        .collect();
-    ids.extend(tokenizer.encode(prompt.as_bytes()));
+    let ids = prompt_ids(tokenizer, prompt);
     let mut sampler = Sampler::new(sampling);
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(prompt.as_bytes())?;
     stdout.flush()?;
     let start = Instant::now();
-    let mut generated = Vec::new();
-    let mut printed = 0;
+    let mut printer = TextPrinter::default();
     let tokens = generate(
         &loaded.model,
         &ids,
@@ -149,15 +688,7 @@ fn run_generate<B: TritterBackend>(
         &mut sampler,
         Some(tokenizer.eos()),
         true,
-        |t| {
-            generated.push(t);
-            let text = tokenizer.decode(&generated);
-            if text.len() > printed {
-                let _ = stdout.write_all(&text[printed..]);
-                let _ = stdout.flush();
-                printed = text.len();
-            }
-        },
+        |t| printer.push(t, tokenizer, &mut stdout),
     )?;
     let secs = start.elapsed().as_secs_f64();
     writeln!(stdout)?;

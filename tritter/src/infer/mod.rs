@@ -1,8 +1,15 @@
-//! Inference: loading exports, the KV cache, sampling and generation.
+//! Inference: loading exports, the KV cache, sampling and generation, resident or
+//! streamed layer group by layer group under a memory budget.
 
+pub mod budget;
 pub mod generate;
 pub mod kv_cache;
 pub mod load;
+pub mod model_file;
+pub mod streaming;
 
+pub use budget::{ByteSize, KvCacheType, MemoryPlan, PlanRequest};
 pub use generate::{generate, Sampler, SamplingConfig};
 pub use load::{load_export, LoadedModel};
+pub use model_file::ModelFile;
+pub use streaming::{StreamStats, StreamingEngine};

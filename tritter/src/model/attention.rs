@@ -43,6 +43,26 @@ impl<B: Backend> Attention<B> {
     }
 }
 
+/// The head layout of an attention layer.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub sliding_window: Option<usize>,
+}
+
+impl Heads {
+    pub fn new(config: &TritterConfig) -> Self {
+        Self {
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim(),
+            sliding_window: config.sliding_window,
+        }
+    }
+}
+
 impl<B: TritterBackend> Attention<B> {
     /// `x`: `[batch, seq, hidden]` at absolute positions `start..start + seq`.
     pub fn forward(
@@ -51,46 +71,66 @@ impl<B: TritterBackend> Attention<B> {
         rope: &Rope<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
-        let [batch, seq, _] = x.dims();
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = Heads {
+            num_heads: self.num_heads,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            sliding_window: self.sliding_window,
+        };
         let qkv = self.qkv.forward(x);
-        let split = |start: usize, heads: usize| {
-            contiguous(
-                qkv.clone()
-                    .narrow(2, start * hd, heads * hd)
-                    .reshape([batch, seq, heads, hd])
-                    .swap_dims(1, 2),
-            )
-        };
-        let q = rope.q.apply(rms_norm(&self.q_norm, split(0, nh)));
-        let k = rope.k.apply(rms_norm(&self.k_norm, split(nh, nkv)));
-        let v = split(nh + nkv, nkv);
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v),
-            None => (k, v),
-        };
-        let kv_len = k.dims()[2];
-        let k = repeat_kv(k, nh / nkv);
-        let v = repeat_kv(v, nh / nkv);
-        let (mask, causal) = match self.sliding_window {
-            Some(window) if window < kv_len => (
-                Some(sliding_window_mask::<B>(
-                    [batch, nh, seq, kv_len],
-                    window,
-                    &q.device(),
-                )),
-                false,
-            ),
-            _ => (None, true),
-        };
-        let out = B::tritter_attention(q, k, v, mask, causal);
         self.out
-            .forward(out.swap_dims(1, 2).reshape([batch, seq, nh * hd]))
+            .forward(attend(qkv, &self.q_norm, &self.k_norm, heads, rope, cache))
     }
 }
 
+/// Attention between the q/k/v product and the output projection: `qkv`
+/// `[batch, seq, (heads + 2·kv_heads)·head_dim]` → `[batch, seq, heads·head_dim]`.
+/// QK-norm, RoPE, the cache append, GQA and the mask happen here.
+pub fn attend<B: TritterBackend>(
+    qkv: Tensor<B, 3>,
+    q_norm: &RmsNorm<B>,
+    k_norm: &RmsNorm<B>,
+    heads: Heads,
+    rope: &Rope<B>,
+    cache: Option<&mut LayerCache<B>>,
+) -> Tensor<B, 3> {
+    let [batch, seq, _] = qkv.dims();
+    let (nh, nkv, hd) = (heads.num_heads, heads.num_kv_heads, heads.head_dim);
+    let split = |start: usize, heads: usize| {
+        contiguous(
+            qkv.clone()
+                .narrow(2, start * hd, heads * hd)
+                .reshape([batch, seq, heads, hd])
+                .swap_dims(1, 2),
+        )
+    };
+    let q = rope.q.apply(rms_norm(q_norm, split(0, nh)));
+    let k = rope.k.apply(rms_norm(k_norm, split(nh, nkv)));
+    let v = split(nh + nkv, nkv);
+    let (k, v) = match cache {
+        Some(cache) => cache.append(k, v),
+        None => (k, v),
+    };
+    let kv_len = k.dims()[2];
+    let k = repeat_kv(k, nh / nkv);
+    let v = repeat_kv(v, nh / nkv);
+    let (mask, causal) = match heads.sliding_window {
+        Some(window) if window < kv_len => (
+            Some(sliding_window_mask::<B>(
+                [batch, nh, seq, kv_len],
+                window,
+                &q.device(),
+            )),
+            false,
+        ),
+        _ => (None, true),
+    };
+    let out = B::tritter_attention(q, k, v, mask, causal);
+    out.swap_dims(1, 2).reshape([batch, seq, nh * hd])
+}
+
 /// Grouped-query attention: each key/value head serves `repeat` query heads.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, repeat: usize) -> Tensor<B, 4> {
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, repeat: usize) -> Tensor<B, 4> {
     if repeat == 1 {
         return x;
     }
@@ -126,6 +166,18 @@ pub fn contiguous<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.reshape([dims.iter().product::<usize>()]).reshape(dims)
 }
 
+/// Appends position `p`'s rotary row: `[cos, cos]` to `cos` and `[−sin, sin]` to `sin`,
+/// angles `p · θ^(−2j/d)`.
+pub fn rope_row(p: usize, head_dim: usize, theta: f64, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+    let half = head_dim / 2;
+    let angles: Vec<f64> = (0..half)
+        .map(|j| p as f64 * theta.powf(-2.0 * j as f64 / head_dim as f64))
+        .collect();
+    cos.extend(angles.iter().chain(&angles).map(|a| a.cos() as f32));
+    sin.extend(angles.iter().map(|a| -a.sin() as f32));
+    sin.extend(angles.iter().map(|a| a.sin() as f32));
+}
+
 /// Rotary position tables (rotate-half convention): pairs `(x_j, x_{j + d/2})` rotate by
 /// `p · θ^(−2j/d)` at position `p`. Built once per forward for `[batch, heads, len, d]`,
 /// materialized at full size so the rotation is three contiguous element-wise ops.
@@ -145,16 +197,10 @@ impl<B: Backend> RopeTables<B> {
         [batch, heads, len]: [usize; 3],
         device: &B::Device,
     ) -> Self {
-        let half = head_dim / 2;
         let mut cos = Vec::with_capacity(len * head_dim);
         let mut sin = Vec::with_capacity(len * head_dim);
         for p in start..start + len {
-            let angles: Vec<f64> = (0..half)
-                .map(|j| p as f64 * theta.powf(-2.0 * j as f64 / head_dim as f64))
-                .collect();
-            cos.extend(angles.iter().chain(&angles).map(|a| a.cos() as f32));
-            sin.extend(angles.iter().map(|a| -a.sin() as f32));
-            sin.extend(angles.iter().map(|a| a.sin() as f32));
+            rope_row(p, head_dim, theta, &mut cos, &mut sin);
         }
         let table = |v: Vec<f32>| {
             let t = Tensor::<B, 2>::from_data(TensorData::new(v, [len, head_dim]), device)

@@ -31,9 +31,17 @@ impl<B: Backend> FeedForward<B> {
 
 impl<B: TritterBackend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate_up = self.gate_up.forward(x);
-        let gate = relu(contiguous(gate_up.clone().narrow(2, 0, self.ffn_size)));
-        let up = contiguous(gate_up.narrow(2, self.ffn_size, self.ffn_size));
-        self.down.forward(gate.clone() * gate * up)
+        self.down
+            .forward(squared_relu_gate(self.gate_up.forward(x), self.ffn_size))
     }
+}
+
+/// `relu(gate)² ⊙ up` from the fused gate/up product `[..., 2·ffn]` → `[..., ffn]`.
+pub fn squared_relu_gate<B: Backend, const D: usize>(
+    gate_up: Tensor<B, D>,
+    ffn_size: usize,
+) -> Tensor<B, D> {
+    let gate = relu(contiguous(gate_up.clone().narrow(D - 1, 0, ffn_size)));
+    let up = contiguous(gate_up.narrow(D - 1, ffn_size, ffn_size));
+    gate.clone() * gate * up
 }

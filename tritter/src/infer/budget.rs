@@ -1,0 +1,472 @@
+//! Memory budgets and the plan that fits a model into one before anything is allocated.
+//!
+//! The plan counts what the engine holds on the device: the resident parts (embedding,
+//! final norm, LM head), the layer buffers (every layer when the model fits, otherwise
+//! two groups of `layer_group_size` layers — one computing while the next one loads),
+//! the KV cache for the requested batch and context, and the activations of a prefill
+//! chunk. A plan that does not fit is refused with the part that overflows named.
+
+use crate::model::TritterConfig;
+use anyhow::{bail, Result};
+use std::fmt;
+
+/// A byte count parsed from `2GiB`, `512 MiB`, `1.5GB`, `64M` or `1048576`.
+/// `K`/`M`/`G`/`T` alone are binary (as in `free -h`); `KB`/`MB`/… are decimal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size (expected e.g. 2GiB, 512MiB, 1048576)"))?;
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "t" | "tib" => 1 << 40,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            other => {
+                return Err(format!(
+                    "`{s}`: unknown unit `{other}` (expected B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+                ))
+            }
+        };
+        Ok(ByteSize((value * multiplier as f64).round() as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0 as f64;
+        for (unit, size) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if self.0 >= size {
+                return write!(f, "{:.2} {unit}", b / size as f64);
+            }
+        }
+        write!(f, "{} B", self.0)
+    }
+}
+
+/// How the KV cache stores keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCacheType {
+    F32,
+    F16,
+    /// KIVI INT4: keys per channel, values per token, groups of 32 with an f16 scale and
+    /// zero point each, the 128 most recent tokens in f16. Planned here; the engine
+    /// runs it once the INT4 cache kernels exist.
+    Int4,
+}
+
+/// Tokens per INT4 quantization group and tokens kept in f16.
+pub const INT4_GROUP: usize = 32;
+pub const INT4_RECENT_WINDOW: usize = 128;
+
+impl std::str::FromStr for KvCacheType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "int4" => Ok(Self::Int4),
+            other => Err(format!(
+                "unknown KV cache type `{other}` (expected f32, f16 or int4)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for KvCacheType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Int4 => "int4",
+        })
+    }
+}
+
+impl KvCacheType {
+    /// Bytes of keys and values of one sequence of `tokens` tokens, all layers.
+    pub fn cache_bytes(self, config: &TritterConfig, tokens: usize) -> u64 {
+        let per_token = (2 * config.num_layers * config.num_kv_heads * config.head_dim()) as u64;
+        match self {
+            Self::F32 => 4 * per_token * tokens as u64,
+            Self::F16 => 2 * per_token * tokens as u64,
+            Self::Int4 => {
+                let recent = tokens.min(INT4_RECENT_WINDOW) as u64;
+                let quantized =
+                    (tokens as u64 - recent).div_ceil(INT4_GROUP as u64) * INT4_GROUP as u64;
+                // Half a byte per element, plus an f16 scale and zero point per group.
+                per_token * (quantized / 2 + quantized / INT4_GROUP as u64 * 4)
+                    + 2 * per_token * recent
+            }
+        }
+    }
+}
+
+/// What the engine is asked to run.
+#[derive(Debug, Clone)]
+pub struct PlanRequest {
+    pub budget: u64,
+    /// Tokens per sequence: prompt plus new tokens.
+    pub context: usize,
+    pub batch: usize,
+    pub kv_cache: KvCacheType,
+    /// Layers per group; `None` picks the largest that fits.
+    pub layer_group_size: Option<usize>,
+    /// Prompt tokens per sequence processed at once.
+    pub prefill_chunk: usize,
+}
+
+/// One line of the plan.
+#[derive(Debug, Clone)]
+pub struct PlanItem {
+    pub part: String,
+    pub detail: String,
+    pub bytes: u64,
+}
+
+/// Where every byte goes, and how the layers are grouped.
+#[derive(Debug, Clone)]
+pub struct MemoryPlan {
+    pub items: Vec<PlanItem>,
+    pub budget: u64,
+    pub layer_group_size: usize,
+    pub num_groups: usize,
+    /// `false` when every layer stays resident (one load, no prefetch).
+    pub streaming: bool,
+    pub context: usize,
+    pub batch: usize,
+    pub kv_cache: KvCacheType,
+    pub prefill_chunk: usize,
+    /// Bytes of one layer on the device.
+    pub layer_bytes: u64,
+}
+
+impl MemoryPlan {
+    pub fn total(&self) -> u64 {
+        self.items.iter().map(|i| i.bytes).sum()
+    }
+}
+
+impl fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{:<16} {:>12}  detail", "part", "bytes")?;
+        for item in &self.items {
+            writeln!(
+                f,
+                "{:<16} {:>12}  {}",
+                item.part,
+                ByteSize(item.bytes).to_string(),
+                item.detail
+            )?;
+        }
+        let total = self.total();
+        writeln!(f, "{:<16} {:>12}", "total", ByteSize(total).to_string())?;
+        write!(
+            f,
+            "{:<16} {:>12}  {}",
+            "budget",
+            ByteSize(self.budget).to_string(),
+            if total <= self.budget {
+                format!("fits, {} to spare", ByteSize(self.budget - total))
+            } else {
+                format!("exceeded by {}", ByteSize(total - self.budget))
+            }
+        )
+    }
+}
+
+/// Bytes one layer occupies on the device: packed codes (rows padded to 32-bit words, as
+/// the GPU path stores them; the CPU path stores the export's bytes, never more), γ, and
+/// the layer's norm gains in f32.
+pub fn layer_device_bytes(config: &TritterConfig) -> u64 {
+    let (h, hd) = (config.hidden_size, config.head_dim());
+    let bitlinears: usize = config
+        .bitlinear_shapes()
+        .iter()
+        .map(|&(d_in, d_out)| d_out * d_in.div_ceil(16) * 4 + 4 + 4 * d_in)
+        .sum();
+    (bitlinears + 4 * (2 * hd + 2 * h)) as u64
+}
+
+/// Activation bytes of one prefill chunk through one layer (the largest transient the
+/// engine creates), plus the hidden states of every prompt position and the logits.
+fn activation_bytes(config: &TritterConfig, req: &PlanRequest, scratch: u64) -> (u64, String) {
+    let (h, f, nh, hd) = (
+        config.hidden_size,
+        config.ffn_size,
+        config.num_heads,
+        config.head_dim(),
+    );
+    let chunk = req.prefill_chunk.min(req.context).max(1);
+    let rows = req.batch * chunk;
+    let ctx = req.context;
+    // Per row: normalized input, q/k/v product and its per-head copies, rotary tables,
+    // attention output, out projection, residuals, gate/up product, gated product,
+    // int8 copies and i32 accumulators of the widest product.
+    let per_row = 4
+        * (2 * h
+            + 2 * config.qkv_size()
+            + 2 * (nh + config.num_kv_heads) * hd
+            + 2 * nh * hd
+            + 3 * h
+            + 2 * f
+            + 2 * f)
+        + 5 * (2 * f).max(config.qkv_size());
+    // Attention of one sequence at a time: scores and probabilities, GQA-repeated keys
+    // and values, and one layer's cache copied on append.
+    let attention =
+        4 * (2 * nh * chunk * ctx + 2 * nh * ctx * hd + 2 * config.num_kv_heads * ctx * hd);
+    let hidden = 4 * req.batch * ctx * h;
+    let logits = 4 * req.batch * config.vocab_size * 2;
+    let total = (rows * per_row + attention + hidden + logits) as u64 + scratch;
+    (
+        total,
+        format!(
+            "prefill chunk {chunk} × batch {}, hidden states of {ctx} positions",
+            req.batch
+        ),
+    )
+}
+
+/// Fits `config` into `req.budget`, or explains by how much it does not.
+/// `scratch` is the backend's extra memory for a packed product of a `[d_out, d_in]`
+/// matrix ([`tritter_kernels::TritterBackend::ternary_scratch_bytes`]).
+pub fn plan(
+    config: &TritterConfig,
+    req: &PlanRequest,
+    scratch: impl Fn(usize, usize) -> usize,
+) -> Result<MemoryPlan> {
+    if req.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if req.context == 0 {
+        bail!("--context must be at least 1 token");
+    }
+    if req.context > config.max_seq_len {
+        bail!(
+            "context of {} tokens exceeds the model's max_seq_len of {}",
+            req.context,
+            config.max_seq_len
+        );
+    }
+    let layers = config.num_layers;
+    if let Some(g) = req.layer_group_size {
+        if g == 0 || g > layers {
+            bail!("--layer-group-size {g} must be between 1 and the model's {layers} layers");
+        }
+    }
+    let (v, h) = (config.vocab_size, config.hidden_size);
+    let mut fixed = vec![PlanItem {
+        part: "embedding".into(),
+        detail: format!("{v} × {h} f32, resident"),
+        bytes: (4 * v * h) as u64,
+    }];
+    if !config.tie_embeddings {
+        fixed.push(PlanItem {
+            part: "lm head".into(),
+            detail: format!("{h} × {v} f32, resident"),
+            bytes: (4 * v * h) as u64,
+        });
+    }
+    fixed.push(PlanItem {
+        part: "final norm".into(),
+        detail: format!("{h} f32, resident"),
+        bytes: (4 * h) as u64,
+    });
+    fixed.push(PlanItem {
+        part: "kv cache".into(),
+        detail: format!(
+            "{} × {} tokens × {layers} layers, {}",
+            req.batch, req.context, req.kv_cache
+        ),
+        bytes: req.batch as u64 * req.kv_cache.cache_bytes(config, req.context),
+    });
+    let scratch = config
+        .bitlinear_shapes()
+        .iter()
+        .map(|&(d_in, d_out)| scratch(d_out, d_in))
+        .max()
+        .unwrap_or(0) as u64;
+    let (act, act_detail) = activation_bytes(config, req, scratch);
+    fixed.push(PlanItem {
+        part: "activations".into(),
+        detail: act_detail,
+        bytes: act,
+    });
+    let fixed_bytes: u64 = fixed.iter().map(|i| i.bytes).sum();
+    let layer = layer_device_bytes(config);
+    let resident_total = fixed_bytes + layers as u64 * layer;
+
+    let group = match req.layer_group_size {
+        Some(g) => g,
+        None if resident_total <= req.budget => layers,
+        None => {
+            let room = req.budget.saturating_sub(fixed_bytes);
+            ((room / (2 * layer)) as usize).clamp(1, layers)
+        }
+    };
+    let streaming = group < layers;
+    let num_groups = layers.div_ceil(group);
+    let mut items = fixed;
+    items.insert(
+        items.len() - 2,
+        if streaming {
+            PlanItem {
+                part: "layer buffers".into(),
+                detail: format!(
+                    "2 × {group} of {layers} layers × {} packed (one computes, one loads)",
+                    ByteSize(layer)
+                ),
+                bytes: 2 * group as u64 * layer,
+            }
+        } else {
+            PlanItem {
+                part: "layers".into(),
+                detail: format!("all {layers} layers × {} packed, resident", ByteSize(layer)),
+                bytes: layers as u64 * layer,
+            }
+        },
+    );
+    let plan = MemoryPlan {
+        items,
+        budget: req.budget,
+        layer_group_size: group,
+        num_groups,
+        streaming,
+        context: req.context,
+        batch: req.batch,
+        kv_cache: req.kv_cache,
+        prefill_chunk: req.prefill_chunk,
+        layer_bytes: layer,
+    };
+    let total = plan.total();
+    if total > req.budget {
+        let largest = plan
+            .items
+            .iter()
+            .max_by_key(|i| i.bytes)
+            .expect("plan has items");
+        bail!(
+            "the model does not fit the memory budget of {}: it needs {} (over by {}); \
+             the largest part is {} at {} ({}){}\n{plan}",
+            ByteSize(req.budget),
+            ByteSize(total),
+            ByteSize(total - req.budget),
+            largest.part,
+            ByteSize(largest.bytes),
+            largest.detail,
+            if streaming && group == 1 {
+                ", even with layer groups of one layer"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(budget: u64, context: usize, batch: usize, kv: KvCacheType) -> PlanRequest {
+        PlanRequest {
+            budget,
+            context,
+            batch,
+            kv_cache: kv,
+            layer_group_size: None,
+            prefill_chunk: 256,
+        }
+    }
+
+    #[test]
+    fn sizes_parse_in_binary_and_decimal_units() {
+        let p = |s: &str| s.parse::<ByteSize>().map(|b| b.0);
+        assert_eq!(p("2GiB"), Ok(2 << 30));
+        assert_eq!(p("512 MiB"), Ok(512 << 20));
+        assert_eq!(p("64M"), Ok(64 << 20));
+        assert_eq!(p("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(p("1048576"), Ok(1 << 20));
+        assert!(p("12 parsecs")
+            .unwrap_err()
+            .contains("unknown unit `parsecs`"));
+        assert!(p("lots").unwrap_err().contains("not a size"));
+        assert_eq!(ByteSize(3 << 29).to_string(), "1.50 GiB");
+    }
+
+    #[test]
+    fn kv_cache_arithmetic_matches_the_reference_table() {
+        // 7B (GQA-8, head_dim 128) at 128K tokens: f16 16 GiB, INT4 ≈ 5 GiB.
+        let c = TritterConfig::preset("7B", 264).unwrap();
+        let tokens = 128 * 1024;
+        assert_eq!(KvCacheType::F16.cache_bytes(&c, tokens), 16 << 30);
+        let int4 = KvCacheType::Int4.cache_bytes(&c, tokens) as f64 / (1u64 << 30) as f64;
+        assert!((int4 - 5.0).abs() < 0.1, "{int4} GiB");
+    }
+
+    #[test]
+    fn seventy_b_streams_in_sixteen_gib() {
+        // 70B packed is 17.1 GB (15.9 GiB): with its cache and activations it cannot be
+        // resident in 16 GiB, but streams in groups.
+        let c = TritterConfig::preset("70B", 264).unwrap();
+        assert!(c.packed_size_bytes() as u64 > 15 << 30);
+        let plan = plan(&c, &req(16 << 30, 4096, 1, KvCacheType::F16), |_, _| 0).unwrap();
+        assert!(plan.streaming && plan.num_groups > 1);
+        assert!(plan.total() <= 16 << 30);
+        // The layer buffers are two groups, and the group is the largest that fits.
+        let bigger = 2 * (plan.layer_group_size as u64 + 1) * plan.layer_bytes;
+        let others: u64 = plan
+            .items
+            .iter()
+            .filter(|i| i.part != "layer buffers")
+            .map(|i| i.bytes)
+            .sum();
+        assert!(others + bigger > 16 << 30);
+    }
+
+    #[test]
+    fn a_plan_that_does_not_fit_names_the_overflow() {
+        let c = TritterConfig::preset("7B", 264).unwrap();
+        // 128K tokens of f16 cache alone is 16 GiB.
+        let err = plan(&c, &req(8 << 30, 128 * 1024, 1, KvCacheType::F16), |_, _| 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("over by"), "{err}");
+        assert!(err.contains("largest part is kv cache"), "{err}");
+        // And a budget below the resident parts plus two one-layer groups.
+        let t = TritterConfig::preset("test", 264).unwrap();
+        let err = plan(&t, &req(300_000, 16, 1, KvCacheType::F32), |_, _| 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("even with layer groups of one layer"), "{err}");
+    }
+
+    #[test]
+    fn a_model_that_fits_stays_resident() {
+        let t = TritterConfig::preset("test", 264).unwrap();
+        let plan = plan(&t, &req(1 << 30, 512, 4, KvCacheType::F32), |_, _| 0).unwrap();
+        assert!(!plan.streaming);
+        assert_eq!(plan.num_groups, 1);
+        assert!(plan.to_string().contains("fits"));
+    }
+}

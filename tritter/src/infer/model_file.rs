@@ -1,0 +1,322 @@
+//! An exported model file, memory-mapped and checked before any weight is used: the
+//! header, every tensor's place in the file (a truncated file names the first tensor it
+//! cuts), dtypes and shapes against the config, ternary codes, and the per-tensor
+//! checksums the exporter writes.
+
+use crate::export::{BITLINEAR_NAMES, FORMAT};
+use crate::model::TritterConfig;
+use crate::tokenizer::{ByteTokenizer, HfTokenizer, Tokenizer, TokenizerSpec};
+use anyhow::{anyhow, bail, Context, Result};
+use memmap2::{Advice, Mmap, UncheckedAdvice};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::xxh3_64;
+
+#[derive(Debug, Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: (usize, usize),
+}
+
+/// Where a tensor lies in the file.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A checked, memory-mapped export.
+pub struct ModelFile {
+    pub path: PathBuf,
+    pub config: TritterConfig,
+    pub tokenizer_spec: TokenizerSpec,
+    tokenizer_json: Option<String>,
+    pub(crate) tensors: HashMap<String, TensorEntry>,
+    mmap: Mmap,
+}
+
+/// Pages touched while checking are dropped in pieces of this size.
+const RELEASE_CHUNK: usize = 16 << 20;
+
+impl ModelFile {
+    /// Opens and checks `path`. Every tensor's bytes are hashed against the checksums in
+    /// the metadata (files from before checksums were written get the structural checks
+    /// only); pages are released as they are checked, so opening a model larger than
+    /// memory does not hold it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let shown = path.display();
+        let mut file = std::fs::File::open(path).with_context(|| format!("opening {shown}"))?;
+        let file_len = file.metadata()?.len() as usize;
+        let mut len_bytes = [0u8; 8];
+        file.read_exact(&mut len_bytes).map_err(|_| {
+            anyhow!("{shown} is not a safetensors file: shorter than its 8-byte header length")
+        })?;
+        let header_len = u64::from_le_bytes(len_bytes) as usize;
+        if header_len > 100 << 20 || 8 + header_len > file_len {
+            bail!("{shown} is not a valid safetensors file: header of {header_len} bytes in a file of {file_len} (truncated or corrupt?)");
+        }
+        let mut header = vec![0u8; header_len];
+        file.read_exact(&mut header)?;
+        let mut raw: HashMap<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| {
+                anyhow!("{shown}: the safetensors header is not valid JSON ({e}); corrupt file?")
+            })?;
+        let meta: HashMap<String, String> = match raw.remove("__metadata__") {
+            Some(m) => serde_json::from_value(m)
+                .map_err(|e| anyhow!("{shown}: malformed metadata: {e}"))?,
+            None => HashMap::new(),
+        };
+        let data_start = 8 + header_len;
+        let mut tensors = HashMap::new();
+        for (name, value) in raw {
+            let entry: HeaderEntry = serde_json::from_value(value).map_err(|e| {
+                anyhow!("{shown}: tensor `{name}` has a malformed header entry: {e}")
+            })?;
+            let (start, end) = (
+                data_start + entry.data_offsets.0,
+                data_start + entry.data_offsets.1,
+            );
+            tensors.insert(
+                name,
+                TensorEntry {
+                    dtype: entry.dtype,
+                    shape: entry.shape,
+                    start,
+                    end,
+                },
+            );
+        }
+        // Truncation: name the first tensor that does not fit in the file.
+        let mut by_offset: Vec<(&String, &TensorEntry)> = tensors.iter().collect();
+        by_offset.sort_by_key(|(_, e)| e.start);
+        for (name, e) in &by_offset {
+            if e.end > file_len || e.start > e.end {
+                bail!(
+                    "{shown}: tensor `{name}` lies at bytes {}..{} but the file has {file_len} bytes (truncated?)",
+                    e.start,
+                    e.end
+                );
+            }
+        }
+
+        let get_meta = |key: &str| {
+            meta.get(key)
+                .ok_or_else(|| anyhow!("{shown}: metadata has no `{key}` (not a Tritter export?)"))
+        };
+        if get_meta("format")? != FORMAT {
+            bail!(
+                "{shown}: format `{}` is not `{FORMAT}`",
+                get_meta("format")?
+            );
+        }
+        let config: TritterConfig = serde_json::from_str(get_meta("config")?)
+            .with_context(|| format!("{shown}: malformed `config` metadata"))?;
+        config
+            .validate()
+            .with_context(|| format!("{shown}: `config` metadata"))?;
+        let tokenizer_spec: TokenizerSpec = serde_json::from_str(get_meta("tokenizer")?)
+            .with_context(|| format!("{shown}: malformed `tokenizer` metadata"))?;
+        let checksums: Option<BTreeMap<String, String>> = meta
+            .get("checksums")
+            .map(|c| serde_json::from_str(c))
+            .transpose()
+            .with_context(|| format!("{shown}: malformed `checksums` metadata"))?;
+
+        // SAFETY: the map is read-only; the file is not modified while it is open.
+        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {shown}"))?;
+        let model = Self {
+            path: path.to_path_buf(),
+            config,
+            tokenizer_spec,
+            tokenizer_json: meta.get("tokenizer_json").cloned(),
+            tensors,
+            mmap,
+        };
+        model.check_layout()?;
+        match checksums {
+            Some(checksums) => model.verify_checksums(&checksums)?,
+            None => model.validate_codes()?,
+        }
+        Ok(model)
+    }
+
+    /// Every tensor the config implies is present with its dtype and shape.
+    fn check_layout(&self) -> Result<()> {
+        let c = &self.config;
+        let (v, h, hd) = (c.vocab_size, c.hidden_size, c.head_dim());
+        self.expect("embedding.weight", "F32", &[v, h])?;
+        if !c.tie_embeddings {
+            self.expect("lm_head.weight", "F32", &[h, v])?;
+        }
+        self.expect("norm.gamma", "F32", &[h])?;
+        for i in 0..c.num_layers {
+            for (name, d) in [
+                ("attn.q_norm", hd),
+                ("attn.k_norm", hd),
+                ("attn_norm", h),
+                ("ffn_norm", h),
+            ] {
+                self.expect(&format!("blocks.{i}.{name}.gamma"), "F32", &[d])?;
+            }
+            for (name, (d_in, d_out)) in BITLINEAR_NAMES.into_iter().zip(c.bitlinear_shapes()) {
+                let prefix = format!("blocks.{i}.{name}");
+                self.expect(
+                    &format!("{prefix}.weight"),
+                    "U8",
+                    &[d_out, d_in.div_ceil(4)],
+                )?;
+                self.expect(&format!("{prefix}.scale"), "F32", &[1])?;
+                self.expect(&format!("{prefix}.norm"), "F32", &[d_in])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn expect(&self, name: &str, dtype: &str, shape: &[usize]) -> Result<()> {
+        let e = self.entry(name)?;
+        let elem = if dtype == "U8" { 1 } else { 4 };
+        if e.dtype != dtype
+            || e.shape != shape
+            || e.end - e.start != elem * shape.iter().product::<usize>()
+        {
+            bail!(
+                "{}: tensor `{name}` is {} {:?} ({} bytes), expected {dtype} {shape:?}",
+                self.path.display(),
+                e.dtype,
+                e.shape,
+                e.end - e.start
+            );
+        }
+        Ok(())
+    }
+
+    fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing", self.path.display()))
+    }
+
+    fn verify_checksums(&self, checksums: &BTreeMap<String, String>) -> Result<()> {
+        let mut names: Vec<(&String, &TensorEntry)> = self.tensors.iter().collect();
+        names.sort_by_key(|(_, e)| e.start);
+        for (name, e) in names {
+            let expected = checksums.get(name).ok_or_else(|| {
+                anyhow!("{}: tensor `{name}` has no checksum", self.path.display())
+            })?;
+            let actual = format!("{:016x}", xxh3_64(&self.mmap[e.start..e.end]));
+            self.release_range(e.start, e.end);
+            if &actual != expected {
+                bail!(
+                    "{}: tensor `{name}` is corrupt: its checksum is {actual}, the file records {expected}",
+                    self.path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Without checksums, at least every packed code must be valid.
+    fn validate_codes(&self) -> Result<()> {
+        let c = &self.config;
+        for i in 0..c.num_layers {
+            for (name, (d_in, d_out)) in BITLINEAR_NAMES.into_iter().zip(c.bitlinear_shapes()) {
+                let name = format!("blocks.{i}.{name}.weight");
+                let e = self.entry(&name)?;
+                tritter_kernels::packed::validate_codes(&self.mmap[e.start..e.end], d_out, d_in)
+                    .map_err(|why| {
+                        anyhow!("{}: tensor `{name}` is corrupt: {why}", self.path.display())
+                    })?;
+                self.release_range(e.start, e.end);
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes of a tensor, straight from the map.
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let e = self.entry(name)?;
+        Ok(&self.mmap[e.start..e.end])
+    }
+
+    /// An f32 tensor's values; non-finite values are an error naming the tensor.
+    pub fn f32s(&self, name: &str) -> Result<Vec<f32>> {
+        let values: Vec<f32> = self
+            .bytes(name)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        if values.iter().any(|v| !v.is_finite()) {
+            bail!(
+                "{}: tensor `{name}` holds non-finite values",
+                self.path.display()
+            );
+        }
+        Ok(values)
+    }
+
+    /// Maps every page of `name` in one call (`MADV_POPULATE_READ`) instead of one page
+    /// fault per 4 KiB while it is copied; a no-op where the kernel lacks it.
+    pub fn populate(&self, name: &str) {
+        if let Ok(e) = self.entry(name) {
+            let page = 4096;
+            let start = e.start / page * page;
+            let _ = self
+                .mmap
+                .advise_range(Advice::PopulateRead, start, e.end - start);
+        }
+    }
+
+    /// Drops the mapped pages of `name` from this process's resident set (they stay in
+    /// the OS page cache): after a tensor has been copied to the device, its file pages
+    /// must not count against the memory budget.
+    pub fn release(&self, name: &str) {
+        if let Ok(e) = self.entry(name) {
+            self.release_range(e.start, e.end);
+        }
+    }
+
+    fn release_range(&self, start: usize, end: usize) {
+        let page = 4096;
+        let (start, end) = (start / page * page, end.div_ceil(page) * page);
+        let end = end.min(self.mmap.len());
+        let mut at = start;
+        while at < end {
+            let len = RELEASE_CHUNK.min(end - at);
+            // SAFETY: a read-only private file mapping: dropping its pages only makes the
+            // next read fault them back in from the file; no slice into them is held.
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, at, len)
+            };
+            at += len;
+        }
+    }
+
+    /// The tokenizer the model was trained with.
+    pub fn tokenizer(&self) -> Result<Box<dyn Tokenizer>> {
+        Ok(match &self.tokenizer_spec {
+            TokenizerSpec::Byte => Box::new(ByteTokenizer),
+            TokenizerSpec::HuggingFace(_) => {
+                let json = self.tokenizer_json.as_deref().ok_or_else(|| {
+                    anyhow!("{}: metadata has no `tokenizer_json`", self.path.display())
+                })?;
+                Box::new(HfTokenizer::from_bytes(json.as_bytes())?)
+            }
+        })
+    }
+
+    /// Bytes of the file.
+    pub fn len(&self) -> usize {
+        self.mmap.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mmap.is_empty()
+    }
+}

@@ -1,0 +1,964 @@
+//! Streaming inference: a model larger than the memory it may use runs layer group by
+//! layer group. The resident parts (embedding, final norm, LM head) and every layer's KV
+//! cache stay on the device; the packed layers come from the memory-mapped export in
+//! groups, the next group loading on the [`LayerLoader`]'s thread while the current one
+//! computes. Two group buffers exist at any time, never more: the loader hands a group
+//! over through a rendezvous channel only once the previous one has been dropped.
+//!
+//! Each pass through the groups serves every sequence of the batch: the BitLinear
+//! products run on all sequences' rows at once (one weight transfer, one unpacking of
+//! each weight row), attention runs per sequence against its own cache. Prompts are
+//! processed in chunks of `prefill_chunk` tokens per layer, so activations stay bounded.
+
+use super::budget::{plan, KvCacheType, MemoryPlan, PlanRequest};
+use super::generate::{Sampler, SamplingConfig};
+use super::kv_cache::{KvCache, LayerCache};
+use super::model_file::ModelFile;
+use crate::export::BITLINEAR_NAMES;
+use crate::model::attention::{contiguous, repeat_kv, rope_row, sliding_window_mask, Heads};
+use crate::model::bitlinear::rms_norm;
+use crate::model::ffn::squared_relu_gate;
+use crate::model::TritterConfig;
+use anyhow::{anyhow, bail, Result};
+use burn::module::Param;
+use burn::nn::RmsNorm;
+use burn::prelude::*;
+use burn::tensor::Bool;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+use tritter_kernels::{PackedTernary, TritterBackend};
+
+/// A BitLinear with its weights packed on the device.
+pub struct PackedLinear<B: TritterBackend> {
+    pub weight: PackedTernary<B>,
+    pub norm: RmsNorm<B>,
+}
+
+impl<B: TritterBackend> PackedLinear<B> {
+    /// `[rows, d_in]` → `[rows, d_out]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        B::ternary_packed_matmul(rms_norm(&self.norm, x), &self.weight)
+    }
+}
+
+/// One transformer block on the device, weights packed.
+pub struct LayerWeights<B: TritterBackend> {
+    pub index: usize,
+    /// `attn.qkv`, `attn.out`, `ffn.gate_up`, `ffn.down`.
+    pub linears: [PackedLinear<B>; 4],
+    pub q_norm: RmsNorm<B>,
+    pub k_norm: RmsNorm<B>,
+    pub attn_norm: RmsNorm<B>,
+    pub ffn_norm: RmsNorm<B>,
+    /// Bytes held on the device.
+    pub bytes: usize,
+}
+
+fn load_norm<B: Backend>(file: &ModelFile, name: &str, device: &B::Device) -> Result<RmsNorm<B>> {
+    let values = file.f32s(name)?;
+    file.release(name);
+    let n = values.len();
+    Ok(RmsNorm {
+        gamma: Param::from_tensor(Tensor::from_data(TensorData::new(values, [n]), device)),
+        epsilon: file.config.norm_eps,
+    })
+}
+
+impl<B: TritterBackend> LayerWeights<B> {
+    /// Moves block `index` from the file to the device; the codes travel packed. The
+    /// file pages read are released from this process's resident set.
+    pub fn load(file: &ModelFile, index: usize, device: &B::Device) -> Result<Self> {
+        let c = &file.config;
+        let mut bytes = 0;
+        let mut linears = Vec::with_capacity(4);
+        for (name, (d_in, d_out)) in BITLINEAR_NAMES.into_iter().zip(c.bitlinear_shapes()) {
+            let prefix = format!("blocks.{index}.{name}");
+            let weight_name = format!("{prefix}.weight");
+            let gamma = file.f32s(&format!("{prefix}.scale"))?[0];
+            file.populate(&weight_name);
+            let weight = B::ternary_upload(file.bytes(&weight_name)?, d_out, d_in, gamma, device);
+            file.release(&weight_name);
+            let norm = load_norm(file, &format!("{prefix}.norm"), device)?;
+            bytes += weight.stored_bytes() + 4 * d_in + 4;
+            linears.push(PackedLinear { weight, norm });
+        }
+        let linears: [PackedLinear<B>; 4] = linears
+            .try_into()
+            .map_err(|_| anyhow!("four BitLinears per block"))?;
+        let norm =
+            |name: &str| load_norm::<B>(file, &format!("blocks.{index}.{name}.gamma"), device);
+        let (h, hd) = (c.hidden_size, c.head_dim());
+        Ok(Self {
+            index,
+            linears,
+            q_norm: norm("attn.q_norm")?,
+            k_norm: norm("attn.k_norm")?,
+            attn_norm: norm("attn_norm")?,
+            ffn_norm: norm("ffn_norm")?,
+            bytes: bytes + 4 * (2 * hd + 2 * h),
+        })
+    }
+
+    /// The block on several sequences' rows at once: `xs[i]` `[len_i, hidden]` continues
+    /// sequence `i` at position `starts[i]`, appending to `caches[i]`. Everything but
+    /// the attention itself (cache append, scores) runs on all rows together.
+    fn forward(
+        &self,
+        config: &TritterConfig,
+        xs: Vec<Tensor<B, 2>>,
+        starts: &[usize],
+        caches: Vec<&mut LayerCache<B>>,
+    ) -> Vec<Tensor<B, 2>> {
+        let heads = Heads::new(config);
+        let (nh, nkv, hd) = (heads.num_heads, heads.num_kv_heads, heads.head_dim);
+        let lens: Vec<usize> = xs.iter().map(|x| x.dims()[0]).collect();
+        let x = Tensor::cat(xs, 0);
+        let rows = x.dims()[0];
+        let device = x.device();
+        let [qkv, out, gate_up, down] = &self.linears;
+        let qkv = qkv.forward(x.clone());
+
+        // QK-norm and RoPE for every row at its own position.
+        let positions: Vec<usize> = lens
+            .iter()
+            .zip(starts)
+            .flat_map(|(&len, &start)| start..start + len)
+            .collect();
+        let (cos, sin) = rope_tables::<B>(&positions, hd, config.rope_theta, &device);
+        let rotate = |x: Tensor<B, 3>, n: usize| {
+            let table = |t: &Tensor<B, 3>| contiguous(t.clone().expand([rows, n, hd]));
+            let rotated = Tensor::cat(
+                vec![
+                    x.clone().narrow(2, hd / 2, hd / 2),
+                    x.clone().narrow(2, 0, hd / 2),
+                ],
+                2,
+            );
+            x * table(&cos) + rotated * table(&sin)
+        };
+        let split = |start: usize, n: usize| {
+            contiguous(qkv.clone().narrow(1, start * hd, n * hd)).reshape([rows, n, hd])
+        };
+        let q = rotate(rms_norm(&self.q_norm, split(0, nh)), nh);
+        let k = rotate(rms_norm(&self.k_norm, split(nh, nkv)), nkv);
+        let v = split(nh + nkv, nkv);
+
+        let mut attended = Vec::with_capacity(lens.len());
+        let mut offset = 0;
+        for (&len, cache) in lens.iter().zip(caches) {
+            let heads_first = |t: &Tensor<B, 3>| {
+                contiguous(t.clone().narrow(0, offset, len).swap_dims(0, 1)).unsqueeze::<4>()
+            };
+            let (k, v) = cache.append(heads_first(&k), heads_first(&v));
+            let kv_len = k.dims()[2];
+            let a = if len == 1 {
+                // Decode: the query sees the whole cache (or its window), so the query
+                // heads sharing a key/value head attend as one group of rows — no
+                // repeated keys and values.
+                let group = nh / nkv;
+                let q = q.clone().narrow(0, offset, 1).reshape([1, nkv, group, hd]);
+                let mask = heads.sliding_window.filter(|&w| w < kv_len).map(|w| {
+                    let masked: Vec<bool> = (0..kv_len).map(|j| kv_len - 1 - j >= w).collect();
+                    Tensor::<B, 1, Bool>::from_data(TensorData::new(masked, [kv_len]), &device)
+                        .reshape([1, 1, 1, kv_len])
+                        .expand([1, nkv, group, kv_len])
+                });
+                B::tritter_attention(q, k, v, mask, false).reshape([1, nh * hd])
+            } else {
+                let (mask, causal) = match heads.sliding_window {
+                    Some(window) if window < kv_len => (
+                        Some(sliding_window_mask::<B>(
+                            [1, nh, len, kv_len],
+                            window,
+                            &device,
+                        )),
+                        false,
+                    ),
+                    _ => (None, true),
+                };
+                let a = B::tritter_attention(
+                    heads_first(&q),
+                    repeat_kv(k, nh / nkv),
+                    repeat_kv(v, nh / nkv),
+                    mask,
+                    causal,
+                );
+                a.reshape([nh, len, hd])
+                    .swap_dims(0, 1)
+                    .reshape([len, nh * hd])
+            };
+            attended.push(a);
+            offset += len;
+        }
+        let h = x + rms_norm(&self.attn_norm, out.forward(Tensor::cat(attended, 0)));
+        let f = down.forward(squared_relu_gate(
+            gate_up.forward(h.clone()),
+            config.ffn_size,
+        ));
+        let y = h + rms_norm(&self.ffn_norm, f);
+        let mut outs = Vec::with_capacity(lens.len());
+        let mut offset = 0;
+        for len in lens {
+            outs.push(y.clone().narrow(0, offset, len));
+            offset += len;
+        }
+        outs
+    }
+}
+
+/// Rotary tables `[rows, 1, head_dim]` (`cos`, signed `sin`) for rows at `positions`.
+fn rope_tables<B: Backend>(
+    positions: &[usize],
+    head_dim: usize,
+    theta: f64,
+    device: &B::Device,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let mut cos = Vec::with_capacity(positions.len() * head_dim);
+    let mut sin = Vec::with_capacity(positions.len() * head_dim);
+    for &p in positions {
+        rope_row(p, head_dim, theta, &mut cos, &mut sin);
+    }
+    let table =
+        |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [positions.len(), 1, head_dim]), device);
+    (table(cos), table(sin))
+}
+
+/// A group of consecutive layers on the device.
+pub struct LayerGroup<B: TritterBackend> {
+    pub index: usize,
+    pub layers: Vec<LayerWeights<B>>,
+}
+
+impl<B: TritterBackend> LayerGroup<B> {
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.bytes).sum()
+    }
+}
+
+fn load_group<B: TritterBackend>(
+    file: &ModelFile,
+    index: usize,
+    group_size: usize,
+    device: &B::Device,
+) -> Result<LayerGroup<B>> {
+    let first = index * group_size;
+    let last = (first + group_size).min(file.config.num_layers);
+    Ok(LayerGroup {
+        index,
+        layers: (first..last)
+            .map(|i| LayerWeights::load(file, i, device))
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// Time and bytes the loader thread spent moving groups that were used.
+#[derive(Default)]
+struct LoaderCounters {
+    transfer_nanos: AtomicU64,
+    bytes: AtomicU64,
+    groups: AtomicU64,
+}
+
+/// Loads layer groups in order, cycling through the model, on its own thread: while the
+/// engine computes group `g`, group `g + 1` is being read and moved to the device. The
+/// hand-over is a rendezvous, so at most two groups are alive at once.
+pub struct LayerLoader<B: TritterBackend> {
+    rx: Option<Receiver<Result<LayerGroup<B>>>>,
+    handle: Option<JoinHandle<()>>,
+    counters: Arc<LoaderCounters>,
+    wait_nanos: u64,
+}
+
+impl<B: TritterBackend> LayerLoader<B> {
+    pub fn spawn(file: Arc<ModelFile>, group_size: usize, device: B::Device) -> Self {
+        let (tx, rx) = sync_channel(0);
+        let counters = Arc::new(LoaderCounters::default());
+        let thread_counters = counters.clone();
+        let num_groups = file.config.num_layers.div_ceil(group_size);
+        let handle = std::thread::Builder::new()
+            .name("tritter-layer-loader".into())
+            .spawn(move || loop {
+                for g in 0..num_groups {
+                    let start = Instant::now();
+                    let group = load_group::<B>(&file, g, group_size, &device);
+                    let nanos = start.elapsed().as_nanos() as u64;
+                    let bytes = group.as_ref().map_or(0, |g| g.bytes() as u64);
+                    let failed = group.is_err();
+                    if tx.send(group).is_err() || failed {
+                        return;
+                    }
+                    thread_counters
+                        .transfer_nanos
+                        .fetch_add(nanos, Ordering::Relaxed);
+                    thread_counters.bytes.fetch_add(bytes, Ordering::Relaxed);
+                    thread_counters.groups.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .expect("spawning the layer loader");
+        Self {
+            rx: Some(rx),
+            handle: Some(handle),
+            counters,
+            wait_nanos: 0,
+        }
+    }
+
+    /// The next group. The caller must drop the previous one first: the loader only
+    /// starts the group after this one once this call has taken it.
+    pub fn next_group(&mut self) -> Result<LayerGroup<B>> {
+        let start = Instant::now();
+        let group = self
+            .rx
+            .as_ref()
+            .expect("loader running")
+            .recv()
+            .map_err(|_| anyhow!("the layer loader stopped"))?;
+        self.wait_nanos += start.elapsed().as_nanos() as u64;
+        group
+    }
+}
+
+impl<B: TritterBackend> Drop for LayerLoader<B> {
+    fn drop(&mut self) {
+        // Closing the channel makes the loader's next hand-over fail; it then exits.
+        self.rx.take();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// What a generation cost and how well transfer hid behind compute.
+#[derive(Debug, Clone, Default)]
+pub struct StreamStats {
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Passes through the model: one prefill and one per decode step.
+    pub passes: usize,
+    pub first_token_secs: f64,
+    /// End of the first pass (every prompt processed, one token each).
+    pub prefill_secs: f64,
+    pub total_secs: f64,
+    /// Layer bytes moved to the device (0 when resident).
+    pub bytes_streamed: u64,
+    /// Time the loader spent moving them.
+    pub transfer_secs: f64,
+    /// Time the engine waited for a group.
+    pub wait_secs: f64,
+    /// Largest amount held on the device at once: resident parts, layer buffers, caches.
+    pub peak_device_bytes: u64,
+    pub streaming: bool,
+}
+
+impl StreamStats {
+    pub fn tokens_per_sec(&self) -> f64 {
+        self.generated_tokens as f64 / self.total_secs.max(1e-9)
+    }
+
+    /// Tokens per second after the prefill pass.
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        let tokens = self.generated_tokens.saturating_sub(self.batch);
+        tokens as f64 / (self.total_secs - self.prefill_secs).max(1e-9)
+    }
+
+    /// Fraction of the transfer time hidden behind compute.
+    pub fn overlap(&self) -> f64 {
+        if self.transfer_secs <= 0.0 {
+            return 1.0;
+        }
+        (1.0 - self.wait_secs / self.transfer_secs).clamp(0.0, 1.0)
+    }
+
+    /// Hidden transfer time over the shorter of transfer and compute: 100% when the
+    /// shorter one is entirely overlapped by the longer (the most any schedule can hide).
+    pub fn overlap_efficiency(&self) -> f64 {
+        if self.transfer_secs <= 0.0 {
+            return 1.0;
+        }
+        let compute = (self.total_secs - self.wait_secs).max(1e-9);
+        let hidden = (self.transfer_secs - self.wait_secs).max(0.0);
+        (hidden / self.transfer_secs.min(compute)).clamp(0.0, 1.0)
+    }
+
+    pub fn bytes_per_token(&self) -> f64 {
+        self.bytes_streamed as f64 / self.generated_tokens.max(1) as f64
+    }
+
+    /// Bytes per second of the transfers themselves.
+    pub fn transfer_bandwidth(&self) -> f64 {
+        self.bytes_streamed as f64 / self.transfer_secs.max(1e-9)
+    }
+}
+
+impl std::fmt::Display for StreamStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} sequences, {} new tokens in {:.2} s ({:.2} tokens/s; {:.2} tokens/s after the prefill), first token after {:.3} s",
+            self.batch,
+            self.generated_tokens,
+            self.total_secs,
+            self.tokens_per_sec(),
+            self.decode_tokens_per_sec(),
+            self.first_token_secs
+        )?;
+        if self.streaming {
+            write!(
+                f,
+                "; streamed {:.1} MiB ({:.2} MiB per token) at {:.2} GiB/s, {:.1}% of transfer time hidden behind compute (overlap efficiency {:.1}%)",
+                self.bytes_streamed as f64 / (1 << 20) as f64,
+                self.bytes_per_token() / (1 << 20) as f64,
+                self.transfer_bandwidth() / (1u64 << 30) as f64,
+                100.0 * self.overlap(),
+                100.0 * self.overlap_efficiency()
+            )?;
+        }
+        write!(
+            f,
+            "; peak {:.1} MiB held",
+            self.peak_device_bytes as f64 / (1 << 20) as f64
+        )
+    }
+}
+
+/// The result of [`StreamingEngine::generate`].
+pub struct Generation {
+    /// New tokens per sequence.
+    pub tokens: Vec<Vec<u32>>,
+    /// With `record_logits`: per sequence, the logits each new token was drawn from.
+    pub logits: Vec<Vec<Vec<f32>>>,
+    pub stats: StreamStats,
+}
+
+enum Layers<B: TritterBackend> {
+    Resident(Vec<LayerWeights<B>>),
+    Streamed { group_size: usize },
+}
+
+/// One sequence in flight.
+struct Sequence<B: TritterBackend> {
+    id: usize,
+    /// Rows entering the next pass: the prompt, then one token per step.
+    hidden: Tensor<B, 2>,
+    cache: KvCache<B>,
+    sampler: Sampler,
+}
+
+/// Generation under a memory budget: resident when the plan fits every layer, streamed
+/// in layer groups otherwise.
+pub struct StreamingEngine<B: TritterBackend> {
+    file: Arc<ModelFile>,
+    pub plan: MemoryPlan,
+    device: B::Device,
+    embedding: Tensor<B, 2>,
+    lm_head: Option<Tensor<B, 2>>,
+    norm: RmsNorm<B>,
+    resident_bytes: usize,
+    layers: Layers<B>,
+}
+
+impl<B: TritterBackend> StreamingEngine<B> {
+    /// Opens and checks `path`, plans it into `request`'s budget (refusing a plan that
+    /// does not fit before anything is allocated), and loads the resident parts — and
+    /// every layer, when they all fit. `stream` forces streaming even then.
+    pub fn open(
+        path: &Path,
+        mut request: PlanRequest,
+        stream: bool,
+        device: B::Device,
+    ) -> Result<Self> {
+        return_freed_buffers();
+        let file = Arc::new(ModelFile::open(path)?);
+        let config = &file.config;
+        if stream && request.layer_group_size.is_none() && config.num_layers > 1 {
+            // Streaming on request: the largest groups that leave room for two.
+            let probe = plan(
+                config,
+                &PlanRequest {
+                    layer_group_size: Some(1),
+                    ..request.clone()
+                },
+                B::ternary_scratch_bytes,
+            )?;
+            let others = probe.total() - 2 * probe.layer_bytes;
+            let g = (request.budget.saturating_sub(others) / (2 * probe.layer_bytes)) as usize;
+            request.layer_group_size = Some(g.clamp(1, config.num_layers - 1));
+        }
+        let plan = plan(config, &request, B::ternary_scratch_bytes)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        if plan.kv_cache == KvCacheType::Int4 {
+            bail!("the INT4 KV cache is planned but not yet implemented in the engine; use --kv-cache f16 or f32");
+        }
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let matrix = |name: &str, shape: [usize; 2]| -> Result<Tensor<B, 2>> {
+            let values = file.f32s(name)?;
+            file.release(name);
+            Ok(Tensor::from_data(TensorData::new(values, shape), &device))
+        };
+        let embedding = matrix("embedding.weight", [v, h])?;
+        let lm_head = if config.tie_embeddings {
+            None
+        } else {
+            Some(matrix("lm_head.weight", [h, v])?)
+        };
+        let norm = load_norm(&file, "norm.gamma", &device)?;
+        let resident_bytes = 4 * (v * h * if config.tie_embeddings { 1 } else { 2 } + h);
+        let layers = if plan.streaming {
+            Layers::Streamed {
+                group_size: plan.layer_group_size,
+            }
+        } else {
+            Layers::Resident(
+                (0..config.num_layers)
+                    .map(|i| LayerWeights::load(&file, i, &device))
+                    .collect::<Result<_>>()?,
+            )
+        };
+        Ok(Self {
+            file,
+            plan,
+            device,
+            embedding,
+            lm_head,
+            norm,
+            resident_bytes,
+            layers,
+        })
+    }
+
+    pub fn config(&self) -> &TritterConfig {
+        &self.file.config
+    }
+
+    pub fn file(&self) -> &ModelFile {
+        &self.file
+    }
+
+    fn embed(&self, ids: &[u32]) -> Tensor<B, 2> {
+        let ids = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(
+                ids.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                [ids.len()],
+            ),
+            &self.device,
+        );
+        self.embedding.clone().select(0, ids)
+    }
+
+    /// Logits `[n, vocab]` from each sequence's last hidden row.
+    fn logits(&self, last: Tensor<B, 2>) -> Tensor<B, 2> {
+        let x = rms_norm(&self.norm, last);
+        match &self.lm_head {
+            Some(head) => x.matmul(head.clone()),
+            None => x.matmul(self.embedding.clone().transpose()),
+        }
+    }
+
+    /// Generates up to `max_new` tokens after each prompt, all prompts together: every
+    /// pass through the layers (one group transfer each) serves the whole batch. A
+    /// sequence stops after `eos`. Sequence `i` samples with seed `sampling.seed + i`.
+    /// `on_token(i, token)` sees each token as it comes.
+    pub fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        sampling: &SamplingConfig,
+        eos: Option<u32>,
+        record_logits: bool,
+        mut on_token: impl FnMut(usize, u32),
+    ) -> Result<Generation> {
+        let config = self.file.config.clone();
+        if prompts.is_empty() {
+            bail!("no prompts");
+        }
+        if prompts.len() > self.plan.batch {
+            bail!(
+                "{} prompts but the memory plan is for a batch of {}",
+                prompts.len(),
+                self.plan.batch
+            );
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            if p.is_empty() {
+                bail!("prompt {i} is empty");
+            }
+            if p.len() + max_new > self.plan.context {
+                bail!(
+                    "prompt {i} ({} tokens) + {max_new} new tokens exceeds the planned context of {} tokens",
+                    p.len(),
+                    self.plan.context
+                );
+            }
+        }
+        let start = Instant::now();
+        let half = self.plan.kv_cache == KvCacheType::F16;
+        let mut live: Vec<Sequence<B>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(id, p)| Sequence {
+                id,
+                hidden: self.embed(p),
+                cache: KvCache::with_half_precision(config.num_layers, half),
+                sampler: Sampler::new(SamplingConfig {
+                    seed: sampling.seed.wrapping_add(id as u64),
+                    ..sampling.clone()
+                }),
+            })
+            .collect();
+        let mut tokens = vec![Vec::new(); prompts.len()];
+        let mut logits_out = vec![Vec::new(); prompts.len()];
+        let mut stats = StreamStats {
+            batch: prompts.len(),
+            prompt_tokens: prompts.iter().map(Vec::len).sum(),
+            streaming: self.plan.streaming,
+            ..Default::default()
+        };
+        let mut loader = match &self.layers {
+            Layers::Streamed { group_size } => Some(LayerLoader::<B>::spawn(
+                self.file.clone(),
+                *group_size,
+                self.device.clone(),
+            )),
+            Layers::Resident(_) => None,
+        };
+        let chunk = self.plan.prefill_chunk.max(1);
+        let mut peak = 0u64;
+        while !live.is_empty() {
+            // One pass through every layer for every live sequence.
+            match (&self.layers, loader.as_mut()) {
+                (Layers::Resident(layers), _) => {
+                    let layer_bytes: usize = layers.iter().map(|l| l.bytes).sum();
+                    for layer in layers {
+                        layer_pass(layer, &config, &mut live, chunk);
+                    }
+                    let cache: usize = live.iter().map(|s| s.cache.bytes()).sum();
+                    peak = peak.max((self.resident_bytes + layer_bytes + cache) as u64);
+                }
+                (Layers::Streamed { .. }, Some(loader)) => {
+                    let mut previous_bytes = 0;
+                    for _ in 0..self.plan.num_groups {
+                        let group = loader.next_group()?;
+                        for layer in &group.layers {
+                            layer_pass(layer, &config, &mut live, chunk);
+                        }
+                        // This group and the one loading beside it (at most as large as
+                        // the larger of this one and the previous).
+                        let cache: usize = live.iter().map(|s| s.cache.bytes()).sum();
+                        let buffers = group.bytes() + group.bytes().max(previous_bytes);
+                        peak = peak.max((self.resident_bytes + buffers + cache) as u64);
+                        previous_bytes = group.bytes();
+                    }
+                }
+                (Layers::Streamed { .. }, None) => unreachable!("streaming without a loader"),
+            }
+            stats.passes += 1;
+            for s in live.iter_mut() {
+                let len = s.hidden.dims()[0];
+                s.cache.advance(len);
+            }
+            let last = Tensor::cat(
+                live.iter()
+                    .map(|s| {
+                        let len = s.hidden.dims()[0];
+                        s.hidden.clone().narrow(0, len - 1, 1)
+                    })
+                    .collect(),
+                0,
+            );
+            let vocab = config.vocab_size;
+            let all: Vec<f32> = self
+                .logits(last)
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32 logits");
+            let mut next_live = Vec::with_capacity(live.len());
+            for (row, mut s) in live.into_iter().enumerate() {
+                let logits = &all[row * vocab..(row + 1) * vocab];
+                let token = s.sampler.sample(logits);
+                if stats.generated_tokens == 0 {
+                    stats.first_token_secs = start.elapsed().as_secs_f64();
+                }
+                stats.generated_tokens += 1;
+                tokens[s.id].push(token);
+                if record_logits {
+                    logits_out[s.id].push(logits.to_vec());
+                }
+                on_token(s.id, token);
+                if Some(token) != eos && tokens[s.id].len() < max_new {
+                    s.hidden = self.embed(&[token]);
+                    next_live.push(s);
+                }
+            }
+            live = next_live;
+            if stats.passes == 1 {
+                stats.prefill_secs = start.elapsed().as_secs_f64();
+            }
+        }
+        if let Some(loader) = loader.take() {
+            stats.transfer_secs =
+                loader.counters.transfer_nanos.load(Ordering::Relaxed) as f64 * 1e-9;
+            stats.bytes_streamed = loader.counters.bytes.load(Ordering::Relaxed);
+            stats.wait_secs = loader.wait_nanos as f64 * 1e-9;
+        }
+        stats.total_secs = start.elapsed().as_secs_f64();
+        stats.peak_device_bytes = peak;
+        Ok(Generation {
+            tokens,
+            logits: logits_out,
+            stats,
+        })
+    }
+}
+
+/// Serve every allocation of 256 KiB or more with its own mapping, so that a dropped
+/// layer group's buffers go back to the OS at once. glibc otherwise raises its mapping
+/// threshold after the first large free and keeps later buffers in heaps it may never
+/// trim, and the resident set would creep past the budget over many group swaps.
+fn return_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}
+
+/// One layer over every live sequence: prompts in chunks of `chunk` rows per sequence,
+/// each chunk of all sequences in one batched product.
+fn layer_pass<B: TritterBackend>(
+    layer: &LayerWeights<B>,
+    config: &TritterConfig,
+    live: &mut [Sequence<B>],
+    chunk: usize,
+) {
+    let longest = live.iter().map(|s| s.hidden.dims()[0]).max().unwrap_or(0);
+    let mut outputs: Vec<Vec<Tensor<B, 2>>> = (0..live.len()).map(|_| Vec::new()).collect();
+    let mut at = 0;
+    while at < longest {
+        let mut xs = Vec::new();
+        let mut starts = Vec::new();
+        let mut caches = Vec::new();
+        let mut members = Vec::new();
+        for (i, s) in live.iter_mut().enumerate() {
+            let len = s.hidden.dims()[0];
+            if len <= at {
+                continue;
+            }
+            xs.push(s.hidden.clone().narrow(0, at, chunk.min(len - at)));
+            starts.push(s.cache.len() + at);
+            caches.push(s.cache.layer_mut(layer.index));
+            members.push(i);
+        }
+        let ys = layer.forward(config, xs, &starts, caches);
+        for (i, y) in members.into_iter().zip(ys) {
+            outputs[i].push(y);
+        }
+        at += chunk;
+    }
+    for (s, out) in live.iter_mut().zip(outputs) {
+        s.hidden = if out.len() == 1 {
+            out.into_iter().next().expect("one chunk")
+        } else {
+            Tensor::cat(out, 0)
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::write_random_export;
+    use crate::infer::budget::PlanRequest;
+    use crate::model::ConfigOverrides;
+    use crate::TestBackend as B;
+
+    fn small(sliding_window: Option<usize>) -> TritterConfig {
+        let mut c = TritterConfig::preset("test", 264)
+            .unwrap()
+            .with_overrides(&ConfigOverrides {
+                hidden_size: Some(64),
+                num_layers: Some(4),
+                num_heads: Some(4),
+                num_kv_heads: Some(2),
+                ffn_size: Some(96),
+                ..Default::default()
+            });
+        c.sliding_window = sliding_window;
+        c
+    }
+
+    fn request(budget: u64, group: Option<usize>, kv: KvCacheType) -> PlanRequest {
+        PlanRequest {
+            budget,
+            context: 40,
+            batch: 3,
+            kv_cache: kv,
+            layer_group_size: group,
+            prefill_chunk: 5,
+        }
+    }
+
+    fn prompts() -> Vec<Vec<u32>> {
+        vec![
+            (0..13).map(|t| 8 + t * 17 % 250).collect(),
+            vec![1, 5, 70, 80],
+            (0..21).map(|t| 8 + t * 29 % 250).collect(),
+        ]
+    }
+
+    fn run(path: &Path, req: PlanRequest, stream: bool, prompts: &[Vec<u32>]) -> Generation {
+        let mut engine = StreamingEngine::<B>::open(path, req, stream, Default::default()).unwrap();
+        engine
+            .generate(
+                prompts,
+                8,
+                &SamplingConfig::default(),
+                None,
+                true,
+                |_, _| {},
+            )
+            .unwrap()
+    }
+
+    fn max_rel_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f32 {
+        let mut worst = 0f32;
+        for (sa, sb) in a.iter().zip(b) {
+            for (la, lb) in sa.iter().zip(sb) {
+                let scale = la.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+                for (x, y) in la.iter().zip(lb) {
+                    worst = worst.max((x - y).abs() / scale);
+                }
+            }
+        }
+        worst
+    }
+
+    #[test]
+    fn streamed_groups_give_the_resident_tokens_and_logits() {
+        let dir = tempfile::tempdir().unwrap();
+        for (window, kv) in [
+            (None, KvCacheType::F32),
+            (Some(6), KvCacheType::F32),
+            (None, KvCacheType::F16),
+        ] {
+            let path = dir.path().join("m.safetensors");
+            write_random_export(&small(window), 3, &path).unwrap();
+            let resident = run(&path, request(u64::MAX, None, kv), false, &prompts());
+            assert!(!resident.stats.streaming);
+            for group in [1, 3] {
+                let streamed = run(&path, request(u64::MAX, Some(group), kv), true, &prompts());
+                assert!(streamed.stats.streaming);
+                assert_eq!(
+                    streamed.tokens, resident.tokens,
+                    "group {group}, window {window:?}, {kv}"
+                );
+                let diff = max_rel_diff(&streamed.logits, &resident.logits);
+                assert!(diff <= 1e-5, "group {group}: logits differ by {diff}");
+                // Every pass moved every layer once.
+                let layer = streamed.stats.bytes_streamed / (4 * streamed.stats.passes as u64);
+                assert!(layer > 0);
+            }
+            // Batching does not change a sequence's tokens.
+            for (i, p) in prompts().iter().enumerate() {
+                let alone = run(
+                    &path,
+                    request(u64::MAX, Some(2), kv),
+                    true,
+                    std::slice::from_ref(p),
+                );
+                assert_eq!(alone.tokens[0], resident.tokens[i], "prompt {i}");
+                assert!(max_rel_diff(&alone.logits, &resident.logits[i..=i]) <= 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn the_engine_matches_the_latent_weight_model() {
+        // The packed integer product against the model loaded with latent weights and run
+        // through the training-time forward pass.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        write_random_export(&small(None), 5, &path).unwrap();
+        let loaded = crate::infer::load_export::<B>(&path, &Default::default()).unwrap();
+        let prompt: Vec<u32> = (0..11).map(|t| 8 + t * 37 % 250).collect();
+        let mut sampler = Sampler::new(SamplingConfig::default());
+        let expected =
+            crate::infer::generate(&loaded.model, &prompt, 8, &mut sampler, None, true, |_| {})
+                .unwrap();
+        let out = run(
+            &path,
+            request(u64::MAX, Some(1), KvCacheType::F32),
+            true,
+            std::slice::from_ref(&prompt),
+        );
+        assert_eq!(out.tokens[0], expected);
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(
+                prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                [1, prompt.len()],
+            ),
+            &Default::default(),
+        );
+        let logits: Vec<f32> = loaded
+            .model
+            .forward(ids, None)
+            .narrow(1, prompt.len() - 1, 1)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let diff = max_rel_diff(&[vec![logits]], &[vec![out.logits[0][0].clone()]]);
+        assert!(diff < 1e-4, "{diff}");
+    }
+
+    #[test]
+    fn budgets_too_small_and_damaged_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        write_random_export(&small(None), 1, &path).unwrap();
+        // Less than the resident parts plus two one-layer groups.
+        let err = StreamingEngine::<B>::open(
+            &path,
+            request(150_000, None, KvCacheType::F32),
+            false,
+            Default::default(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("does not fit the memory budget") && err.contains("over by"),
+            "{err}"
+        );
+
+        // A flipped byte inside a packed tensor is found by name.
+        let file = ModelFile::open(&path).unwrap();
+        let target = "blocks.2.ffn.gate_up.weight";
+        let entry = file.tensors.get(target).unwrap().clone();
+        drop(file);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(entry.start + entry.end) / 2] ^= 0b0100_0001;
+        let bad = dir.path().join("bad.safetensors");
+        std::fs::write(&bad, &bytes).unwrap();
+        let err = StreamingEngine::<B>::open(
+            &bad,
+            request(u64::MAX, None, KvCacheType::F32),
+            false,
+            Default::default(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains(target) && err.contains("corrupt"), "{err}");
+
+        // A truncated file names the first tensor it cuts.
+        let cut = dir.path().join("cut.safetensors");
+        std::fs::write(&cut, &bytes[..entry.start + 10]).unwrap();
+        let err = ModelFile::open(&cut).err().unwrap().to_string();
+        assert!(err.contains(target) && err.contains("truncated"), "{err}");
+    }
+}
