@@ -71,6 +71,17 @@ pub trait TritterBackend: Backend {
         packed::upload_words(bytes, d_out, d_in, gamma, device)
     }
 
+    /// Like [`TritterBackend::ternary_upload`] for a matrix of `previous`'s shape, reusing
+    /// `previous`'s memory where the backend can (streaming swaps two sets of buffers).
+    fn ternary_reupload(
+        previous: PackedTernary<Self>,
+        bytes: &[u8],
+        gamma: f32,
+        device: &Self::Device,
+    ) -> PackedTernary<Self> {
+        Self::ternary_upload(bytes, previous.d_out, previous.d_in, gamma, device)
+    }
+
     /// BitLinear's inference product from packed weights: `x` `[tokens, d_in]` (already
     /// RMS-normalized), quantized to int8 per token. Returns `[tokens, d_out]`.
     fn ternary_packed_matmul(x: Tensor<Self, 2>, w: &PackedTernary<Self>) -> Tensor<Self, 2> {
@@ -95,6 +106,30 @@ impl TritterBackend for burn::backend::Flex {
         _device: &Self::Device,
     ) -> PackedTernary<Self> {
         packed::upload_host(bytes, d_out, d_in, gamma)
+    }
+
+    fn ternary_reupload(
+        previous: PackedTernary<Self>,
+        bytes: &[u8],
+        gamma: f32,
+        device: &Self::Device,
+    ) -> PackedTernary<Self> {
+        let (d_out, d_in) = (previous.d_out, previous.d_in);
+        // The previous matrix's bytes are this backend's device memory: refill them.
+        if let PackedStorage::Host(mut buffer) = previous.storage {
+            if let Some(buffer_bytes) = std::sync::Arc::get_mut(&mut buffer) {
+                if buffer_bytes.len() == bytes.len() {
+                    buffer_bytes.copy_from_slice(bytes);
+                    return PackedTernary {
+                        d_in,
+                        d_out,
+                        gamma,
+                        storage: PackedStorage::Host(buffer),
+                    };
+                }
+            }
+        }
+        Self::ternary_upload(bytes, d_out, d_in, gamma, device)
     }
 
     fn ternary_packed_matmul(x: Tensor<Self, 2>, w: &PackedTernary<Self>) -> Tensor<Self, 2> {

@@ -125,14 +125,14 @@ enum Bench {
         num_kv_heads: Option<usize>,
         #[arg(long, default_value = "f16")]
         kv_cache: KvCacheType,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 4)]
         prefill_chunk: usize,
         /// Model bytes ÷ memory budget.
         #[arg(long, default_value_t = 4.0)]
         ratio: f64,
         #[arg(long, default_value_t = 8)]
         prompt_tokens: usize,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 16)]
         new_tokens: usize,
         #[arg(long, value_delimiter = ',', default_value = "1,16")]
         batches: Vec<usize>,
@@ -500,6 +500,32 @@ mod rss {
     }
 }
 
+/// Rate of the CPU packed product on the model's FFN up-projection shape, all threads:
+/// weights per second at each token count.
+fn gemm_rates(config: &TritterConfig, token_counts: &[usize]) -> Vec<(usize, f64)> {
+    let (d_in, d_out) = (config.hidden_size, 2 * config.ffn_size);
+    let packed: Vec<u8> = (0..d_out * d_in.div_ceil(4))
+        .map(|i| (i % 81) as u8 & 0x55)
+        .collect();
+    token_counts
+        .iter()
+        .map(|&tokens| {
+            let x: Vec<f32> = (0..tokens * d_in)
+                .map(|i| ((i * 7919) % 255) as f32 - 127.0)
+                .collect();
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let start = Instant::now();
+                std::hint::black_box(tritter_kernels::packed::ternary_gemm(
+                    &x, tokens, &packed, d_out, d_in, 1.0,
+                ));
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            (tokens, (d_in * d_out) as f64 / best)
+        })
+        .collect()
+}
+
 /// Single-thread copy bandwidth of a buffer far larger than the caches, bytes/s.
 fn memcpy_bandwidth() -> f64 {
     let n = 256 << 20;
@@ -551,6 +577,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         start.elapsed().as_secs_f64()
     );
     let copy = memcpy_bandwidth();
+    let gemm = gemm_rates(config, &[1, 16]);
     let budget = (bytes as f64 / ratio) as u64;
     let threads = rayon::current_num_threads();
     println!(
@@ -563,6 +590,13 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         "memory copy bandwidth (1 thread): {:.2} GiB/s",
         copy / (1u64 << 30) as f64
     );
+    for (tokens, weights_per_sec) in &gemm {
+        println!(
+            "packed ternary product, {tokens} token(s) per weight row: {:.1} G weights/s, {:.1} G multiply-adds/s",
+            weights_per_sec / 1e9,
+            weights_per_sec * *tokens as f64 / 1e9
+        );
+    }
     println!(
         "{:<10} {:>5} {:>6} {:>9} {:>10} {:>11} {:>10} {:>10} {:>8} {:>10} {:>12} {:>9}",
         "engine",

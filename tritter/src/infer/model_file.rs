@@ -264,8 +264,7 @@ impl ModelFile {
     /// fault per 4 KiB while it is copied; a no-op where the kernel lacks it.
     pub fn populate(&self, name: &str) {
         if let Ok(e) = self.entry(name) {
-            let page = 4096;
-            let start = e.start / page * page;
+            let start = e.start / 4096 * 4096;
             let _ = self
                 .mmap
                 .advise_range(Advice::PopulateRead, start, e.end - start);
