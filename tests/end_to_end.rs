@@ -177,9 +177,10 @@ fn export_reproduces_the_checkpoint_and_generation_is_consistent() {
         batch,
         kv_cache: KvCacheType::F32,
         layer_group_size: Some(1),
+        stream: true,
         prefill_chunk: 3,
     };
-    let mut engine = StreamingEngine::<Flex>::open(&out, request(2), true, device).unwrap();
+    let mut engine = StreamingEngine::<Flex>::open(&out, request(2), device).unwrap();
     assert!(engine.plan.streaming && engine.plan.num_groups == model.config.num_layers);
     let other = vec![1u32, 5, 100, 101, 102, 103, 104];
     let result = engine

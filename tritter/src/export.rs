@@ -15,6 +15,7 @@
 use crate::model::bitlinear::BitLinear;
 use crate::model::block::Block;
 use crate::model::{TritterConfig, TritterModel};
+use crate::train::data::splitmix_stream;
 use anyhow::{Context, Result};
 use burn::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
@@ -229,15 +230,7 @@ pub fn export_model<B: Backend>(
 /// Codes are drawn near-uniformly from {−1, 0, 1}, γ keeps unit output variance, the
 /// embedding is N(0, 1)-like and norms are 1. Deterministic in `seed`.
 pub fn write_random_export(config: &TritterConfig, seed: u64, path: &Path) -> Result<u64> {
-    let mut state = seed;
-    let mut next = move || {
-        // splitmix64
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    let mut next = splitmix_stream(seed);
     // The 81 bytes made of valid codes only.
     let valid: Vec<u8> = (0..=255u8).filter(|b| b & (b >> 1) & 0x55 == 0).collect();
     let mut normal = |n: usize, std: f32| -> Vec<f32> {
@@ -273,16 +266,7 @@ pub fn write_random_export(config: &TritterConfig, seed: u64, path: &Path) -> Re
             out.push_f32(format!("blocks.{i}.{name}.gamma"), vec![d], &vec![1.0; d]);
         }
     }
-    let mut next = {
-        let mut state = seed ^ 0x5151_5151;
-        move || {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-    };
+    let mut next = splitmix_stream(seed ^ 0x5151_5151);
     for i in 0..config.num_layers {
         for (name, (d_in, d_out)) in BITLINEAR_NAMES.into_iter().zip(config.bitlinear_shapes()) {
             let row_bytes = d_in.div_ceil(4);

@@ -251,6 +251,7 @@ fn main() -> Result<()> {
                 batch,
                 kv_cache,
                 layer_group_size,
+                stream: false,
                 prefill_chunk,
             };
             let scratch = match DeviceKind::parse(&device)? {
@@ -399,7 +400,9 @@ impl BackendJob for EngineJob<'_> {
     type Output = ();
     fn run<B: TritterBackend>(self, device: B::Device) -> Result<()> {
         let baseline = rss::reset_peak();
-        let tokenizer = ModelFile::open(self.model)?.tokenizer()?;
+        // Opened and checked once: for the tokenizer, then by the engine.
+        let file = std::sync::Arc::new(ModelFile::open(self.model)?);
+        let tokenizer = file.tokenizer()?;
         let ids: Vec<Vec<u32>> = self
             .prompts
             .iter()
@@ -412,9 +415,10 @@ impl BackendJob for EngineJob<'_> {
             batch: ids.len(),
             kv_cache: self.kv_cache,
             layer_group_size: self.layer_group_size,
+            stream: self.stream,
             prefill_chunk: self.prefill_chunk,
         };
-        let mut engine = StreamingEngine::<B>::open(self.model, request, self.stream, device)?;
+        let mut engine = StreamingEngine::<B>::from_file(file, request, device)?;
         let plan = &engine.plan;
         if self.budget != u64::MAX {
             eprintln!("{plan}");
@@ -576,6 +580,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         ByteSize(bytes),
         start.elapsed().as_secs_f64()
     );
+    let file = std::sync::Arc::new(ModelFile::open(&path)?);
     let copy = memcpy_bandwidth();
     let gemm = gemm_rates(config, &[1, 16]);
     let budget = (bytes as f64 / ratio) as u64;
@@ -632,9 +637,10 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
             batch,
             kv_cache: *kv_cache,
             layer_group_size: None,
+            stream: false,
             prefill_chunk: *prefill_chunk,
         };
-        let mut engine = StreamingEngine::<B>::open(&path, request, false, device)?;
+        let mut engine = StreamingEngine::<B>::from_file(file.clone(), request, device)?;
         let groups = engine.plan.num_groups;
         let out = engine.generate(
             &prompts(batch),

@@ -136,6 +136,8 @@ pub struct PlanRequest {
     pub kv_cache: KvCacheType,
     /// Layers per group; `None` picks the largest that fits.
     pub layer_group_size: Option<usize>,
+    /// Stream layer groups even when every layer would fit.
+    pub stream: bool,
     /// Prompt tokens per sequence processed at once.
     pub prefill_chunk: usize,
 }
@@ -340,10 +342,17 @@ pub fn plan(
 
     let group = match req.layer_group_size {
         Some(g) => g,
-        None if resident_total <= req.budget => layers,
+        None if !req.stream && resident_total <= req.budget => layers,
         None => {
+            // The largest groups of which two fit; streaming on request keeps at least
+            // two groups.
             let room = req.budget.saturating_sub(fixed_bytes);
-            ((room / (2 * layer)) as usize).clamp(1, layers)
+            let most = if req.stream {
+                layers.saturating_sub(1).max(1)
+            } else {
+                layers
+            };
+            ((room / (2 * layer)) as usize).clamp(1, most)
         }
     };
     let streaming = group < layers;
@@ -417,6 +426,7 @@ mod tests {
             batch,
             kv_cache: kv,
             layer_group_size: None,
+            stream: false,
             prefill_chunk: 256,
         }
     }

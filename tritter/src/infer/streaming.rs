@@ -24,7 +24,6 @@ use anyhow::{anyhow, bail, Result};
 use burn::module::Param;
 use burn::nn::RmsNorm;
 use burn::prelude::*;
-use burn::tensor::Bool;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
@@ -179,9 +178,7 @@ impl<B: TritterBackend> LayerWeights<B> {
                 let group = nh / nkv;
                 let q = q.clone().narrow(0, offset, 1).reshape([1, nkv, group, hd]);
                 let mask = heads.sliding_window.filter(|&w| w < kv_len).map(|w| {
-                    let masked: Vec<bool> = (0..kv_len).map(|j| kv_len - 1 - j >= w).collect();
-                    Tensor::<B, 1, Bool>::from_data(TensorData::new(masked, [kv_len]), &device)
-                        .reshape([1, 1, 1, kv_len])
+                    sliding_window_mask::<B>([1, nkv, 1, kv_len], w, &device)
                         .expand([1, nkv, group, kv_len])
                 });
                 B::tritter_attention(q, k, v, mask, false).reshape([1, nh * hd])
@@ -508,34 +505,23 @@ pub struct StreamingEngine<B: TritterBackend> {
 }
 
 impl<B: TritterBackend> StreamingEngine<B> {
-    /// Opens and checks `path`, plans it into `request`'s budget (refusing a plan that
-    /// does not fit before anything is allocated), and loads the resident parts — and
-    /// every layer, when they all fit. `stream` forces streaming even then.
-    pub fn open(
-        path: &Path,
-        mut request: PlanRequest,
-        stream: bool,
+    /// Opens and checks `path`, then [`StreamingEngine::from_file`].
+    pub fn open(path: &Path, request: PlanRequest, device: B::Device) -> Result<Self> {
+        Self::from_file(Arc::new(ModelFile::open(path)?), request, device)
+    }
+
+    /// Plans the model into `request`'s budget (refusing a plan that does not fit before
+    /// anything is allocated), and loads the resident parts — and every layer, when they
+    /// all fit and streaming is not requested.
+    pub fn from_file(
+        file: Arc<ModelFile>,
+        request: PlanRequest,
         device: B::Device,
     ) -> Result<Self> {
         return_freed_buffers();
-        let file = Arc::new(ModelFile::open(path)?);
         let config = &file.config;
-        if stream && request.layer_group_size.is_none() && config.num_layers > 1 {
-            // Streaming on request: the largest groups that leave room for two.
-            let probe = plan(
-                config,
-                &PlanRequest {
-                    layer_group_size: Some(1),
-                    ..request.clone()
-                },
-                B::ternary_scratch_bytes,
-            )?;
-            let others = probe.total() - 2 * probe.layer_bytes;
-            let g = (request.budget.saturating_sub(others) / (2 * probe.layer_bytes)) as usize;
-            request.layer_group_size = Some(g.clamp(1, config.num_layers - 1));
-        }
         let plan = plan(config, &request, B::ternary_scratch_bytes)
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            .map_err(|e| anyhow!("{}: {e}", file.path.display()))?;
         if plan.kv_cache == KvCacheType::Int4 {
             bail!("the INT4 KV cache is planned but not yet implemented in the engine; use --kv-cache f16 or f32");
         }
@@ -849,6 +835,7 @@ mod tests_support {
             batch: 3,
             kv_cache: kv,
             layer_group_size: group,
+            stream: false,
             prefill_chunk: 5,
         }
     }
@@ -872,7 +859,8 @@ mod tests_support {
         prompts: &[Vec<u32>],
         device: E::Device,
     ) -> Generation {
-        let mut engine = StreamingEngine::<E>::open(path, req, stream, device).unwrap();
+        let mut engine =
+            StreamingEngine::<E>::open(path, PlanRequest { stream, ..req }, device).unwrap();
         engine
             .generate(
                 prompts,
@@ -992,7 +980,6 @@ mod tests {
         let err = StreamingEngine::<B>::open(
             &path,
             request(150_000, None, KvCacheType::F32),
-            false,
             Default::default(),
         )
         .err()
@@ -1015,7 +1002,6 @@ mod tests {
         let err = StreamingEngine::<B>::open(
             &bad,
             request(u64::MAX, None, KvCacheType::F32),
-            false,
             Default::default(),
         )
         .err()

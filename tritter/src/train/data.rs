@@ -41,12 +41,26 @@ impl<B: Backend> TokenBatch<B> {
     }
 }
 
+/// SplitMix64's increment (2⁶⁴ / φ).
+const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// SplitMix64: a stateless, well-mixed hash of the sample index.
 fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = x.wrapping_add(GOLDEN_GAMMA);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// The SplitMix64 generator seeded with `seed`: successive outputs of [`splitmix64`]
+/// over a state advancing by the golden gamma.
+pub(crate) fn splitmix_stream(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        let z = splitmix64(state);
+        state = state.wrapping_add(GOLDEN_GAMMA);
+        z
+    }
 }
 
 /// Where training sample `n` starts in a stream of `len` tokens.
