@@ -40,11 +40,16 @@ impl<B: Backend> Backward<B, 2> for BitLinearBackward {
 pub fn bitlinear_matmul<B: TritterBackend, C: CheckpointStrategy>(
     x: Tensor<Autodiff<B, C>, 2>,
     weight: Tensor<Autodiff<B, C>, 2>,
+    scale: Option<f32>,
 ) -> Tensor<Autodiff<B, C>, 2> {
     let x = x.into_primitive().tensor();
     let w = weight.into_primitive().tensor();
     let inner = |t: FloatTensor<B>| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t));
-    let forward = B::bitlinear_forward(inner(x.primitive.clone()), inner(w.primitive.clone()));
+    let forward = B::bitlinear_forward(
+        inner(x.primitive.clone()),
+        inner(w.primitive.clone()),
+        scale,
+    );
     let output = forward.output.into_primitive().tensor();
     let result = match BitLinearBackward
         .prepare::<C>([x.node.clone(), w.node.clone()])
@@ -309,9 +314,9 @@ mod tests {
                 let x = Tensor::<B, 2>::from_inner(x0.clone()).require_grad();
                 let w = Tensor::<B, 2>::from_inner(w0.clone()).require_grad();
                 let y = if fused {
-                    B::bitlinear_matmul(x.clone(), w.clone())
+                    B::bitlinear_matmul(x.clone(), w.clone(), None)
                 } else {
-                    reference::bitlinear_matmul(x.clone(), w.clone())
+                    reference::bitlinear_matmul(x.clone(), w.clone(), None)
                 };
                 let grads = (y.clone() * Tensor::from_inner(g.clone())).sum().backward();
                 (y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap())

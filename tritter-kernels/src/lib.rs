@@ -6,6 +6,7 @@
 //! a backend without a dedicated kernel uses it, and `Autodiff<B>` differentiates it.
 
 mod autodiff;
+pub mod kv_int4;
 pub mod packed;
 pub mod reference;
 
@@ -31,14 +32,24 @@ pub struct BitLinearForward<B: Backend> {
 pub trait TritterBackend: Backend {
     /// BitLinear's product `Q_a(x) · Q_w(W)` with straight-through estimators on both
     /// quantizers: `x` is `[tokens, in]` (already RMS-normalized), `weight` the latent
-    /// `[in, out]` matrix. Returns `[tokens, out]`.
-    fn bitlinear_matmul(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
-        reference::bitlinear_matmul(x, weight)
+    /// `[in, out]` matrix; `scale` fixes `γ` instead of measuring it (weights loaded
+    /// from an export). Returns `[tokens, out]`. Without autodiff there are no gradients,
+    /// so the default is the plain quantized product.
+    fn bitlinear_matmul(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        scale: Option<f32>,
+    ) -> Tensor<Self, 2> {
+        Self::bitlinear_forward(x, weight, scale).output
     }
 
     /// BitLinear's forward without gradients: quantize both operands and multiply.
-    fn bitlinear_forward(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> BitLinearForward<Self> {
-        reference::bitlinear_forward(x, weight)
+    fn bitlinear_forward(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        scale: Option<f32>,
+    ) -> BitLinearForward<Self> {
+        reference::bitlinear_forward(x, weight, scale)
     }
 
     /// RMSNorm over the last dimension of `[rows, dim]` with gain `gamma`.
@@ -163,8 +174,12 @@ impl TritterBackend for burn::backend::Wgpu {}
 #[cfg(feature = "cuda")]
 impl TritterBackend for burn::backend::Cuda {}
 impl<B: TritterBackend, C: CheckpointStrategy> TritterBackend for Autodiff<B, C> {
-    fn bitlinear_matmul(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
-        autodiff::bitlinear_matmul(x, weight)
+    fn bitlinear_matmul(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        scale: Option<f32>,
+    ) -> Tensor<Self, 2> {
+        autodiff::bitlinear_matmul(x, weight, scale)
     }
 
     fn rms_norm(x: Tensor<Self, 2>, gamma: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {

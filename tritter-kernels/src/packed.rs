@@ -439,7 +439,7 @@ mod tests {
             .transpose();
             let x =
                 Tensor::<Flex, 2>::random([tokens, d_in], Distribution::Normal(0.0, 1.0), &device);
-            let reference: Vec<f32> = bitlinear_forward(x.clone(), latent)
+            let reference: Vec<f32> = bitlinear_forward(x.clone(), latent, None)
                 .output
                 .into_data()
                 .to_vec()

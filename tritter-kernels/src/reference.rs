@@ -18,7 +18,20 @@ pub const ACT_MAX: f32 = 127.0;
 pub fn ternary_quantize<B: Backend, const D: usize>(
     w: Tensor<B, D>,
 ) -> (Tensor<B, D>, Tensor<B, 1>) {
-    let gamma = w.clone().abs().mean().clamp_min(QUANT_EPS);
+    ternary_quantize_scaled(w, None)
+}
+
+/// [`ternary_quantize`] with `γ` given instead of measured when `scale` is `Some`: the
+/// weights of a model loaded from an export are `Wq · γ` with the exported `γ`, and
+/// quantize back to exactly `Wq` (`±γ / γ = ±1` in floating point).
+pub fn ternary_quantize_scaled<B: Backend, const D: usize>(
+    w: Tensor<B, D>,
+    scale: Option<f32>,
+) -> (Tensor<B, D>, Tensor<B, 1>) {
+    let gamma = match scale {
+        Some(gamma) => Tensor::from_floats([gamma.max(QUANT_EPS)], &w.device()),
+        None => w.clone().abs().mean().clamp_min(QUANT_EPS),
+    };
     let q = (w / gamma.clone().unsqueeze()).round().clamp(-1.0, 1.0);
     (q, gamma)
 }
@@ -44,20 +57,27 @@ pub fn straight_through<B: Backend, const D: usize>(
 /// BitLinear's product: int8 activations times ternary weights, both through STEs.
 /// Numerically `(xq · Wq) · γ / s` — the integer product scaled once per token and once
 /// per tensor.
-pub fn bitlinear_matmul<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
-    let (wq, gamma) = ternary_quantize(weight.clone().detach());
+pub fn bitlinear_matmul<B: Backend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    scale: Option<f32>,
+) -> Tensor<B, 2> {
+    let (wq, gamma) = ternary_quantize_scaled(weight.clone().detach(), scale);
     let w = straight_through(weight, wq * gamma.unsqueeze());
     let (xq, inv_scale) = int8_quantize(x.clone().detach());
     let x = straight_through(x, xq * inv_scale);
     x.matmul(w)
 }
 
-/// BitLinear's forward on plain tensors: the product and its quantized operands.
+/// BitLinear's forward on plain tensors: the product and its quantized operands, computed
+/// from the quantized values themselves (no straight-through arithmetic, which would
+/// perturb them by rounding).
 pub fn bitlinear_forward<B: Backend>(
     x: Tensor<B, 2>,
     weight: Tensor<B, 2>,
+    scale: Option<f32>,
 ) -> crate::BitLinearForward<B> {
-    let (wq, gamma) = ternary_quantize(weight);
+    let (wq, gamma) = ternary_quantize_scaled(weight, scale);
     let w_quantized = wq * gamma.unsqueeze();
     let (xq, inv_scale) = int8_quantize(x);
     let x_quantized = xq * inv_scale;

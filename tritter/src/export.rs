@@ -21,7 +21,7 @@ use burn::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use tritter_kernels::reference::ternary_quantize;
+use tritter_kernels::reference::ternary_quantize_scaled;
 use xxhash_rust::xxh3::xxh3_64;
 
 pub const FORMAT: &str = "tritter-ternary-v1";
@@ -210,7 +210,7 @@ pub fn export_model<B: Backend>(
     for (i, block) in model.blocks.iter().enumerate() {
         for (name, layer) in block_bitlinears(block) {
             let [d_in, d_out] = layer.weight.dims();
-            let (q, gamma) = ternary_quantize(layer.weight.val());
+            let (q, gamma) = ternary_quantize_scaled(layer.weight.val(), layer.scale);
             let q = f32_values(q.transpose());
             out.push_bitlinear(
                 &format!("blocks.{i}.{name}"),

@@ -8,6 +8,7 @@ use std::time::Instant;
 use tritter::device::{run_on, BackendJob, DeviceKind};
 use tritter::export::{export_model, write_random_export};
 use tritter::infer::budget;
+use tritter::infer::kv_bench::{bench_kv_cache, KvBenchShape};
 use tritter::infer::{
     generate, load_export, ByteSize, KvCacheType, ModelFile, PlanRequest, Sampler, SamplingConfig,
     StreamingEngine,
@@ -57,7 +58,8 @@ enum Command {
         /// Stream layer groups even when the whole model fits.
         #[arg(long)]
         stream: bool,
-        /// KV cache storage: f32 or f16 (int4 is planned only).
+        /// KV cache storage: f32, f16, or int4 (KIVI: 4-bit codes in host memory, the
+        /// most recent 128 tokens in f16).
         #[arg(long, default_value = "f32")]
         kv_cache: KvCacheType,
         /// Prompt tokens per sequence processed at once.
@@ -140,6 +142,21 @@ enum Bench {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// One layer's decode attention on the CPU against a cache of each length, stored in
+    /// f32, f16 and INT4 (default shape: 7B's attention, 32 heads, 8 kv heads, dim 128).
+    KvCache {
+        #[arg(long, default_value_t = 32)]
+        num_heads: usize,
+        #[arg(long, default_value_t = 8)]
+        num_kv_heads: usize,
+        #[arg(long, default_value_t = 128)]
+        head_dim: usize,
+        #[arg(long, value_delimiter = ',', default_value = "4096,32768,131072")]
+        contexts: Vec<usize>,
+        /// Timed calls per storage (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -199,7 +216,9 @@ fn main() -> Result<()> {
             if memory_budget.is_none() && layer_group_size.is_some() {
                 bail!("--layer-group-size needs --memory-budget");
             }
-            if memory_budget.is_some() || stream || prompt.is_none() {
+            // The packed engine runs budgets, batches and the f16 and INT4 caches.
+            if memory_budget.is_some() || stream || prompt.is_none() || kv_cache != KvCacheType::F32
+            {
                 let budget = match (memory_budget, stream) {
                     (Some(b), _) => b.0,
                     (None, true) => bail!("--stream needs --memory-budget"),
@@ -313,6 +332,47 @@ fn main() -> Result<()> {
                 new_tokens,
             };
             bench_streaming(&shape, &batches, dir)?
+        }
+        Command::Bench {
+            bench:
+                Bench::KvCache {
+                    num_heads,
+                    num_kv_heads,
+                    head_dim,
+                    contexts,
+                    iters,
+                },
+        } => {
+            let shape = KvBenchShape {
+                num_heads,
+                num_kv_heads,
+                head_dim,
+            };
+            println!(
+                "decode attention, one layer: {num_heads} heads, {num_kv_heads} kv heads, head dim {head_dim}; CPU, {} threads",
+                rayon::current_num_threads()
+            );
+            println!(
+                "{:>8} {:>8} {:>11} {:>10} {:>9}",
+                "context", "storage", "cache MiB", "ms/call", "GB/s"
+            );
+            let device = burn::backend::flex::FlexDevice;
+            for row in bench_kv_cache::<burn::backend::Flex>(shape, &contexts, iters, &device)? {
+                for (storage, secs, bytes) in &row.timings {
+                    println!(
+                        "{:>8} {:>8} {:>11.1} {:>10.3} {:>9.2}",
+                        row.context,
+                        storage,
+                        *bytes as f64 / (1 << 20) as f64,
+                        secs * 1e3,
+                        *bytes as f64 / secs / 1e9
+                    );
+                }
+                println!(
+                    "{:>8} int4 relative L2 error against f32 {:.4}; quantized {:.0} tokens/s",
+                    row.context, row.int4_error, row.quantize_tokens_per_sec
+                );
+            }
         }
     }
     Ok(())

@@ -69,8 +69,8 @@ pub enum KvCacheType {
     F32,
     F16,
     /// KIVI INT4: keys per channel, values per token, groups of 32 with an f16 scale and
-    /// zero point each, the 128 most recent tokens in f16. Planned here; the engine
-    /// runs it once the INT4 cache kernels exist.
+    /// zero point each, the most recent 128 to 159 tokens in f16
+    /// ([`tritter_kernels::kv_int4`]), held in host memory.
     Int4,
 }
 
@@ -110,12 +110,24 @@ impl KvCacheType {
             Self::F32 => 4 * per_token * tokens as u64,
             Self::F16 => 2 * per_token * tokens as u64,
             Self::Int4 => {
-                let recent = tokens.min(INT4_RECENT_WINDOW) as u64;
-                let quantized =
-                    (tokens as u64 - recent).div_ceil(INT4_GROUP as u64) * INT4_GROUP as u64;
-                // Half a byte per element, plus an f16 scale and zero point per group.
-                per_token * (quantized / 2 + quantized / INT4_GROUP as u64 * 4)
-                    + 2 * per_token * recent
+                // Groups are quantized once `recent + group` tokens are in f16, so the
+                // most is held at `tokens` or just before the last quantization.
+                let (recent, group) = (INT4_RECENT_WINDOW, INT4_GROUP);
+                let hd = config.head_dim() as u64;
+                let heads = (config.num_layers * config.num_kv_heads) as u64;
+                let held = |t: usize| {
+                    let quantized = (t.saturating_sub(recent) / group * group) as u64;
+                    // Half a byte per key and value element; an f16 scale and zero point
+                    // per key group and channel, and per value token and channel group.
+                    let codes = quantized * hd
+                        + 4 * (quantized / group as u64) * hd
+                        + 4 * quantized * hd.div_ceil(group as u64);
+                    heads * codes + 2 * per_token * (t as u64 - quantized)
+                };
+                let before = (tokens >= recent + group)
+                    .then(|| tokens - (tokens - recent) % group - 1)
+                    .map_or(0, held);
+                held(tokens).max(before)
             }
         }
     }

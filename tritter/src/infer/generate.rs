@@ -96,6 +96,38 @@ pub fn argmax(logits: &[f32]) -> u32 {
         .0 as u32
 }
 
+/// The logits at every position of `tokens`, read in one forward pass without a cache:
+/// `[tokens.len()]` rows of `vocab_size`.
+pub fn forward_logits<B: TritterBackend>(
+    model: &TritterModel<B>,
+    tokens: &[u32],
+) -> Result<Vec<Vec<f32>>> {
+    if tokens.is_empty() || tokens.len() > model.config.max_seq_len {
+        bail!(
+            "{} tokens: expected 1 to the model's context of {}",
+            tokens.len(),
+            model.config.max_seq_len
+        );
+    }
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(
+            tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+            [1, tokens.len()],
+        ),
+        &model.embedding.weight.device(),
+    );
+    let logits: Vec<f32> = model
+        .forward(ids, None)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 logits");
+    Ok(logits
+        .chunks(model.config.vocab_size)
+        .map(<[f32]>::to_vec)
+        .collect())
+}
+
 /// Generates up to `max_new` tokens after `prompt`, calling `on_token` with each as it
 /// comes; stops after `eos`. With `use_cache = false` every step recomputes the whole
 /// sequence (the reference the cache is tested against).

@@ -1,45 +1,111 @@
 //! The key/value cache of incremental decoding: per layer, the post-RoPE keys and the
-//! values of every position seen so far, `[batch, kv_heads, len, head_dim]`.
+//! values of every position seen so far, `[batch, kv_heads, len, head_dim]` on the
+//! device in f32 or f16, or, for one sequence, KIVI INT4 codes in host memory
+//! ([`tritter_kernels::kv_int4`]) whose decode attention reads the codes directly.
 
+use super::budget::{KvCacheType, INT4_GROUP, INT4_RECENT_WINDOW};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
+use tritter_kernels::kv_int4::Int4KvCache;
 
-/// One layer's cached keys and values, stored in f32 or f16.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
+enum Stored<B: Backend> {
+    Empty,
+    Dense(Tensor<B, 4>, Tensor<B, 4>),
+    Int4(Int4KvCache, B::Device),
+}
+
+/// One layer's cached keys and values.
+#[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
-    kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
-    half: bool,
+    stored: Stored<B>,
+    kind: KvCacheType,
+}
+
+fn host(t: Tensor<impl Backend, 4>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 keys and values")
 }
 
 impl<B: Backend> LayerCache<B> {
-    /// Appends new keys and values and returns all of them (in f32).
-    pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let store = |t: Tensor<B, 4>| {
-            if self.half {
-                t.cast(FloatDType::F16)
-            } else {
-                t
+    pub fn new(kind: KvCacheType) -> Self {
+        Self {
+            stored: Stored::Empty,
+            kind,
+        }
+    }
+
+    /// Stores new keys and values, `[batch, kv_heads, new, head_dim]` (batch 1 for INT4).
+    pub fn push(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) {
+        let [batch, kv_heads, new, head_dim] = k.dims();
+        if self.kind == KvCacheType::Int4 {
+            assert_eq!(batch, 1, "the INT4 KV cache holds one sequence");
+            if matches!(self.stored, Stored::Empty) {
+                let cache = Int4KvCache::new(kv_heads, head_dim, INT4_GROUP, INT4_RECENT_WINDOW);
+                self.stored = Stored::Int4(cache, k.device());
             }
-        };
-        let (k, v) = (store(k), store(v));
-        let (k, v) = match self.kv.take() {
-            Some((ck, cv)) => (Tensor::cat(vec![ck, k], 2), Tensor::cat(vec![cv, v], 2)),
-            None => (k, v),
-        };
-        self.kv = Some((k.clone(), v.clone()));
-        if self.half {
-            (k.cast(FloatDType::F32), v.cast(FloatDType::F32))
+            if let Stored::Int4(cache, _) = &mut self.stored {
+                cache.append(&host(k), &host(v), new);
+            }
+            return;
+        }
+        let (k, v) = if self.kind == KvCacheType::F16 {
+            (k.cast(FloatDType::F16), v.cast(FloatDType::F16))
         } else {
             (k, v)
+        };
+        self.stored = match std::mem::replace(&mut self.stored, Stored::Empty) {
+            Stored::Dense(ck, cv) => {
+                Stored::Dense(Tensor::cat(vec![ck, k], 2), Tensor::cat(vec![cv, v], 2))
+            }
+            _ => Stored::Dense(k, v),
+        };
+    }
+
+    /// Every cached key and value in f32 (INT4 codes dequantized).
+    pub fn keys_values(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        match &self.stored {
+            Stored::Empty => panic!("keys and values read from an empty cache"),
+            Stored::Dense(k, v) if self.kind == KvCacheType::F16 => (
+                k.clone().cast(FloatDType::F32),
+                v.clone().cast(FloatDType::F32),
+            ),
+            Stored::Dense(k, v) => (k.clone(), v.clone()),
+            Stored::Int4(cache, device) => {
+                let (keys, values) = cache.dequantize();
+                let shape = [1, cache.kv_heads(), cache.len(), cache.head_dim()];
+                let tensor = |x: Vec<f32>| Tensor::from_data(TensorData::new(x, shape), device);
+                (tensor(keys), tensor(values))
+            }
+        }
+    }
+
+    /// Appends new keys and values and returns all of them (in f32).
+    pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        self.push(k, v);
+        self.keys_values()
+    }
+
+    /// The INT4 cache, when this layer has one.
+    pub fn int4(&self) -> Option<&Int4KvCache> {
+        match &self.stored {
+            Stored::Int4(cache, _) => Some(cache),
+            _ => None,
         }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        let per = if self.half { 2 } else { 4 };
-        self.kv.as_ref().map_or(0, |(k, v)| {
-            per * (k.shape().num_elements() + v.shape().num_elements())
-        })
+        match &self.stored {
+            Stored::Empty => 0,
+            Stored::Dense(k, v) => {
+                let per = if self.kind == KvCacheType::F16 { 2 } else { 4 };
+                per * (k.shape().num_elements() + v.shape().num_elements())
+            }
+            Stored::Int4(cache, _) => cache.bytes(),
+        }
     }
 }
 
@@ -51,16 +117,15 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> KvCache<B> {
+    /// An f32 cache.
     pub fn new(num_layers: usize) -> Self {
-        Self::with_half_precision(num_layers, false)
+        Self::with_storage(num_layers, KvCacheType::F32)
     }
 
-    /// A cache that stores keys and values in f16 (`half`) or f32.
-    pub fn with_half_precision(num_layers: usize, half: bool) -> Self {
+    /// A cache that stores keys and values as `kind`.
+    pub fn with_storage(num_layers: usize, kind: KvCacheType) -> Self {
         Self {
-            layers: (0..num_layers)
-                .map(|_| LayerCache { kv: None, half })
-                .collect(),
+            layers: (0..num_layers).map(|_| LayerCache::new(kind)).collect(),
             len: 0,
         }
     }

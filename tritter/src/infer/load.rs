@@ -1,6 +1,6 @@
 //! Loading an exported model: every tensor checked for presence, dtype and size, the
-//! ternary weights unpacked into latent weights whose quantization is exactly the
-//! exported one.
+//! ternary weights unpacked to `Wq · γ` with `γ` fixed, so the model computes exactly
+//! what the exporting model computed.
 
 use super::model_file::ModelFile;
 use crate::export::{block_bitlinears, unpack_ternary};
@@ -66,9 +66,12 @@ pub fn load_export<B: Backend>(path: &Path, device: &B::Device) -> Result<Loaded
             })?;
             let gamma = file.f32s(&format!("{prefix}.scale"))?[0];
             layer.norm.gamma = param1(&format!("{prefix}.norm"), d_in)?;
+            let values: Vec<f32> = q.iter().map(|v| v * gamma).collect();
             layer.weight = Param::from_tensor(
-                latent_from_ternary::<B>(&q, gamma, [d_out, d_in], device).transpose(),
+                Tensor::<B, 2>::from_data(TensorData::new(values, [d_out, d_in]), device)
+                    .transpose(),
             );
+            layer.scale = Some(gamma);
         }
     }
     Ok(LoadedModel {
@@ -76,22 +79,4 @@ pub fn load_export<B: Backend>(path: &Path, device: &B::Device) -> Result<Loaded
         tokenizer: file.tokenizer()?,
         tokenizer_spec: file.tokenizer_spec.clone(),
     })
-}
-
-/// Latent weights that quantize back to exactly `q·γ`: `q·γ/p`, with `p` the fraction of
-/// non-zero entries. Their absmean is `γ`, and `q/p` rounds and clamps back to `q`.
-fn latent_from_ternary<B: Backend>(
-    q: &[f32],
-    gamma: f32,
-    shape: [usize; 2],
-    device: &B::Device,
-) -> Tensor<B, 2> {
-    let nonzero = q.iter().filter(|v| **v != 0.0).count();
-    let scale = if nonzero == 0 {
-        0.0
-    } else {
-        gamma * q.len() as f32 / nonzero as f32
-    };
-    let values: Vec<f32> = q.iter().map(|v| v * scale).collect();
-    Tensor::from_data(TensorData::new(values, shape), device)
 }

@@ -21,6 +21,11 @@ pub struct BitLinearConfig {
 pub struct BitLinear<B: Backend> {
     pub norm: RmsNorm<B>,
     pub weight: Param<Tensor<B, 2>>,
+    /// `γ` fixed instead of measured from the weights: set for a layer loaded from an
+    /// export, whose weights are `Wq · γ`, so that it computes exactly what the exporting
+    /// model did. Not part of the record (checkpoints always measure `γ`).
+    #[module(skip)]
+    pub scale: Option<f32>,
 }
 
 impl BitLinearConfig {
@@ -37,6 +42,7 @@ impl BitLinearConfig {
                 .with_epsilon(self.norm_eps)
                 .init(device),
             weight: Param::from_tensor(weight),
+            scale: None,
         }
     }
 }
@@ -59,7 +65,7 @@ impl<B: TritterBackend> BitLinear<B> {
         let d_input = dims[D - 1];
         let tokens = dims[..D - 1].iter().product::<usize>();
         let x = rms_norm(&self.norm, x).reshape([tokens, d_input]);
-        let y = B::bitlinear_matmul(x, self.weight.val());
+        let y = B::bitlinear_matmul(x, self.weight.val(), self.scale);
         let mut out_dims = dims;
         out_dims[D - 1] = self.weight.dims()[1];
         y.reshape(out_dims)
@@ -101,7 +107,7 @@ mod tests {
         let x = Tensor::<B, 2>::from_data([[0.3, -1.2, 0.7]], &device).require_grad();
         let w = Tensor::<B, 2>::from_data([[0.5, -0.2], [0.1, 0.9], [-0.7, 0.05]], &device)
             .require_grad();
-        let y = tritter_kernels::reference::bitlinear_matmul(x.clone(), w.clone());
+        let y = tritter_kernels::reference::bitlinear_matmul(x.clone(), w.clone(), None);
         let grads = y.sum().backward();
         // With STE, d(sum(x·W))/dW = xᵀ·1 and d/dx = 1·Wqᵀ... i.e. the gradient of the
         // float product through the quantized operands: dW[i][j] = xq[i], dx[i] = Σ_j Wq[i][j].

@@ -1,0 +1,504 @@
+//! The INT4 key/value cache of one layer of one sequence (KIVI, arXiv 2402.02750), in host
+//! memory, with decode attention that reads the 4-bit codes directly.
+//!
+//! Keys are quantized per channel: a group of `group` consecutive tokens shares, for each
+//! channel, an f16 scale and zero point (key outliers live in channels). Values are
+//! quantized per token: each token's channels, in groups of `group`, share a scale and
+//! zero point. The most recent tokens stay in f16: at least `recent` of them, and a group
+//! of keys is quantized only once `recent + group` have gathered, so there are at most
+//! `recent + group − 1`. Codes are asymmetric, `x ≈ scale · c + zero` with `c ∈ 0..=15`,
+//! two to a byte (low nibble first).
+//!
+//! Decode attention never dequantizes a key or a value into memory: a query against a
+//! key group is `Σ_c (q_c·scale_c)·code_tc + Σ_c q_c·zero_c`, the first factor and the
+//! second sum computed once per group; values are accumulated as
+//! `Σ_t p_t·scale_t·code_tc + Σ_t p_t·zero_t`.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Tokens per key group and channels per value group (KIVI's G).
+pub const DEFAULT_GROUP: usize = 32;
+/// Tokens kept in f16 (KIVI's residual length R).
+pub const DEFAULT_RECENT: usize = 128;
+
+/// Codes, scales and zero points of one key/value head.
+#[derive(Debug, Clone, Default)]
+struct Head {
+    /// Quantized keys, `[tokens][head_dim / 2]`.
+    key_codes: Vec<u8>,
+    /// Per key group and channel, `[groups][head_dim]`.
+    key_scale: Vec<f16>,
+    key_zero: Vec<f16>,
+    /// Quantized values, `[tokens][head_dim / 2]`.
+    value_codes: Vec<u8>,
+    /// Per token and channel group, `[tokens][channel_groups]`.
+    value_scale: Vec<f16>,
+    value_zero: Vec<f16>,
+    /// The most recent keys and values, `[tokens][head_dim]`.
+    recent_keys: Vec<f16>,
+    recent_values: Vec<f16>,
+}
+
+/// One layer's INT4 cache for one sequence: `kv_heads` heads of `head_dim` channels.
+#[derive(Debug, Clone)]
+pub struct Int4KvCache {
+    kv_heads: usize,
+    head_dim: usize,
+    group: usize,
+    recent: usize,
+    heads: Vec<Head>,
+    /// Tokens held as codes (a multiple of `group`).
+    quantized: usize,
+    /// Tokens held in f16.
+    in_recent: usize,
+}
+
+/// `(scale, zero)` in f16 for values in `[lo, hi]`, and the codes' f32 view of them.
+fn scale_zero(lo: f32, hi: f32) -> (f16, f16) {
+    (f16::from_f32((hi - lo) / 15.0), f16::from_f32(lo))
+}
+
+fn code(x: f32, scale: f32, zero: f32) -> u8 {
+    if scale > 0.0 {
+        ((x - zero) / scale).round().clamp(0.0, 15.0) as u8
+    } else {
+        0
+    }
+}
+
+fn nibble(bytes: &[u8], i: usize) -> f32 {
+    ((bytes[i / 2] >> ((i % 2) * 4)) & 15) as f32
+}
+
+fn set_nibble(bytes: &mut [u8], i: usize, c: u8) {
+    bytes[i / 2] |= c << ((i % 2) * 4);
+}
+
+impl Int4KvCache {
+    /// An empty cache. `head_dim` and `group` must be even (two codes to a byte, and a
+    /// byte never straddles two value groups).
+    pub fn new(kv_heads: usize, head_dim: usize, group: usize, recent: usize) -> Self {
+        assert!(
+            head_dim.is_multiple_of(2) && group > 0 && group.is_multiple_of(2),
+            "head_dim {head_dim}, group {group}"
+        );
+        Self {
+            kv_heads,
+            head_dim,
+            group,
+            recent,
+            heads: vec![Head::default(); kv_heads],
+            quantized: 0,
+            in_recent: 0,
+        }
+    }
+
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.quantized + self.in_recent
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Tokens held as 4-bit codes.
+    pub fn quantized_len(&self) -> usize {
+        self.quantized
+    }
+
+    fn channel_groups(&self) -> usize {
+        self.head_dim.div_ceil(self.group)
+    }
+
+    /// Bytes held (codes, scales and zero points, the f16 window).
+    pub fn bytes(&self) -> usize {
+        self.heads
+            .iter()
+            .map(|h| {
+                h.key_codes.len()
+                    + h.value_codes.len()
+                    + 2 * (h.key_scale.len()
+                        + h.key_zero.len()
+                        + h.value_scale.len()
+                        + h.value_zero.len()
+                        + h.recent_keys.len()
+                        + h.recent_values.len())
+            })
+            .sum()
+    }
+
+    /// Appends `tokens` new keys and values, each `[kv_heads][tokens][head_dim]`, and
+    /// quantizes the oldest f16 tokens a group at a time while more than
+    /// `recent + group − 1` are held.
+    pub fn append(&mut self, keys: &[f32], values: &[f32], tokens: usize) {
+        let d = self.head_dim;
+        assert_eq!(keys.len(), self.kv_heads * tokens * d, "keys");
+        assert_eq!(values.len(), self.kv_heads * tokens * d, "values");
+        for (h, head) in self.heads.iter_mut().enumerate() {
+            let span = h * tokens * d..(h + 1) * tokens * d;
+            head.recent_keys
+                .extend(keys[span.clone()].iter().map(|&x| f16::from_f32(x)));
+            head.recent_values
+                .extend(values[span].iter().map(|&x| f16::from_f32(x)));
+        }
+        self.in_recent += tokens;
+        while self.in_recent >= self.recent + self.group {
+            self.quantize_oldest_group();
+        }
+    }
+
+    fn quantize_oldest_group(&mut self) {
+        let (d, g, cg) = (self.head_dim, self.group, self.channel_groups());
+        for head in &mut self.heads {
+            let keys: Vec<f32> = head.recent_keys.drain(..g * d).map(f16::to_f32).collect();
+            let values: Vec<f32> = head.recent_values.drain(..g * d).map(f16::to_f32).collect();
+            // Keys: per channel over the group's tokens.
+            let mut codes = vec![0u8; g * d / 2];
+            for c in 0..d {
+                let column = (0..g).map(|t| keys[t * d + c]);
+                let lo = column.clone().fold(f32::INFINITY, f32::min);
+                let hi = column.fold(f32::NEG_INFINITY, f32::max);
+                let (scale, zero) = scale_zero(lo, hi);
+                for t in 0..g {
+                    let q = code(keys[t * d + c], scale.to_f32(), zero.to_f32());
+                    set_nibble(&mut codes, t * d + c, q);
+                }
+                head.key_scale.push(scale);
+                head.key_zero.push(zero);
+            }
+            head.key_codes.extend_from_slice(&codes);
+            // Values: per token over groups of channels.
+            let mut codes = vec![0u8; g * d / 2];
+            for t in 0..g {
+                for k in 0..cg {
+                    let span = t * d + k * self.group..t * d + ((k + 1) * self.group).min(d);
+                    let part = &values[span.clone()];
+                    let lo = part.iter().copied().fold(f32::INFINITY, f32::min);
+                    let hi = part.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let (scale, zero) = scale_zero(lo, hi);
+                    for i in span {
+                        let q = code(values[i], scale.to_f32(), zero.to_f32());
+                        set_nibble(&mut codes, i, q);
+                    }
+                    head.value_scale.push(scale);
+                    head.value_zero.push(zero);
+                }
+            }
+            head.value_codes.extend_from_slice(&codes);
+        }
+        self.quantized += g;
+        self.in_recent -= g;
+    }
+
+    /// Every cached key and value dequantized, each `[kv_heads][len][head_dim]` (the
+    /// reference for decode attention, and the keys and values prefill attends to).
+    pub fn dequantize(&self) -> (Vec<f32>, Vec<f32>) {
+        let (d, g, cg) = (self.head_dim, self.group, self.channel_groups());
+        let n = self.len();
+        let mut keys = Vec::with_capacity(self.kv_heads * n * d);
+        let mut values = Vec::with_capacity(self.kv_heads * n * d);
+        for head in &self.heads {
+            for t in 0..self.quantized {
+                let group = t / g;
+                for c in 0..d {
+                    let s = head.key_scale[group * d + c].to_f32();
+                    let z = head.key_zero[group * d + c].to_f32();
+                    keys.push(s * nibble(&head.key_codes, t * d + c) + z);
+                }
+                for c in 0..d {
+                    let k = t * cg + c / g;
+                    let (s, z) = (head.value_scale[k].to_f32(), head.value_zero[k].to_f32());
+                    values.push(s * nibble(&head.value_codes, t * d + c) + z);
+                }
+            }
+            keys.extend(head.recent_keys.iter().map(|x| x.to_f32()));
+            values.extend(head.recent_values.iter().map(|x| x.to_f32()));
+        }
+        (keys, values)
+    }
+
+    /// Attention of one new position's queries, `[num_heads][head_dim]` (query head `h`
+    /// reads key/value head `h / (num_heads / kv_heads)`), to every cached token, or to
+    /// the last `window` of them. Scaled by `1/√head_dim`. Returns `[num_heads][head_dim]`.
+    pub fn decode_attention(
+        &self,
+        queries: &[f32],
+        num_heads: usize,
+        window: Option<usize>,
+    ) -> Vec<f32> {
+        let d = self.head_dim;
+        assert_eq!(queries.len(), num_heads * d, "queries");
+        assert!(
+            num_heads.is_multiple_of(self.kv_heads),
+            "GQA: {num_heads} query heads"
+        );
+        let per_kv = num_heads / self.kv_heads;
+        let mut out = vec![0f32; num_heads * d];
+        out.par_chunks_mut(d)
+            .zip(queries.par_chunks(d))
+            .enumerate()
+            .for_each(|(h, (out, q))| self.attend_head(&self.heads[h / per_kv], q, window, out));
+        out
+    }
+
+    fn attend_head(&self, head: &Head, q: &[f32], window: Option<usize>, out: &mut [f32]) {
+        let (d, g, cg) = (self.head_dim, self.group, self.channel_groups());
+        let n = self.len();
+        let first = window.map_or(0, |w| n.saturating_sub(w));
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut scores = vec![f32::NEG_INFINITY; n];
+        // Quantized keys, a group at a time: q·(s⊙c + z) = (q⊙s)·c + q·z.
+        let mut qs = vec![0f32; d];
+        for group in first / g..self.quantized / g {
+            let params = group * d..(group + 1) * d;
+            let mut bias = 0f32;
+            for ((qs, &qc), (s, z)) in qs.iter_mut().zip(q).zip(
+                head.key_scale[params.clone()]
+                    .iter()
+                    .zip(&head.key_zero[params]),
+            ) {
+                *qs = qc * s.to_f32();
+                bias += qc * z.to_f32();
+            }
+            let tokens = scores.iter_mut().enumerate();
+            for (t, score) in tokens.take((group + 1) * g).skip((group * g).max(first)) {
+                let row = &head.key_codes[t * d / 2..(t + 1) * d / 2];
+                let mut dot = 0f32;
+                for (pair, qs) in row.iter().zip(qs.chunks_exact(2)) {
+                    dot += qs[0] * (pair & 15) as f32 + qs[1] * (pair >> 4) as f32;
+                }
+                *score = (dot + bias) * scale;
+            }
+        }
+        for (t, score) in scores
+            .iter_mut()
+            .enumerate()
+            .skip(first.max(self.quantized))
+        {
+            let row = &head.recent_keys[(t - self.quantized) * d..(t - self.quantized + 1) * d];
+            let dot: f32 = row.iter().zip(q).map(|(k, q)| k.to_f32() * q).sum();
+            *score = dot * scale;
+        }
+        let max = scores[first..]
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0f32;
+        for s in &mut scores[first..] {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        out.fill(0.0);
+        // Quantized values: Σ p·(s·c + z) per channel group.
+        for (t, &e) in scores.iter().enumerate().take(self.quantized).skip(first) {
+            let p = e / total;
+            let row = &head.value_codes[t * d / 2..(t + 1) * d / 2];
+            for k in 0..cg {
+                let (s, z) = (
+                    head.value_scale[t * cg + k].to_f32() * p,
+                    head.value_zero[t * cg + k].to_f32() * p,
+                );
+                let span = k * g..((k + 1) * g).min(d);
+                for c in span.step_by(2) {
+                    let pair = row[c / 2];
+                    out[c] += s * (pair & 15) as f32 + z;
+                    out[c + 1] += s * (pair >> 4) as f32 + z;
+                }
+            }
+        }
+        for (t, &e) in scores.iter().enumerate().skip(first.max(self.quantized)) {
+            let p = e / total;
+            let row = &head.recent_values[(t - self.quantized) * d..(t - self.quantized + 1) * d];
+            for (o, v) in out.iter_mut().zip(row) {
+                *o += p * v.to_f32();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Softmax attention of one query against `[len][d]` keys and values.
+    fn attention(q: &[f32], keys: &[f32], values: &[f32], d: usize) -> Vec<f32> {
+        let scores: Vec<f32> = keys
+            .chunks(d)
+            .map(|k| k.iter().zip(q).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt())
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f32 = e.iter().sum();
+        let mut out = vec![0f32; d];
+        for (p, v) in e.iter().zip(values.chunks(d)) {
+            for (o, x) in out.iter_mut().zip(v) {
+                *o += p / total * x;
+            }
+        }
+        out
+    }
+
+    fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+        let den: f32 = b.iter().map(|y| y * y).sum();
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    #[test]
+    fn codes_round_trip_within_half_a_step_and_windows_fill_as_documented() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (heads, d, g, r) = (2, 40, 16, 8);
+        let mut cache = Int4KvCache::new(heads, d, g, r);
+        let mut all_k = vec![Vec::new(); heads];
+        let mut all_v = vec![Vec::new(); heads];
+        for chunk in [5, 1, 30, 1, 1, 17] {
+            let k = random(&mut rng, heads * chunk * d);
+            let v = random(&mut rng, heads * chunk * d);
+            for h in 0..heads {
+                all_k[h].extend_from_slice(&k[h * chunk * d..(h + 1) * chunk * d]);
+                all_v[h].extend_from_slice(&v[h * chunk * d..(h + 1) * chunk * d]);
+            }
+            cache.append(&k, &v, chunk);
+            let len = cache.len();
+            // Quantized in whole groups, leaving r..r+g−1 tokens in f16.
+            assert_eq!(cache.quantized_len() % g, 0);
+            let recent = len - cache.quantized_len();
+            assert!(
+                recent < r + g && (len < r + g || recent >= r),
+                "{len} {recent}"
+            );
+        }
+        assert_eq!(cache.len(), 55);
+        assert_eq!(cache.quantized_len(), 32);
+        let (keys, values) = cache.dequantize();
+        let n = cache.len();
+        for h in 0..heads {
+            for (i, (x, y)) in keys[h * n * d..(h + 1) * n * d]
+                .iter()
+                .zip(&all_k[h])
+                .enumerate()
+            {
+                // Range ≤ 2 over 15 steps: half a step is 1/15, plus f16 rounding.
+                let tol = if i < 32 * d { 1.0 / 15.0 + 2e-3 } else { 1e-3 };
+                assert!((x - y).abs() <= tol, "key {h}/{i}: {x} vs {y}");
+            }
+            for (i, (x, y)) in values[h * n * d..(h + 1) * n * d]
+                .iter()
+                .zip(&all_v[h])
+                .enumerate()
+            {
+                let tol = if i < 32 * d { 1.0 / 15.0 + 2e-3 } else { 1e-3 };
+                assert!((x - y).abs() <= tol, "value {h}/{i}: {x} vs {y}");
+            }
+        }
+        // 4 bits per code, f16 scale and zero per key group × channel and per value
+        // token × channel group, f16 window.
+        let expected =
+            heads * (2 * 32 * d / 2 + 2 * 2 * (2 * d + 32 * d.div_ceil(g)) + 2 * 2 * 23 * d);
+        assert_eq!(cache.bytes(), expected);
+    }
+
+    #[test]
+    fn fused_decode_attention_equals_attention_over_the_dequantized_cache() {
+        let mut rng = StdRng::seed_from_u64(2);
+        for (kv_heads, per_kv, d, len, window) in [
+            (1, 1, 16, 3, None),
+            (2, 4, 64, 200, None),
+            (2, 2, 48, 181, Some(70)),
+            (4, 1, 32, 97, Some(5)),
+        ] {
+            let mut cache = Int4KvCache::new(kv_heads, d, 32, 16);
+            let k = random(&mut rng, kv_heads * len * d);
+            let v = random(&mut rng, kv_heads * len * d);
+            cache.append(&k, &v, len);
+            let nh = kv_heads * per_kv;
+            let q = random(&mut rng, nh * d);
+            let fused = cache.decode_attention(&q, nh, window);
+            let (keys, values) = cache.dequantize();
+            let first = window.map_or(0, |w| len.saturating_sub(w));
+            for h in 0..nh {
+                let kv = h / per_kv;
+                let span = (kv * len + first) * d..(kv + 1) * len * d;
+                let reference = attention(
+                    &q[h * d..(h + 1) * d],
+                    &keys[span.clone()],
+                    &values[span],
+                    d,
+                );
+                let got = &fused[h * d..(h + 1) * d];
+                assert!(
+                    rel_l2(got, &reference) < 1e-5,
+                    "{kv_heads}×{per_kv} d {d} len {len}: head {h}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn int4_decode_attention_error_against_full_precision_is_bounded() {
+        // Shaped like a trained model's: keys with a few outlier channels (KIVI's
+        // observation), values with a per-channel offset, queries that pick out a few
+        // earlier keys. Uniform noise everywhere else would be the worst case for 4 bits.
+        let mut rng = StdRng::seed_from_u64(3);
+        let (kv_heads, per_kv, d, len) = (2, 4, 128, 1024);
+        let mut k = random(&mut rng, kv_heads * len * d);
+        for (i, x) in k.iter_mut().enumerate() {
+            if i % d < 4 {
+                *x *= 8.0;
+            }
+        }
+        let offset = random(&mut rng, d);
+        let v: Vec<f32> = random(&mut rng, kv_heads * len * d)
+            .iter()
+            .enumerate()
+            .map(|(i, x)| offset[i % d] + 0.5 * x)
+            .collect();
+        let mut cache = Int4KvCache::new(kv_heads, d, DEFAULT_GROUP, DEFAULT_RECENT);
+        cache.append(&k, &v, len);
+        let nh = kv_heads * per_kv;
+        let mut q = random(&mut rng, nh * d);
+        for h in 0..nh {
+            for pick in [rng.random_range(0..len), rng.random_range(0..len)] {
+                let key = &k[((h / per_kv) * len + pick) * d..][..d];
+                for (qc, kc) in q[h * d..(h + 1) * d].iter_mut().zip(key) {
+                    *qc += 0.5 * kc;
+                }
+            }
+        }
+        let got = cache.decode_attention(&q, nh, None);
+        let mut worst = 0f32;
+        for h in 0..nh {
+            let span = (h / per_kv) * len * d..(h / per_kv + 1) * len * d;
+            let exact = attention(&q[h * d..(h + 1) * d], &k[span.clone()], &v[span], d);
+            worst = worst.max(rel_l2(&got[h * d..(h + 1) * d], &exact));
+        }
+        println!("INT4 decode attention, {len} tokens: relative L2 error {worst:.4}");
+        assert!(worst < 0.05, "{worst}");
+        // 896 tokens as codes (0.625 bytes per element with their scales), 128 in f16.
+        let (quantized, recent) = (896, 128);
+        let per_head =
+            quantized * d + 4 * (quantized / 32 * d + quantized * d / 32) + 4 * recent * d;
+        assert_eq!(cache.bytes(), kv_heads * per_head);
+        println!(
+            "{} bytes against {} in f16",
+            cache.bytes(),
+            2 * 2 * kv_heads * len * d
+        );
+    }
+}
