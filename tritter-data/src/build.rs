@@ -1,5 +1,6 @@
 //! `tritter-data build`: sources → language → filter → tokenize → shards, with counts.
 
+use crate::dedup::{near_dedup, DedupConfig, MinHasher, Verdict};
 use crate::document::Document;
 use crate::error::{DataError, Result};
 use crate::language::Language;
@@ -9,9 +10,10 @@ use crate::source::{list_source, ResolvedSource};
 use crate::stats::PipelineStats;
 use crate::tokenizer::TokenizerSpec;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use xxhash_rust::xxh3::xxh3_128;
 
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
@@ -104,15 +106,20 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
     let mut total_bytes = 0u64;
     let mut bytes_read = 0u64;
 
+    let mut removed = RemovedLog::create(&staging)?;
+    let mut seen: HashMap<u128, String> = HashMap::new();
+    let mut kept: Vec<Document> = Vec::new();
     let total_files: usize = sources.iter().map(|s| s.files.len()).sum();
-    let bar = progress_bar(options.progress, total_files as u64);
+    let bar = progress_bar(options.progress, total_files as u64, "reading");
     for source in &sources {
         let mut source_bytes = 0u64;
         for file in &source.files {
             bar.inc(1);
+            let id = format!("{}/{}", source.name, file.relative);
             stats.stage("source").keep(file.size as usize);
             if file.size > recipe.max_file_bytes {
                 stats.stage("filter").drop("file too large");
+                removed.write(&id, "filter", "file too large", None)?;
                 continue;
             }
             if total_bytes + file.size > recipe.max_total_bytes
@@ -127,6 +134,7 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
                 Ok(c) => c,
                 Err(_) => {
                     stats.stage("read").drop("unreadable");
+                    removed.write(&id, "read", "unreadable", None)?;
                     continue;
                 }
             };
@@ -144,33 +152,28 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
             stats.stage("language").keep(content.len());
             if let Some(reason) = filter_reason(&content) {
                 stats.stage("filter").drop(reason);
+                removed.write(&id, "filter", reason, None)?;
                 continue;
             }
             stats.stage("filter").keep(content.len());
+            if recipe.dedup.exact {
+                let hash = xxh3_128(&content);
+                if let Some(first) = seen.get(&hash) {
+                    stats.stage("exact dedup").drop("identical content");
+                    removed.write(&id, "exact dedup", "identical content", Some((first, 1.0)))?;
+                    continue;
+                }
+                seen.insert(hash, id.clone());
+                stats.stage("exact dedup").keep(content.len());
+            }
             source_bytes += content.len() as u64;
             total_bytes += content.len() as u64;
-            let doc = Document {
-                id: format!("{}/{}", source.name, file.relative),
+            kept.push(Document {
+                id,
                 source: source.name.clone(),
                 language,
                 content,
-            };
-            let ids = tokenizer.encode_document(&doc.content, doc.language);
-            stats.stage("tokenize").keep(doc.content.len());
-            let counts = language_counts
-                .entry(language.name().to_string())
-                .or_default();
-            counts.documents += 1;
-            counts.bytes += doc.content.len() as u64;
-            counts.tokens += ids.len() as u64;
-            if is_valid_document(&doc, recipe.valid_fraction) {
-                valid.push_document(&ids)?;
-            } else {
-                if first_train_doc.is_none() {
-                    first_train_doc = Some(ids.clone());
-                }
-                train.push_document(&ids)?;
-            }
+            });
             if bar.length().is_some() {
                 let secs = start.elapsed().as_secs_f64().max(1e-9);
                 bar.set_message(format!("{:.1} MB/s", bytes_read as f64 / 1e6 / secs));
@@ -178,6 +181,42 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
         }
     }
     bar.finish_and_clear();
+    drop(seen);
+
+    let verdicts = if recipe.dedup.near {
+        near_dedup_stage(
+            &kept,
+            &recipe.dedup,
+            options.progress,
+            &mut stats,
+            &mut removed,
+        )?
+    } else {
+        vec![Verdict::Keep; kept.len()]
+    };
+    for (doc, verdict) in kept.iter().zip(verdicts) {
+        if verdict != Verdict::Keep {
+            continue;
+        }
+        let ids = tokenizer.encode_document(&doc.content, doc.language);
+        stats.stage("tokenize").keep(doc.content.len());
+        let counts = language_counts
+            .entry(doc.language.name().to_string())
+            .or_default();
+        counts.documents += 1;
+        counts.bytes += doc.content.len() as u64;
+        counts.tokens += ids.len() as u64;
+        if is_valid_document(doc, recipe.valid_fraction) {
+            valid.push_document(&ids)?;
+        } else {
+            if first_train_doc.is_none() {
+                first_train_doc = Some(ids.clone());
+            }
+            train.push_document(&ids)?;
+        }
+    }
+    drop(kept);
+    removed.finish()?;
 
     let train_info = train.finish()?;
     let mut valid_info = valid.finish()?;
@@ -226,6 +265,92 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
         seconds: start.elapsed().as_secs_f64(),
         bytes_read,
     })
+}
+
+/// MinHash signatures of the kept documents, then LSH clusters; the first document of
+/// each cluster stays.
+fn near_dedup_stage(
+    docs: &[Document],
+    config: &DedupConfig,
+    progress: bool,
+    stats: &mut PipelineStats,
+    removed: &mut RemovedLog,
+) -> Result<Vec<Verdict>> {
+    let hasher = MinHasher::new(config.num_perm, config.ngram, config.seed);
+    let bar = progress_bar(progress, docs.len() as u64, "signatures");
+    let start = Instant::now();
+    let mut bytes = 0u64;
+    let mut scratch = Vec::new();
+    let signatures: Vec<Vec<u32>> = docs
+        .iter()
+        .map(|d| {
+            bar.inc(1);
+            bytes += d.content.len() as u64;
+            if bar.length().is_some() {
+                let secs = start.elapsed().as_secs_f64().max(1e-9);
+                bar.set_message(format!("{:.1} MB/s", bytes as f64 / 1e6 / secs));
+            }
+            hasher.signature(&d.content, &mut scratch)
+        })
+        .collect();
+    bar.finish_and_clear();
+    let (verdicts, _) = near_dedup(&signatures, config);
+    for (doc, verdict) in docs.iter().zip(&verdicts) {
+        match *verdict {
+            Verdict::Keep => stats.stage("near dedup").keep(doc.content.len()),
+            Verdict::DuplicateOf(first, jaccard) => {
+                stats.stage("near dedup").drop("near duplicate");
+                removed.write(
+                    &doc.id,
+                    "near dedup",
+                    "near duplicate",
+                    Some((&docs[first].id, jaccard)),
+                )?;
+            }
+        }
+    }
+    Ok(verdicts)
+}
+
+/// `removed.jsonl`: one line per dropped document — its id, the stage, the reason and, for
+/// a duplicate, the document it duplicates with their (estimated) Jaccard similarity.
+struct RemovedLog {
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+}
+
+pub const REMOVED_FILE: &str = "removed.jsonl";
+
+impl RemovedLog {
+    fn create(dir: &Path) -> Result<Self> {
+        let path = dir.join(REMOVED_FILE);
+        let file = std::fs::File::create(&path).map_err(|e| DataError::io(&path, e))?;
+        Ok(Self {
+            path,
+            out: std::io::BufWriter::new(file),
+        })
+    }
+
+    fn write(
+        &mut self,
+        id: &str,
+        stage: &str,
+        reason: &str,
+        duplicate_of: Option<(&String, f64)>,
+    ) -> Result<()> {
+        use std::io::Write;
+        let mut line = serde_json::json!({ "id": id, "stage": stage, "reason": reason });
+        if let Some((first, jaccard)) = duplicate_of {
+            line["duplicate_of"] = first.as_str().into();
+            line["jaccard"] = ((jaccard * 1000.0).round() / 1000.0).into();
+        }
+        writeln!(self.out, "{line}").map_err(|e| DataError::io(&self.path, e))
+    }
+
+    fn finish(mut self) -> Result<()> {
+        use std::io::Write;
+        self.out.flush().map_err(|e| DataError::io(&self.path, e))
+    }
 }
 
 /// Why a file is not worth training on, if it is not.
@@ -300,15 +425,15 @@ fn replace_dir(staging: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn progress_bar(enabled: bool, len: u64) -> ProgressBar {
+fn progress_bar(enabled: bool, len: u64, stage: &str) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template(
-            "building dataset [{bar:30}] {pos}/{len} files ({per_sec}) {msg} eta {eta}",
-        )
+        ProgressStyle::with_template(&format!(
+            "{stage:<10} [{{bar:30}}] {{pos}}/{{len}} files ({{per_sec}}) {{msg}} eta {{eta}}"
+        ))
         .expect("valid template")
         .progress_chars("=> "),
     );

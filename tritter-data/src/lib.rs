@@ -1,10 +1,13 @@
-//! Tritter's code-corpus pipeline: sources → language → filter → tokenize → token shards.
+//! Tritter's code-corpus pipeline: sources → language → filter → exact dedup → near dedup
+//! → tokenize → token shards.
 //!
 //! Each stage is a small function over [`Document`]s that counts what it kept and dropped;
 //! the counts end in the dataset's `manifest.json`. The crate has no Burn dependency, so it
 //! builds fast and is usable on its own.
 
+pub mod bench;
 pub mod build;
+pub mod dedup;
 pub mod document;
 pub mod error;
 pub mod language;
@@ -14,7 +17,8 @@ pub mod source;
 pub mod stats;
 pub mod tokenizer;
 
-pub use build::{build_dataset, BuildOptions, BuildSummary};
+pub use build::{build_dataset, BuildOptions, BuildSummary, REMOVED_FILE};
+pub use dedup::DedupConfig;
 pub use document::Document;
 pub use error::DataError;
 pub use language::Language;

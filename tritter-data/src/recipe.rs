@@ -1,5 +1,6 @@
 //! Data recipes: which sources, languages, caps and tokenizer make a dataset.
 
+use crate::dedup::DedupConfig;
 use crate::error::{DataError, Result};
 use crate::language::Language;
 use crate::tokenizer::TokenizerSpec;
@@ -30,6 +31,9 @@ pub struct DataRecipe {
     #[serde(default = "default_shard_tokens")]
     pub shard_tokens: u64,
     pub sources: Vec<SourceConfig>,
+    /// Exact and near-duplicate removal.
+    #[serde(default)]
+    pub dedup: DedupConfig,
     /// Directory the recipe was read from (not part of the file).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -112,6 +116,9 @@ impl DataRecipe {
                 message,
             })
         };
+        if let Some(problem) = self.dedup.problem() {
+            return bad(problem);
+        }
         for name in &self.languages {
             if Language::parse(name).is_none() {
                 return bad(format!(
