@@ -2,15 +2,13 @@
 //! precision and recall of near-dedup against exact Jaccard similarity.
 //!
 //! Recall needs the true duplicate pairs, which no LSH setting finds exhaustively; the
-//! reference set is the pairs sharing a band under a much looser LSH (64 bands of 4 rows:
-//! a pair of Jaccard 0.5 collides with probability 0.98), each scored by exact Jaccard on
-//! its shingle sets. A pair is called a duplicate when the recipe's LSH makes it a
-//! candidate and its signatures agree on at least the threshold — the rule
-//! [`crate::dedup::near_dedup`] applies before joining clusters.
+//! reference set is a deterministic sample of the pairs sharing a band under a much
+//! looser LSH (64 bands of 4 rows: a pair of Jaccard 0.5 collides with probability 0.98),
+//! each scored by exact Jaccard on its shingle sets. A pair is called a duplicate when
+//! near-dedup put both documents in one cluster — what decides that one of them is
+//! dropped.
 
-use crate::dedup::{
-    estimated_jaccard, exact_jaccard, near_dedup, shingles, DedupConfig, MinHasher, Verdict,
-};
+use crate::dedup::{cluster_documents, exact_similarity, DedupConfig, MinHasher, Verdict};
 use crate::document::fnv1a;
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
@@ -28,6 +26,8 @@ pub struct DedupBench {
     pub near_duplicates: usize,
     pub bands: usize,
     pub rows: usize,
+    /// Pairs that shared a band and were checked.
+    pub candidate_pairs: u64,
     /// Reference pairs scored by exact Jaccard, and of those at or above the threshold.
     pub pairs_scored: usize,
     pub true_pairs: usize,
@@ -91,38 +91,30 @@ pub fn bench_dedup(docs: &[Vec<u8>], config: &DedupConfig, max_pairs: usize) -> 
     let unique_mb = unique.iter().map(|d| d.len()).sum::<usize>() as f64 / 1e6;
     out.signature_mb_per_sec = unique_mb / start.elapsed().as_secs_f64();
 
+    let contents: Vec<&[u8]> = unique.iter().map(|d| d.as_slice()).collect();
     let start = Instant::now();
-    let (verdicts, stats) = near_dedup(&signatures, config);
+    let (verdicts, stats) = cluster_documents(&signatures, &contents, config);
     out.cluster_secs = start.elapsed().as_secs_f64();
     out.near_duplicates = verdicts.iter().filter(|v| **v != Verdict::Keep).count();
     (out.bands, out.rows) = (stats.bands, stats.rows);
+    out.candidate_pairs = stats.candidate_pairs;
+    let cluster = |i: u32| match verdicts[i as usize] {
+        Verdict::Keep => i as usize,
+        Verdict::DuplicateOf { kept, .. } => kept,
+    };
 
-    // Reference pairs under a loose LSH, a deterministic sample of them, exact Jaccard.
-    let (bands, rows) = (out.bands, out.rows);
-    let called = band_pairs(&signatures, bands, rows);
+    // Reference pairs under a loose LSH, a deterministic sample of them, exact Jaccard;
+    // a pair is called a duplicate when near-dedup put both in one cluster.
     let mut reference: Vec<(u32, u32)> = band_pairs(&signatures, 64, 4).into_iter().collect();
     reference.sort_unstable_by_key(|&(i, j)| {
         (fnv1a(&[i.to_le_bytes(), j.to_le_bytes()].concat()), i, j)
     });
     reference.truncate(max_pairs);
-    let mut sets: HashMap<u32, Vec<u64>> = HashMap::new();
-    let mut set_of = |i: u32| -> Vec<u64> {
-        sets.entry(i)
-            .or_insert_with(|| {
-                let mut s = Vec::new();
-                shingles(unique[i as usize], config.ngram, &mut s);
-                s.sort_unstable();
-                s.dedup();
-                s
-            })
-            .clone()
-    };
+    let mut exact = exact_similarity(&contents, config.ngram);
     let (mut tp, mut fp, mut fneg) = (0usize, 0usize, 0usize);
     for &(i, j) in &reference {
-        let truth = exact_jaccard(&set_of(i), &set_of(j)) >= config.threshold;
-        let duplicate = called.contains(&(i, j))
-            && estimated_jaccard(&signatures[i as usize], &signatures[j as usize])
-                >= config.threshold;
+        let truth = exact(i as usize, j as usize) >= config.threshold;
+        let duplicate = cluster(i) == cluster(j);
         match (truth, duplicate) {
             (true, true) => tp += 1,
             (false, true) => fp += 1,

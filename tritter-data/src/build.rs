@@ -1,6 +1,6 @@
 //! `tritter-data build`: sources → language → filter → tokenize → shards, with counts.
 
-use crate::dedup::{near_dedup, DedupConfig, MinHasher, Verdict};
+use crate::dedup::{cluster_documents, DedupConfig, MinHasher, Verdict};
 use crate::document::Document;
 use crate::error::{DataError, Result};
 use crate::language::Language;
@@ -294,17 +294,22 @@ fn near_dedup_stage(
         })
         .collect();
     bar.finish_and_clear();
-    let (verdicts, _) = near_dedup(&signatures, config);
+    let contents: Vec<&[u8]> = docs.iter().map(|d| d.content.as_slice()).collect();
+    let (verdicts, _) = cluster_documents(&signatures, &contents, config);
     for (doc, verdict) in docs.iter().zip(&verdicts) {
         match *verdict {
             Verdict::Keep => stats.stage("near dedup").keep(doc.content.len()),
-            Verdict::DuplicateOf(first, jaccard) => {
+            Verdict::DuplicateOf {
+                matched,
+                similarity,
+                ..
+            } => {
                 stats.stage("near dedup").drop("near duplicate");
                 removed.write(
                     &doc.id,
                     "near dedup",
                     "near duplicate",
-                    Some((&docs[first].id, jaccard)),
+                    Some((&docs[matched].id, similarity)),
                 )?;
             }
         }

@@ -29,11 +29,25 @@ pub struct DedupConfig {
     /// Tokens per shingle.
     #[serde(default = "default_ngram")]
     pub ngram: usize,
+    /// How a candidate pair (sharing an LSH band) is confirmed: `exact` computes the
+    /// Jaccard similarity of the two shingle sets, `signature` estimates it from the
+    /// MinHash signatures (no shingle sets kept; noisier near the threshold).
+    #[serde(default)]
+    pub verify: Verify,
     /// LSH bands and rows; chosen for `threshold` when absent.
     pub bands: Option<usize>,
     pub rows: Option<usize>,
     #[serde(default = "default_seed")]
     pub seed: u64,
+}
+
+/// See [`DedupConfig::verify`].
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verify {
+    #[default]
+    Exact,
+    Signature,
 }
 
 fn yes() -> bool {
@@ -60,6 +74,7 @@ impl Default for DedupConfig {
             threshold: default_threshold(),
             num_perm: default_num_perm(),
             ngram: default_ngram(),
+            verify: Verify::Exact,
             bands: None,
             rows: None,
             seed: default_seed(),
@@ -91,14 +106,26 @@ impl DedupConfig {
         }
     }
 
-    /// `(bands, rows)`: the recipe's, or those minimizing false positives plus false
-    /// negatives at the threshold.
+    /// `(bands, rows)`: the recipe's, or [`recall_first_lsh_params`].
     pub fn lsh_params(&self) -> (usize, usize) {
         match (self.bands, self.rows) {
             (Some(b), Some(r)) => (b, r),
-            _ => optimal_lsh_params(self.threshold, self.num_perm),
+            _ => recall_first_lsh_params(self.threshold, self.num_perm),
         }
     }
+}
+
+/// The most selective bands × rows (most rows, as many bands as fit) under which a pair
+/// at the threshold still becomes a candidate with probability ≥ 0.99. Candidates are
+/// confirmed afterwards, so extra candidates cost a check while a missed pair is a
+/// duplicate kept — the opposite trade from [`optimal_lsh_params`], which puts a pair at
+/// the threshold at even odds.
+pub fn recall_first_lsh_params(threshold: f64, num_perm: usize) -> (usize, usize) {
+    (1..=num_perm)
+        .rev()
+        .map(|r| (num_perm / r, r))
+        .find(|&(b, r)| collision_probability(threshold, b, r) >= 0.99)
+        .unwrap_or((num_perm, 1))
 }
 
 /// The probability that two documents of Jaccard `s` share at least one of `b` bands of
@@ -224,13 +251,18 @@ pub fn estimated_jaccard(a: &[u32], b: &[u32]) -> f64 {
     same as f64 / a.len().max(1) as f64
 }
 
-/// Exact Jaccard similarity of two shingle sets.
+/// Exact Jaccard similarity of two shingle lists (any order, repeats allowed).
 pub fn exact_jaccard(a: &[u64], b: &[u64]) -> f64 {
     let (mut a, mut b) = (a.to_vec(), b.to_vec());
     a.sort_unstable();
     a.dedup();
     b.sort_unstable();
     b.dedup();
+    sorted_jaccard(&a, &b)
+}
+
+/// Jaccard similarity of two sorted, deduplicated sets.
+pub fn sorted_jaccard(a: &[u64], b: &[u64]) -> f64 {
     let (mut i, mut j, mut inter) = (0, 0, 0usize);
     while i < a.len() && j < b.len() {
         match a[i].cmp(&b[j]) {
@@ -285,8 +317,14 @@ impl UnionFind {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Verdict {
     Keep,
-    /// A near-duplicate of the kept document at this index, with their estimated Jaccard.
-    DuplicateOf(usize, f64),
+    /// In the cluster of the kept document `kept`; `matched` is the document whose
+    /// similarity to this one reached the threshold (`kept` itself when the clusters were
+    /// joined through others), with that `similarity`.
+    DuplicateOf {
+        kept: usize,
+        matched: usize,
+        similarity: f64,
+    },
 }
 
 /// Near-dedup statistics.
@@ -301,9 +339,14 @@ pub struct NearDedupStats {
 }
 
 /// Clusters documents by their signatures (in pipeline order) and keeps the first of each
-/// cluster. A candidate pair (sharing a band) joins a cluster only when its signatures'
-/// estimated Jaccard reaches the threshold, which removes most LSH false positives.
-pub fn near_dedup(signatures: &[Vec<u32>], config: &DedupConfig) -> (Vec<Verdict>, NearDedupStats) {
+/// cluster. A candidate pair (sharing a band) joins a cluster only when `similarity(i, j)`
+/// reaches the threshold — the exact Jaccard of their shingle sets, or the signatures'
+/// estimate ([`signature_similarity`]).
+pub fn near_dedup(
+    signatures: &[Vec<u32>],
+    config: &DedupConfig,
+    mut similarity: impl FnMut(usize, usize) -> f64,
+) -> (Vec<Verdict>, NearDedupStats) {
     let (bands, rows) = config.lsh_params();
     let mut stats = NearDedupStats {
         bands,
@@ -312,6 +355,7 @@ pub fn near_dedup(signatures: &[Vec<u32>], config: &DedupConfig) -> (Vec<Verdict
     };
     let n = signatures.len();
     let mut sets = UnionFind::new(n);
+    let mut matched: Vec<Option<(usize, f64)>> = vec![None; n];
     for band in 0..bands {
         let mut buckets: HashMap<u64, Vec<usize>> = HashMap::new();
         for (i, sig) in signatures.iter().enumerate() {
@@ -323,13 +367,15 @@ pub fn near_dedup(signatures: &[Vec<u32>], config: &DedupConfig) -> (Vec<Verdict
                 .fold(band as u64, |h, &v| mix(h ^ v as u64));
             let bucket = buckets.entry(key).or_default();
             for &j in bucket.iter() {
-                stats.candidate_pairs += 1;
                 if sets.find(i) == sets.find(j) {
                     continue;
                 }
-                if estimated_jaccard(&signatures[i], &signatures[j]) >= config.threshold {
+                stats.candidate_pairs += 1;
+                let s = similarity(j, i);
+                if s >= config.threshold {
                     stats.confirmed_pairs += 1;
                     sets.union(i, j);
+                    matched[i].get_or_insert((j, s));
                     break;
                 }
             }
@@ -340,13 +386,58 @@ pub fn near_dedup(signatures: &[Vec<u32>], config: &DedupConfig) -> (Vec<Verdict
         .map(|i| {
             let root = sets.find(i);
             if root == i {
-                Verdict::Keep
-            } else {
-                Verdict::DuplicateOf(root, estimated_jaccard(&signatures[i], &signatures[root]))
+                return Verdict::Keep;
+            }
+            let (matched, similarity) = match matched[i] {
+                Some(m) => m,
+                None => (root, similarity(root, i)),
+            };
+            Verdict::DuplicateOf {
+                kept: root,
+                matched,
+                similarity,
             }
         })
         .collect();
     (verdicts, stats)
+}
+
+/// [`near_dedup`] confirming candidates as `config.verify` says.
+pub fn cluster_documents(
+    signatures: &[Vec<u32>],
+    contents: &[&[u8]],
+    config: &DedupConfig,
+) -> (Vec<Verdict>, NearDedupStats) {
+    match config.verify {
+        Verify::Exact => near_dedup(signatures, config, exact_similarity(contents, config.ngram)),
+        Verify::Signature => near_dedup(signatures, config, signature_similarity(signatures)),
+    }
+}
+
+/// The similarity of two documents estimated from their signatures.
+pub fn signature_similarity(signatures: &[Vec<u32>]) -> impl FnMut(usize, usize) -> f64 + '_ {
+    |i, j| estimated_jaccard(&signatures[i], &signatures[j])
+}
+
+/// The exact Jaccard similarity of two documents' shingle sets, each computed once, on
+/// first use.
+pub fn exact_similarity<'a>(
+    contents: &'a [&'a [u8]],
+    ngram: usize,
+) -> impl FnMut(usize, usize) -> f64 + 'a {
+    let mut sets: HashMap<usize, Vec<u64>> = HashMap::new();
+    move |i, j| {
+        for k in [i, j] {
+            sets.entry(k).or_insert_with(|| {
+                let mut s = Vec::new();
+                shingles(contents[k], ngram, &mut s);
+                s.sort_unstable();
+                s.dedup();
+                s
+            });
+        }
+        sorted_jaccard(&sets[&i], &sets[&j])
+    }
 }
 
 #[cfg(test)]
@@ -377,14 +468,18 @@ mod tests {
 
     #[test]
     fn bands_and_rows_suit_the_threshold() {
-        // datasketch gives (b, r) = (25, 10) for 256 permutations at 0.7 ... within the
-        // same family, the curve's steepest point sits near the threshold.
+        // datasketch's choice for 256 permutations at 0.7: a pair at the threshold
+        // collides at even odds.
         let (b, r) = optimal_lsh_params(0.7, 256);
         assert!(b * r <= 256);
         let knee = (1.0 / b as f64).powf(1.0 / r as f64);
         assert!((knee - 0.7).abs() < 0.08, "({b}, {r}): knee {knee}");
-        assert!(collision_probability(0.9, b, r) > 0.99);
-        assert!(collision_probability(0.4, b, r) < 0.02);
+        // Confirmed candidates: a pair at the threshold almost surely a candidate, one
+        // at 0.3 rarely.
+        let (b, r) = recall_first_lsh_params(0.7, 256);
+        assert_eq!((b, r), (42, 6));
+        assert!(collision_probability(0.7, b, r) >= 0.99);
+        assert!(collision_probability(0.3, b, r) < 0.05);
     }
 
     #[test]
@@ -439,13 +534,33 @@ mod tests {
             .iter()
             .map(|d| hasher.signature(d, &mut scratch))
             .collect();
-        let (verdicts, stats) = near_dedup(&sigs, &DedupConfig::default());
+        let contents: Vec<&[u8]> = docs.iter().map(Vec::as_slice).collect();
+        let config = DedupConfig::default();
+        let (verdicts, stats) = near_dedup(&sigs, &config, exact_similarity(&contents, 5));
+        // The signatures' estimate reaches the same clusters here.
+        let (by_signature, _) = near_dedup(&sigs, &config, signature_similarity(&sigs));
+        let roots = |v: &[Verdict]| {
+            v.iter()
+                .map(|v| match v {
+                    Verdict::Keep => None,
+                    Verdict::DuplicateOf { kept, .. } => Some(*kept),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(roots(&by_signature), roots(&verdicts));
         assert_eq!(verdicts[0], Verdict::Keep);
-        assert!(matches!(verdicts[1], Verdict::DuplicateOf(0, j) if j > 0.7));
+        assert!(matches!(
+            verdicts[1],
+            Verdict::DuplicateOf { kept: 0, matched: 0, similarity } if similarity > 0.7
+        ));
         assert_eq!(verdicts[2], Verdict::Keep);
         assert_eq!(verdicts[3], Verdict::Keep);
-        assert!(matches!(verdicts[4], Verdict::DuplicateOf(2, _)));
-        assert!(matches!(verdicts[5], Verdict::DuplicateOf(0, _)));
+        assert!(matches!(verdicts[4], Verdict::DuplicateOf { kept: 2, .. }));
+        // An exact copy of 1 matches 0 or 1 at similarity ≥ 0.7, in 0's cluster.
+        assert!(matches!(
+            verdicts[5],
+            Verdict::DuplicateOf { kept: 0, similarity, .. } if similarity >= 0.7
+        ));
         assert!(stats.confirmed_pairs >= 3);
     }
 

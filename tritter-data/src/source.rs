@@ -114,7 +114,7 @@ fn relative_id(root: &Path, path: &Path) -> String {
         .join("/")
 }
 
-fn cargo_home() -> Option<PathBuf> {
+pub fn cargo_home() -> Option<PathBuf> {
     if let Some(home) = std::env::var_os("CARGO_HOME") {
         return Some(PathBuf::from(home));
     }
