@@ -5,6 +5,7 @@ use crate::document::Document;
 use crate::error::{DataError, Result};
 use crate::language::Language;
 use crate::recipe::DataRecipe;
+use crate::secrets::{Finding, SecretsAction, SecretsConfig};
 use crate::shard::{DatasetManifest, LanguageCounts, ShardWriter, Split, FORMAT, MANIFEST_FILE};
 use crate::source::{list_source, ResolvedSource};
 use crate::stats::PipelineStats;
@@ -42,7 +43,12 @@ impl BuildSummary {
             "stage", "kept", "kept bytes"
         ));
         for (name, c) in &m.stats.stages {
-            let dropped: Vec<String> = c.dropped.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+            let dropped: Vec<String> = c
+                .dropped
+                .iter()
+                .map(|(r, n)| format!("{r}: {n}"))
+                .chain(c.redacted.iter().map(|(k, n)| format!("redacted {k}: {n}")))
+                .collect();
             out.push_str(&format!(
                 "{:<12} {:>9} {:>12}  {}\n",
                 name,
@@ -107,6 +113,7 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
     let mut bytes_read = 0u64;
 
     let mut removed = RemovedLog::create(&staging)?;
+    let mut redactions = RedactionLog::create(&staging)?;
     let mut seen: HashMap<u128, String> = HashMap::new();
     let mut kept: Vec<Document> = Vec::new();
     let total_files: usize = sources.iter().map(|s| s.files.len()).sum();
@@ -155,7 +162,30 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
                 removed.write(&id, "filter", reason, None)?;
                 continue;
             }
-            stats.stage("filter").keep(content.len());
+            // Valid UTF-8 from here on (`filter_reason` checked).
+            let text = String::from_utf8(content).expect("checked utf-8");
+            if let Some(reason) = recipe.filters.reason(&file.relative, &text) {
+                stats.stage("filter").drop(reason);
+                removed.write(&id, "filter", reason, None)?;
+                continue;
+            }
+            stats.stage("filter").keep(text.len());
+            let findings = recipe.secrets.find(&text);
+            let content = if findings.is_empty() {
+                text.into_bytes()
+            } else if recipe.secrets.action == SecretsAction::Drop {
+                let reason = format!("holds a secret ({})", findings[0].kind);
+                stats.stage("secrets").drop(&reason);
+                removed.write(&id, "secrets", &reason, None)?;
+                continue;
+            } else {
+                for f in &findings {
+                    stats.stage("secrets").redact(f.kind);
+                    redactions.write(&id, f)?;
+                }
+                SecretsConfig::redact(&text, &findings).into_bytes()
+            };
+            stats.stage("secrets").keep(content.len());
             if recipe.dedup.exact {
                 let hash = xxh3_128(&content);
                 if let Some(first) = seen.get(&hash) {
@@ -217,6 +247,7 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
     }
     drop(kept);
     removed.finish()?;
+    redactions.finish()?;
 
     let train_info = train.finish()?;
     let mut valid_info = valid.finish()?;
@@ -317,23 +348,41 @@ fn near_dedup_stage(
     Ok(verdicts)
 }
 
-/// `removed.jsonl`: one line per dropped document — its id, the stage, the reason and, for
-/// a duplicate, the document it duplicates with their (estimated) Jaccard similarity.
-struct RemovedLog {
+/// A JSON-lines report beside the shards.
+struct JsonLines {
     path: PathBuf,
     out: std::io::BufWriter<std::fs::File>,
 }
 
-pub const REMOVED_FILE: &str = "removed.jsonl";
-
-impl RemovedLog {
-    fn create(dir: &Path) -> Result<Self> {
-        let path = dir.join(REMOVED_FILE);
+impl JsonLines {
+    fn create(dir: &Path, name: &str) -> Result<Self> {
+        let path = dir.join(name);
         let file = std::fs::File::create(&path).map_err(|e| DataError::io(&path, e))?;
         Ok(Self {
             path,
             out: std::io::BufWriter::new(file),
         })
+    }
+
+    fn line(&mut self, value: serde_json::Value) -> Result<()> {
+        use std::io::Write;
+        writeln!(self.out, "{value}").map_err(|e| DataError::io(&self.path, e))
+    }
+
+    fn finish(mut self) -> Result<()> {
+        use std::io::Write;
+        self.out.flush().map_err(|e| DataError::io(&self.path, e))
+    }
+}
+
+/// `removed.jsonl`: one line per dropped document — its id, the stage, the reason and, for
+/// a duplicate, the document it duplicates with their (estimated) Jaccard similarity.
+pub const REMOVED_FILE: &str = "removed.jsonl";
+struct RemovedLog(JsonLines);
+
+impl RemovedLog {
+    fn create(dir: &Path) -> Result<Self> {
+        JsonLines::create(dir, REMOVED_FILE).map(Self)
     }
 
     fn write(
@@ -343,18 +392,35 @@ impl RemovedLog {
         reason: &str,
         duplicate_of: Option<(&String, f64)>,
     ) -> Result<()> {
-        use std::io::Write;
         let mut line = serde_json::json!({ "id": id, "stage": stage, "reason": reason });
         if let Some((first, jaccard)) = duplicate_of {
             line["duplicate_of"] = first.as_str().into();
             line["jaccard"] = ((jaccard * 1000.0).round() / 1000.0).into();
         }
-        writeln!(self.out, "{line}").map_err(|e| DataError::io(&self.path, e))
+        self.0.line(line)
     }
 
-    fn finish(mut self) -> Result<()> {
-        use std::io::Write;
-        self.out.flush().map_err(|e| DataError::io(&self.path, e))
+    fn finish(self) -> Result<()> {
+        self.0.finish()
+    }
+}
+
+/// `redactions.jsonl`: the id, kind and line of every redaction — never the secret.
+pub const REDACTIONS_FILE: &str = "redactions.jsonl";
+struct RedactionLog(JsonLines);
+
+impl RedactionLog {
+    fn create(dir: &Path) -> Result<Self> {
+        JsonLines::create(dir, REDACTIONS_FILE).map(Self)
+    }
+
+    fn write(&mut self, id: &str, finding: &Finding) -> Result<()> {
+        self.0
+            .line(serde_json::json!({ "id": id, "kind": finding.kind, "line": finding.line }))
+    }
+
+    fn finish(self) -> Result<()> {
+        self.0.finish()
     }
 }
 

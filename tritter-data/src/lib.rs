@@ -1,5 +1,5 @@
-//! Tritter's code-corpus pipeline: sources → language → filter → exact dedup → near dedup
-//! → tokenize → token shards.
+//! Tritter's code-corpus pipeline: sources → language → filters → secrets → exact dedup →
+//! near dedup → tokenize → token shards.
 //!
 //! Each stage is a small function over [`Document`]s that counts what it kept and dropped;
 //! the counts end in the dataset's `manifest.json`. The crate has no Burn dependency, so it
@@ -10,14 +10,16 @@ pub mod build;
 pub mod dedup;
 pub mod document;
 pub mod error;
+pub mod filter;
 pub mod language;
 pub mod recipe;
+pub mod secrets;
 pub mod shard;
 pub mod source;
 pub mod stats;
 pub mod tokenizer;
 
-pub use build::{build_dataset, BuildOptions, BuildSummary, REMOVED_FILE};
+pub use build::{build_dataset, BuildOptions, BuildSummary, REDACTIONS_FILE, REMOVED_FILE};
 pub use dedup::DedupConfig;
 pub use document::Document;
 pub use error::DataError;

@@ -2,7 +2,9 @@
 
 use crate::dedup::DedupConfig;
 use crate::error::{DataError, Result};
+use crate::filter::FilterConfig;
 use crate::language::Language;
+use crate::secrets::SecretsConfig;
 use crate::tokenizer::TokenizerSpec;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -31,6 +33,12 @@ pub struct DataRecipe {
     #[serde(default = "default_shard_tokens")]
     pub shard_tokens: u64,
     pub sources: Vec<SourceConfig>,
+    /// Quality filters.
+    #[serde(default)]
+    pub filters: FilterConfig,
+    /// Secrets and personal data.
+    #[serde(default)]
+    pub secrets: SecretsConfig,
     /// Exact and near-duplicate removal.
     #[serde(default)]
     pub dedup: DedupConfig,
@@ -116,7 +124,7 @@ impl DataRecipe {
                 message,
             })
         };
-        if let Some(problem) = self.dedup.problem() {
+        if let Some(problem) = self.dedup.problem().or_else(|| self.filters.problem()) {
             return bad(problem);
         }
         for name in &self.languages {

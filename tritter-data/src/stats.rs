@@ -9,6 +9,9 @@ pub struct StageCounts {
     pub kept_bytes: u64,
     /// Dropped documents by reason.
     pub dropped: BTreeMap<String, u64>,
+    /// Redactions by kind (documents kept with a placeholder in place of each).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub redacted: BTreeMap<String, u64>,
 }
 
 impl StageCounts {
@@ -19,6 +22,10 @@ impl StageCounts {
 
     pub fn drop(&mut self, reason: &str) {
         *self.dropped.entry(reason.to_string()).or_default() += 1;
+    }
+
+    pub fn redact(&mut self, kind: &str) {
+        *self.redacted.entry(kind.to_string()).or_default() += 1;
     }
 
     pub fn dropped_total(&self) -> u64 {
