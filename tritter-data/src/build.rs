@@ -89,14 +89,7 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
     let start = Instant::now();
     let out_dir = options.out.clone().unwrap_or_else(|| recipe.output_dir());
     let tokenizer = recipe.tokenizer.load(&recipe.base_dir)?;
-    let languages = recipe.languages();
-
-    let mut sources = Vec::new();
-    for source in &recipe.sources {
-        if let Some(resolved) = list_source(recipe, source)? {
-            sources.push(resolved);
-        }
-    }
+    let sources = resolve_sources(recipe)?;
 
     let staging = staging_dir(&out_dir);
     if staging.exists() {
@@ -109,16 +102,135 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
     let mut train = ShardWriter::new(&staging, Split::Train, recipe.shard_tokens);
     let mut valid = ShardWriter::new(&staging, Split::Valid, recipe.shard_tokens);
     let mut first_train_doc: Option<Vec<u32>> = None;
-    let mut total_bytes = 0u64;
-    let mut bytes_read = 0u64;
 
-    let mut removed = RemovedLog::create(&staging)?;
-    let mut redactions = RedactionLog::create(&staging)?;
+    let mut reports = Reports {
+        removed: RemovedLog(JsonLines::create(&staging, REMOVED_FILE)?),
+        redactions: RedactionLog(JsonLines::create(&staging, REDACTIONS_FILE)?),
+    };
+    let (kept, bytes_read) = read_sources(recipe, &sources, options, &mut stats, &mut reports)?;
+    let Reports {
+        mut removed,
+        redactions,
+    } = reports;
+
+    let verdicts = if recipe.dedup.near {
+        near_dedup_stage(
+            &kept,
+            &recipe.dedup,
+            options.progress,
+            &mut stats,
+            &mut removed,
+        )?
+    } else {
+        vec![Verdict::Keep; kept.len()]
+    };
+    for (doc, verdict) in kept.iter().zip(verdicts) {
+        if verdict != Verdict::Keep {
+            continue;
+        }
+        let ids = tokenizer.encode_document(&doc.content, doc.language);
+        stats.stage("tokenize").keep(doc.content.len());
+        let counts = language_counts
+            .entry(doc.language.name().to_string())
+            .or_default();
+        counts.documents += 1;
+        counts.bytes += doc.content.len() as u64;
+        counts.tokens += ids.len() as u64;
+        if is_valid_document(doc, recipe.valid_fraction) {
+            valid.push_document(&ids)?;
+        } else {
+            if first_train_doc.is_none() {
+                first_train_doc = Some(ids.clone());
+            }
+            train.push_document(&ids)?;
+        }
+    }
+    drop(kept);
+    removed.finish()?;
+    redactions.finish()?;
+
+    let train_info = train.finish()?;
+    let mut valid_info = valid.finish()?;
+    if train_info.documents == 0 && valid_info.documents == 0 {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(DataError::EmptyCorpus(format!(
+            "no {} files were kept from sources [{}]",
+            recipe.languages.join("/"),
+            describe_sources(&sources)
+        )));
+    }
+    // A held-out split must exist; with a tiny corpus, hold out the first training document.
+    if valid_info.documents == 0 && recipe.valid_fraction > 0.0 {
+        let ids = first_train_doc.expect("train split is non-empty");
+        let mut w = ShardWriter::new(&staging, Split::Valid, recipe.shard_tokens);
+        w.push_document(&ids)?;
+        valid_info = w.finish()?;
+    }
+    if train_info.documents == 0 {
+        return Err(DataError::EmptyCorpus(
+            "every kept document fell into the validation split; lower `valid_fraction`".into(),
+        ));
+    }
+
+    let tokenizer_spec = copy_tokenizer(recipe, &staging)?;
+    let manifest = DatasetManifest {
+        format: FORMAT.to_string(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        name: recipe.name.clone(),
+        tokenizer: tokenizer_spec,
+        vocab_size: tokenizer.vocab_size(),
+        eos: tokenizer.eos(),
+        splits: BTreeMap::from([(Split::Train, train_info), (Split::Valid, valid_info)]),
+        languages: language_counts,
+        stats,
+        recipe: serde_json::to_value(recipe).unwrap_or_default(),
+    };
+    let manifest_path = staging.join(MANIFEST_FILE);
+    let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+    std::fs::write(&manifest_path, json).map_err(|e| DataError::io(&manifest_path, e))?;
+    replace_dir(&staging, &out_dir)?;
+
+    Ok(BuildSummary {
+        dir: out_dir,
+        manifest,
+        seconds: start.elapsed().as_secs_f64(),
+        bytes_read,
+    })
+}
+
+/// Every source of the recipe that exists here, with its files listed.
+fn resolve_sources(recipe: &DataRecipe) -> Result<Vec<ResolvedSource>> {
+    let mut sources = Vec::new();
+    for source in &recipe.sources {
+        if let Some(resolved) = list_source(recipe, source)? {
+            sources.push(resolved);
+        }
+    }
+    Ok(sources)
+}
+
+/// The documents of `sources` that pass language selection, the filters, secrets
+/// handling and exact dedup, in pipeline order, and the bytes read; counts go to `stats`,
+/// drops and redactions to their reports.
+fn read_sources(
+    recipe: &DataRecipe,
+    sources: &[ResolvedSource],
+    options: &BuildOptions,
+    stats: &mut PipelineStats,
+    reports: &mut Reports,
+) -> Result<(Vec<Document>, u64)> {
+    let Reports {
+        removed,
+        redactions,
+    } = reports;
+    let start = Instant::now();
+    let languages = recipe.languages();
+    let (mut total_bytes, mut bytes_read) = (0u64, 0u64);
     let mut seen: HashMap<u128, String> = HashMap::new();
     let mut kept: Vec<Document> = Vec::new();
     let total_files: usize = sources.iter().map(|s| s.files.len()).sum();
     let bar = progress_bar(options.progress, total_files as u64, "reading");
-    for source in &sources {
+    for source in sources {
         let mut source_bytes = 0u64;
         for file in &source.files {
             bar.inc(1);
@@ -211,91 +323,18 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
         }
     }
     bar.finish_and_clear();
-    drop(seen);
+    Ok((kept, bytes_read))
+}
 
-    let verdicts = if recipe.dedup.near {
-        near_dedup_stage(
-            &kept,
-            &recipe.dedup,
-            options.progress,
-            &mut stats,
-            &mut removed,
-        )?
-    } else {
-        vec![Verdict::Keep; kept.len()]
+/// The documents a recipe keeps before near-dedup (for training a tokenizer on them).
+pub fn read_documents(recipe: &DataRecipe, options: &BuildOptions) -> Result<Vec<Document>> {
+    let sources = resolve_sources(recipe)?;
+    let mut reports = Reports {
+        removed: RemovedLog(JsonLines::sink()),
+        redactions: RedactionLog(JsonLines::sink()),
     };
-    for (doc, verdict) in kept.iter().zip(verdicts) {
-        if verdict != Verdict::Keep {
-            continue;
-        }
-        let ids = tokenizer.encode_document(&doc.content, doc.language);
-        stats.stage("tokenize").keep(doc.content.len());
-        let counts = language_counts
-            .entry(doc.language.name().to_string())
-            .or_default();
-        counts.documents += 1;
-        counts.bytes += doc.content.len() as u64;
-        counts.tokens += ids.len() as u64;
-        if is_valid_document(doc, recipe.valid_fraction) {
-            valid.push_document(&ids)?;
-        } else {
-            if first_train_doc.is_none() {
-                first_train_doc = Some(ids.clone());
-            }
-            train.push_document(&ids)?;
-        }
-    }
-    drop(kept);
-    removed.finish()?;
-    redactions.finish()?;
-
-    let train_info = train.finish()?;
-    let mut valid_info = valid.finish()?;
-    if train_info.documents == 0 && valid_info.documents == 0 {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(DataError::EmptyCorpus(format!(
-            "no {} files were kept from sources [{}]",
-            recipe.languages.join("/"),
-            describe_sources(&sources)
-        )));
-    }
-    // A held-out split must exist; with a tiny corpus, hold out the first training document.
-    if valid_info.documents == 0 && recipe.valid_fraction > 0.0 {
-        let ids = first_train_doc.expect("train split is non-empty");
-        let mut w = ShardWriter::new(&staging, Split::Valid, recipe.shard_tokens);
-        w.push_document(&ids)?;
-        valid_info = w.finish()?;
-    }
-    if train_info.documents == 0 {
-        return Err(DataError::EmptyCorpus(
-            "every kept document fell into the validation split; lower `valid_fraction`".into(),
-        ));
-    }
-
-    let tokenizer_spec = copy_tokenizer(recipe, &staging)?;
-    let manifest = DatasetManifest {
-        format: FORMAT.to_string(),
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        name: recipe.name.clone(),
-        tokenizer: tokenizer_spec,
-        vocab_size: tokenizer.vocab_size(),
-        eos: tokenizer.eos(),
-        splits: BTreeMap::from([(Split::Train, train_info), (Split::Valid, valid_info)]),
-        languages: language_counts,
-        stats,
-        recipe: serde_json::to_value(recipe).unwrap_or_default(),
-    };
-    let manifest_path = staging.join(MANIFEST_FILE);
-    let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
-    std::fs::write(&manifest_path, json).map_err(|e| DataError::io(&manifest_path, e))?;
-    replace_dir(&staging, &out_dir)?;
-
-    Ok(BuildSummary {
-        dir: out_dir,
-        manifest,
-        seconds: start.elapsed().as_secs_f64(),
-        bytes_read,
-    })
+    let mut stats = PipelineStats::default();
+    Ok(read_sources(recipe, &sources, options, &mut stats, &mut reports)?.0)
 }
 
 /// MinHash signatures of the kept documents, then LSH clusters; the first document of
@@ -348,10 +387,17 @@ fn near_dedup_stage(
     Ok(verdicts)
 }
 
+/// The reports written beside the shards.
+struct Reports {
+    removed: RemovedLog,
+    redactions: RedactionLog,
+}
+
 /// A JSON-lines report beside the shards.
 struct JsonLines {
     path: PathBuf,
-    out: std::io::BufWriter<std::fs::File>,
+    /// `None`: lines are discarded.
+    out: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl JsonLines {
@@ -360,18 +406,31 @@ impl JsonLines {
         let file = std::fs::File::create(&path).map_err(|e| DataError::io(&path, e))?;
         Ok(Self {
             path,
-            out: std::io::BufWriter::new(file),
+            out: Some(std::io::BufWriter::new(file)),
         })
+    }
+
+    fn sink() -> Self {
+        Self {
+            path: PathBuf::new(),
+            out: None,
+        }
     }
 
     fn line(&mut self, value: serde_json::Value) -> Result<()> {
         use std::io::Write;
-        writeln!(self.out, "{value}").map_err(|e| DataError::io(&self.path, e))
+        match &mut self.out {
+            Some(out) => writeln!(out, "{value}").map_err(|e| DataError::io(&self.path, e)),
+            None => Ok(()),
+        }
     }
 
-    fn finish(mut self) -> Result<()> {
+    fn finish(self) -> Result<()> {
         use std::io::Write;
-        self.out.flush().map_err(|e| DataError::io(&self.path, e))
+        match self.out {
+            Some(mut out) => out.flush().map_err(|e| DataError::io(&self.path, e)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -381,10 +440,6 @@ pub const REMOVED_FILE: &str = "removed.jsonl";
 struct RemovedLog(JsonLines);
 
 impl RemovedLog {
-    fn create(dir: &Path) -> Result<Self> {
-        JsonLines::create(dir, REMOVED_FILE).map(Self)
-    }
-
     fn write(
         &mut self,
         id: &str,
@@ -410,10 +465,6 @@ pub const REDACTIONS_FILE: &str = "redactions.jsonl";
 struct RedactionLog(JsonLines);
 
 impl RedactionLog {
-    fn create(dir: &Path) -> Result<Self> {
-        JsonLines::create(dir, REDACTIONS_FILE).map(Self)
-    }
-
     fn write(&mut self, id: &str, finding: &Finding) -> Result<()> {
         self.0
             .line(serde_json::json!({ "id": id, "kind": finding.kind, "line": finding.line }))

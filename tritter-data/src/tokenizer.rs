@@ -106,7 +106,10 @@ impl HfTokenizer {
         Self::from_tokenizer(inner, Path::new("<embedded tokenizer.json>"))
     }
 
-    fn from_tokenizer(inner: tokenizers::Tokenizer, path: &Path) -> Result<Self> {
+    fn from_tokenizer(mut inner: tokenizers::Tokenizer, path: &Path) -> Result<Self> {
+        // Text that spells a special token (`<eos>` in a comment) is text: document
+        // structure comes only from the ids `encode_document` adds.
+        inner.set_encode_special_tokens(true);
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let bos = find(&["<bos>", "<s>", "<|begin_of_text|>", "<|endoftext|>"]);
         let eos =

@@ -152,52 +152,75 @@ impl Int4KvCache {
                 .extend(values[span].iter().map(|&x| f16::from_f32(x)));
         }
         self.in_recent += tokens;
-        while self.in_recent >= self.recent + self.group {
-            self.quantize_oldest_group();
+        if self.in_recent >= self.recent + self.group {
+            let groups = (self.in_recent - self.recent) / self.group;
+            self.quantize_oldest_groups(groups);
         }
     }
 
-    fn quantize_oldest_group(&mut self) {
-        let (d, g, cg) = (self.head_dim, self.group, self.channel_groups());
-        for head in &mut self.heads {
-            let keys: Vec<f32> = head.recent_keys.drain(..g * d).map(f16::to_f32).collect();
-            let values: Vec<f32> = head.recent_values.drain(..g * d).map(f16::to_f32).collect();
-            // Keys: per channel over the group's tokens.
-            let mut codes = vec![0u8; g * d / 2];
-            for c in 0..d {
-                let column = (0..g).map(|t| keys[t * d + c]);
-                let lo = column.clone().fold(f32::INFINITY, f32::min);
-                let hi = column.fold(f32::NEG_INFINITY, f32::max);
-                let (scale, zero) = scale_zero(lo, hi);
-                for t in 0..g {
-                    let q = code(keys[t * d + c], scale.to_f32(), zero.to_f32());
-                    set_nibble(&mut codes, t * d + c, q);
-                }
-                head.key_scale.push(scale);
-                head.key_zero.push(zero);
+    /// Quantizes the oldest `groups` groups of f16 tokens, removing them from the window
+    /// in one move.
+    fn quantize_oldest_groups(&mut self, groups: usize) {
+        let (d, g) = (self.head_dim, self.group);
+        for h in 0..self.heads.len() {
+            for k in 0..groups {
+                let span = k * g * d..(k + 1) * g * d;
+                let head = &self.heads[h];
+                let keys: Vec<f32> = head.recent_keys[span.clone()]
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect();
+                let values: Vec<f32> = head.recent_values[span]
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect();
+                self.quantize_group(h, &keys, &values);
             }
-            head.key_codes.extend_from_slice(&codes);
-            // Values: per token over groups of channels.
-            let mut codes = vec![0u8; g * d / 2];
-            for t in 0..g {
-                for k in 0..cg {
-                    let span = t * d + k * self.group..t * d + ((k + 1) * self.group).min(d);
-                    let part = &values[span.clone()];
-                    let lo = part.iter().copied().fold(f32::INFINITY, f32::min);
-                    let hi = part.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let (scale, zero) = scale_zero(lo, hi);
-                    for i in span {
-                        let q = code(values[i], scale.to_f32(), zero.to_f32());
-                        set_nibble(&mut codes, i, q);
-                    }
-                    head.value_scale.push(scale);
-                    head.value_zero.push(zero);
-                }
-            }
-            head.value_codes.extend_from_slice(&codes);
+            let head = &mut self.heads[h];
+            head.recent_keys.drain(..groups * g * d);
+            head.recent_values.drain(..groups * g * d);
         }
-        self.quantized += g;
-        self.in_recent -= g;
+        self.quantized += groups * g;
+        self.in_recent -= groups * g;
+    }
+
+    /// Appends one group's codes, scales and zero points to head `h`.
+    fn quantize_group(&mut self, h: usize, keys: &[f32], values: &[f32]) {
+        let (d, g, cg) = (self.head_dim, self.group, self.channel_groups());
+        let head = &mut self.heads[h];
+        // Keys: per channel over the group's tokens.
+        let mut codes = vec![0u8; g * d / 2];
+        for c in 0..d {
+            let column = (0..g).map(|t| keys[t * d + c]);
+            let lo = column.clone().fold(f32::INFINITY, f32::min);
+            let hi = column.fold(f32::NEG_INFINITY, f32::max);
+            let (scale, zero) = scale_zero(lo, hi);
+            for t in 0..g {
+                let q = code(keys[t * d + c], scale.to_f32(), zero.to_f32());
+                set_nibble(&mut codes, t * d + c, q);
+            }
+            head.key_scale.push(scale);
+            head.key_zero.push(zero);
+        }
+        head.key_codes.extend_from_slice(&codes);
+        // Values: per token over groups of channels.
+        let mut codes = vec![0u8; g * d / 2];
+        for t in 0..g {
+            for k in 0..cg {
+                let span = t * d + k * self.group..t * d + ((k + 1) * self.group).min(d);
+                let part = &values[span.clone()];
+                let lo = part.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = part.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let (scale, zero) = scale_zero(lo, hi);
+                for i in span {
+                    let q = code(values[i], scale.to_f32(), zero.to_f32());
+                    set_nibble(&mut codes, i, q);
+                }
+                head.value_scale.push(scale);
+                head.value_zero.push(zero);
+            }
+        }
+        head.value_codes.extend_from_slice(&codes);
     }
 
     /// Every cached key and value dequantized, each `[kv_heads][len][head_dim]` (the

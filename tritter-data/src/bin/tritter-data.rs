@@ -27,10 +27,29 @@ enum Command {
     },
     /// Print a dataset's manifest summary.
     Inspect { dataset: PathBuf },
+    /// Tokenizers.
+    Tokenizer {
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
     /// Benchmarks on real code.
     Bench {
         #[command(subcommand)]
         bench: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE `tokenizer.json` on the documents a data recipe keeps
+    /// (after filters, secrets and exact dedup); a recipe uses it with
+    /// `tokenizer = { huggingface = "tokenizer.json" }`.
+    Train {
+        recipe: PathBuf,
+        #[arg(long)]
+        vocab_size: usize,
+        #[arg(long, default_value = "tokenizer.json")]
+        out: PathBuf,
     },
 }
 
@@ -80,6 +99,30 @@ fn main() -> Result<()> {
                     "stats": manifest.stats,
                 }))
                 .context("printing manifest")?
+            );
+        }
+        Command::Tokenizer {
+            command:
+                TokenizerCommand::Train {
+                    recipe,
+                    vocab_size,
+                    out,
+                },
+        } => {
+            let recipe = DataRecipe::from_file(&recipe)?;
+            let options = BuildOptions {
+                out: None,
+                progress: true,
+            };
+            let s = tritter_data::bpe::train_bpe(&recipe, vocab_size, &out, &options)?;
+            println!(
+                "wrote {}: {} tokens, trained on {} documents ({:.1} MB) in {:.1} s; {:.3} tokens per byte",
+                out.display(),
+                s.vocab_size,
+                s.documents,
+                s.bytes as f64 / 1e6,
+                s.seconds,
+                s.tokens_per_byte
             );
         }
         Command::Bench {
