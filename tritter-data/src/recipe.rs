@@ -160,6 +160,21 @@ impl DataRecipe {
     }
 
     /// The dataset directory, resolved against the recipe's directory.
+    /// A recipe with the default stages over local directories, writing to `out` (for
+    /// `tritter-data build --source DIR… --out DIR`).
+    pub fn from_sources(dirs: &[PathBuf], out: &Path) -> Result<Self> {
+        let quote = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
+        let mut text = format!("name = \"sources\"\noutput = {}\n", quote(out));
+        for (i, dir) in dirs.iter().enumerate() {
+            text.push_str(&format!(
+                "[[sources]]\nname = \"source-{i}\"\nkind = \"dir\"\npath = {}\n",
+                quote(dir)
+            ));
+        }
+        let cwd = std::env::current_dir().map_err(|e| DataError::io(".", e))?;
+        Self::from_toml(&text, Path::new("--source"), cwd)
+    }
+
     pub fn output_dir(&self) -> PathBuf {
         self.base_dir.join(&self.output)
     }

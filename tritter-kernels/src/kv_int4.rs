@@ -253,6 +253,8 @@ impl Int4KvCache {
     /// Attention of one new position's queries, `[num_heads][head_dim]` (query head `h`
     /// reads key/value head `h / (num_heads / kv_heads)`), to every cached token, or to
     /// the last `window` of them. Scaled by `1/√head_dim`. Returns `[num_heads][head_dim]`.
+    /// The query heads sharing a key/value head are served together: each code is
+    /// unpacked once for all of them.
     pub fn decode_attention(
         &self,
         queries: &[f32],
@@ -267,85 +269,130 @@ impl Int4KvCache {
         );
         let per_kv = num_heads / self.kv_heads;
         let mut out = vec![0f32; num_heads * d];
-        out.par_chunks_mut(d)
-            .zip(queries.par_chunks(d))
-            .enumerate()
-            .for_each(|(h, (out, q))| self.attend_head(&self.heads[h / per_kv], q, window, out));
+        out.par_chunks_mut(per_kv * d)
+            .zip(queries.par_chunks(per_kv * d))
+            .zip(self.heads.par_iter())
+            .for_each(|((out, q), head)| self.attend_kv_head(head, q, per_kv, window, out));
         out
     }
 
-    fn attend_head(&self, head: &Head, q: &[f32], window: Option<usize>, out: &mut [f32]) {
+    /// `queries` and `out` are `[rows][head_dim]`, the query heads of `head`.
+    fn attend_kv_head(
+        &self,
+        head: &Head,
+        queries: &[f32],
+        rows: usize,
+        window: Option<usize>,
+        out: &mut [f32],
+    ) {
         let (d, g, cg) = (self.head_dim, self.group, self.channel_groups());
         let n = self.len();
         let first = window.map_or(0, |w| n.saturating_sub(w));
         let scale = 1.0 / (d as f32).sqrt();
-        let mut scores = vec![f32::NEG_INFINITY; n];
+        // scores[r * n + t]
+        let mut scores = vec![f32::NEG_INFINITY; rows * n];
+        let mut row = vec![0f32; d];
         // Quantized keys, a group at a time: q·(s⊙c + z) = (q⊙s)·c + q·z.
-        let mut qs = vec![0f32; d];
+        let mut qs = vec![0f32; rows * d];
+        let mut bias = vec![0f32; rows];
         for group in first / g..self.quantized / g {
             let params = group * d..(group + 1) * d;
-            let mut bias = 0f32;
-            for ((qs, &qc), (s, z)) in qs.iter_mut().zip(q).zip(
-                head.key_scale[params.clone()]
-                    .iter()
-                    .zip(&head.key_zero[params]),
-            ) {
-                *qs = qc * s.to_f32();
-                bias += qc * z.to_f32();
-            }
-            let tokens = scores.iter_mut().enumerate();
-            for (t, score) in tokens.take((group + 1) * g).skip((group * g).max(first)) {
-                let row = &head.key_codes[t * d / 2..(t + 1) * d / 2];
-                let mut dot = 0f32;
-                for (pair, qs) in row.iter().zip(qs.chunks_exact(2)) {
-                    dot += qs[0] * (pair & 15) as f32 + qs[1] * (pair >> 4) as f32;
+            let (s, z) = (&head.key_scale[params.clone()], &head.key_zero[params]);
+            for r in 0..rows {
+                let q = &queries[r * d..(r + 1) * d];
+                bias[r] = 0.0;
+                for c in 0..d {
+                    qs[r * d + c] = q[c] * s[c].to_f32();
+                    bias[r] += q[c] * z[c].to_f32();
                 }
-                *score = (dot + bias) * scale;
+            }
+            for t in (group * g).max(first)..(group + 1) * g {
+                unpack(&head.key_codes[t * d / 2..(t + 1) * d / 2], &mut row);
+                for r in 0..rows {
+                    scores[r * n + t] = (dot(&qs[r * d..(r + 1) * d], &row) + bias[r]) * scale;
+                }
             }
         }
-        for (t, score) in scores
-            .iter_mut()
-            .enumerate()
-            .skip(first.max(self.quantized))
-        {
-            let row = &head.recent_keys[(t - self.quantized) * d..(t - self.quantized + 1) * d];
-            let dot: f32 = row.iter().zip(q).map(|(k, q)| k.to_f32() * q).sum();
-            *score = dot * scale;
+        for t in first.max(self.quantized)..n {
+            let k = t - self.quantized;
+            for (x, v) in row.iter_mut().zip(&head.recent_keys[k * d..(k + 1) * d]) {
+                *x = v.to_f32();
+            }
+            for r in 0..rows {
+                scores[r * n + t] = dot(&queries[r * d..(r + 1) * d], &row) * scale;
+            }
         }
-        let max = scores[first..]
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0f32;
-        for s in &mut scores[first..] {
-            *s = (*s - max).exp();
-            total += *s;
+        for r in 0..rows {
+            let scores = &mut scores[r * n + first..(r + 1) * n];
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            for s in scores.iter_mut() {
+                *s /= total;
+            }
         }
         out.fill(0.0);
-        // Quantized values: Σ p·(s·c + z) per channel group.
-        for (t, &e) in scores.iter().enumerate().take(self.quantized).skip(first) {
-            let p = e / total;
-            let row = &head.value_codes[t * d / 2..(t + 1) * d / 2];
+        // Quantized values, a token at a time: Σ p·(s·c + z) per channel group.
+        for t in first..self.quantized {
+            unpack(&head.value_codes[t * d / 2..(t + 1) * d / 2], &mut row);
             for k in 0..cg {
                 let (s, z) = (
-                    head.value_scale[t * cg + k].to_f32() * p,
-                    head.value_zero[t * cg + k].to_f32() * p,
+                    head.value_scale[t * cg + k].to_f32(),
+                    head.value_zero[t * cg + k].to_f32(),
                 );
-                let span = k * g..((k + 1) * g).min(d);
-                for c in span.step_by(2) {
-                    let pair = row[c / 2];
-                    out[c] += s * (pair & 15) as f32 + z;
-                    out[c + 1] += s * (pair >> 4) as f32 + z;
+                for x in &mut row[k * g..((k + 1) * g).min(d)] {
+                    *x = s * *x + z;
                 }
             }
-        }
-        for (t, &e) in scores.iter().enumerate().skip(first.max(self.quantized)) {
-            let p = e / total;
-            let row = &head.recent_values[(t - self.quantized) * d..(t - self.quantized + 1) * d];
-            for (o, v) in out.iter_mut().zip(row) {
-                *o += p * v.to_f32();
+            for r in 0..rows {
+                axpy(scores[r * n + t], &row, &mut out[r * d..(r + 1) * d]);
             }
         }
+        for t in first.max(self.quantized)..n {
+            let k = t - self.quantized;
+            for (x, v) in row.iter_mut().zip(&head.recent_values[k * d..(k + 1) * d]) {
+                *x = v.to_f32();
+            }
+            for r in 0..rows {
+                axpy(scores[r * n + t], &row, &mut out[r * d..(r + 1) * d]);
+            }
+        }
+    }
+}
+
+/// Two 4-bit codes per byte, low nibble first, as f32.
+fn unpack(codes: &[u8], out: &mut [f32]) {
+    for (pair, o) in codes.iter().zip(out.chunks_exact_mut(2)) {
+        o[0] = (pair & 15) as f32;
+        o[1] = (pair >> 4) as f32;
+    }
+}
+
+/// `a·b`, in eight independent sums so that it vectorizes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y += a·x`.
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
     }
 }
 

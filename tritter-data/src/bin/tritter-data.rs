@@ -18,9 +18,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build a dataset from a data recipe.
+    /// Build a dataset from a data recipe, or from directories with the default stages.
+    #[command(group(clap::ArgGroup::new("input").required(true).args(["recipe", "source"])))]
     Build {
-        recipe: PathBuf,
+        recipe: Option<PathBuf>,
+        /// A directory of code (repeatable), instead of a recipe; needs --out.
+        #[arg(long, conflicts_with = "recipe", requires = "out")]
+        source: Vec<PathBuf>,
         /// Write the dataset here instead of the recipe's `output`.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -75,8 +79,16 @@ enum Bench {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Build { recipe, out } => {
-            let recipe = DataRecipe::from_file(&recipe)?;
+        Command::Build {
+            recipe,
+            source,
+            out,
+        } => {
+            let recipe = match (recipe, &out) {
+                (Some(path), _) => DataRecipe::from_file(&path)?,
+                (None, Some(out)) => DataRecipe::from_sources(&source, out)?,
+                (None, None) => unreachable!("clap requires --out with --source"),
+            };
             let summary = build_dataset(
                 &recipe,
                 &BuildOptions {
