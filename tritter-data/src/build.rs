@@ -99,8 +99,18 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
 
     let mut stats = PipelineStats::default();
     let mut language_counts: BTreeMap<String, LanguageCounts> = BTreeMap::new();
-    let mut train = ShardWriter::new(&staging, Split::Train, recipe.shard_tokens);
-    let mut valid = ShardWriter::new(&staging, Split::Valid, recipe.shard_tokens);
+    let mut train = ShardWriter::with_codec(
+        &staging,
+        Split::Train,
+        recipe.shard_tokens,
+        recipe.shard_codec,
+    );
+    let mut valid = ShardWriter::with_codec(
+        &staging,
+        Split::Valid,
+        recipe.shard_tokens,
+        recipe.shard_codec,
+    );
     let mut first_train_doc: Option<Vec<u32>> = None;
 
     let mut reports = Reports {
@@ -162,7 +172,12 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
     // A held-out split must exist; with a tiny corpus, hold out the first training document.
     if valid_info.documents == 0 && recipe.valid_fraction > 0.0 {
         let ids = first_train_doc.expect("train split is non-empty");
-        let mut w = ShardWriter::new(&staging, Split::Valid, recipe.shard_tokens);
+        let mut w = ShardWriter::with_codec(
+            &staging,
+            Split::Valid,
+            recipe.shard_tokens,
+            recipe.shard_codec,
+        );
         w.push_document(&ids)?;
         valid_info = w.finish()?;
     }

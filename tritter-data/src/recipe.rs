@@ -5,6 +5,7 @@ use crate::error::{DataError, Result};
 use crate::filter::FilterConfig;
 use crate::language::Language;
 use crate::secrets::SecretsConfig;
+use crate::shard::ShardCodec;
 use crate::tokenizer::TokenizerSpec;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -32,6 +33,9 @@ pub struct DataRecipe {
     /// Tokens per shard file.
     #[serde(default = "default_shard_tokens")]
     pub shard_tokens: u64,
+    /// How token files are stored: `zstd` (default) or `raw`.
+    #[serde(default)]
+    pub shard_codec: ShardCodec,
     pub sources: Vec<SourceConfig>,
     /// Quality filters.
     #[serde(default)]
