@@ -3,7 +3,9 @@
 use crate::dedup::{cluster_documents, DedupConfig, MinHasher, Verdict};
 use crate::document::Document;
 use crate::error::{DataError, Result};
+use crate::filter::FilterConfig;
 use crate::language::Language;
+use crate::parquet_source::{read_rows, ParquetColumns, ParquetRow};
 use crate::recipe::DataRecipe;
 use crate::secrets::{Finding, SecretsAction, SecretsConfig};
 use crate::shard::{DatasetManifest, LanguageCounts, ShardWriter, Split, FORMAT, MANIFEST_FILE};
@@ -234,103 +236,77 @@ fn read_sources(
     stats: &mut PipelineStats,
     reports: &mut Reports,
 ) -> Result<(Vec<Document>, u64)> {
-    let Reports {
-        removed,
-        redactions,
-    } = reports;
     let start = Instant::now();
-    let languages = recipe.languages();
-    let (mut total_bytes, mut bytes_read) = (0u64, 0u64);
-    let mut seen: HashMap<u128, String> = HashMap::new();
-    let mut kept: Vec<Document> = Vec::new();
+    let mut admit = Admission {
+        recipe,
+        languages: recipe.languages(),
+        stats,
+        reports,
+        seen: HashMap::new(),
+        kept: Vec::new(),
+        total_bytes: 0,
+    };
+    let mut bytes_read = 0u64;
     let total_files: usize = sources.iter().map(|s| s.files.len()).sum();
     let bar = progress_bar(options.progress, total_files as u64, "reading");
     for source in sources {
         let mut source_bytes = 0u64;
+        let over_cap = |admit: &Admission, source_bytes: u64, size: u64| {
+            admit.total_bytes + size > recipe.max_total_bytes
+                || source.max_bytes.is_some_and(|m| source_bytes + size > m)
+        };
         for file in &source.files {
             bar.inc(1);
-            let id = format!("{}/{}", source.name, file.relative);
-            stats.stage("source").keep(file.size as usize);
-            if file.size > recipe.max_file_bytes {
-                stats.stage("filter").drop("file too large");
-                removed.write(&id, "filter", "file too large", None)?;
+            if let Some(columns) = &source.parquet {
+                for mut row in read_rows(&file.path, columns)? {
+                    let id = format!("{}/{}", source.name, row.id);
+                    admit.stats.stage("source").keep(0);
+                    let content = match std::mem::replace(&mut row.content, Err("")) {
+                        Ok(c) => c,
+                        Err(reason) => {
+                            admit.drop(&id, "read", reason)?;
+                            continue;
+                        }
+                    };
+                    bytes_read += content.len() as u64;
+                    let size = content.len() as u64;
+                    if let Some(reason) = stack_flags(&row, columns, &recipe.filters) {
+                        admit.drop(&id, "filter", reason)?;
+                        continue;
+                    }
+                    if size > recipe.max_file_bytes {
+                        admit.drop(&id, "filter", "file too large")?;
+                        continue;
+                    }
+                    if over_cap(&admit, source_bytes, size) {
+                        admit.stats.stage("filter").drop("over size cap");
+                        continue;
+                    }
+                    let language = row.detect_language(&content);
+                    source_bytes += admit.admit(id, &source.name, &row.path, content, language)?;
+                }
                 continue;
             }
-            if total_bytes + file.size > recipe.max_total_bytes
-                || source
-                    .max_bytes
-                    .is_some_and(|m| source_bytes + file.size > m)
-            {
-                stats.stage("filter").drop("over size cap");
+            let id = format!("{}/{}", source.name, file.relative);
+            admit.stats.stage("source").keep(file.size as usize);
+            if file.size > recipe.max_file_bytes {
+                admit.drop(&id, "filter", "file too large")?;
+                continue;
+            }
+            if over_cap(&admit, source_bytes, file.size) {
+                admit.stats.stage("filter").drop("over size cap");
                 continue;
             }
             let content = match std::fs::read(&file.path) {
                 Ok(c) => c,
                 Err(_) => {
-                    stats.stage("read").drop("unreadable");
-                    removed.write(&id, "read", "unreadable", None)?;
+                    admit.drop(&id, "read", "unreadable")?;
                     continue;
                 }
             };
             bytes_read += content.len() as u64;
-            let Some(language) = Language::detect(&file.path, &content) else {
-                stats.stage("language").drop("not code");
-                continue;
-            };
-            if !languages.contains(&language) {
-                stats
-                    .stage("language")
-                    .drop(&format!("{language} not selected"));
-                continue;
-            }
-            stats.stage("language").keep(content.len());
-            if let Some(reason) = filter_reason(&content) {
-                stats.stage("filter").drop(reason);
-                removed.write(&id, "filter", reason, None)?;
-                continue;
-            }
-            // Valid UTF-8 from here on (`filter_reason` checked).
-            let text = String::from_utf8(content).expect("checked utf-8");
-            if let Some(reason) = recipe.filters.reason(&file.relative, &text) {
-                stats.stage("filter").drop(reason);
-                removed.write(&id, "filter", reason, None)?;
-                continue;
-            }
-            stats.stage("filter").keep(text.len());
-            let findings = recipe.secrets.find(&text);
-            let content = if findings.is_empty() {
-                text.into_bytes()
-            } else if recipe.secrets.action == SecretsAction::Drop {
-                let reason = format!("holds a secret ({})", findings[0].kind);
-                stats.stage("secrets").drop(&reason);
-                removed.write(&id, "secrets", &reason, None)?;
-                continue;
-            } else {
-                for f in &findings {
-                    stats.stage("secrets").redact(f.kind);
-                    redactions.write(&id, f)?;
-                }
-                SecretsConfig::redact(&text, &findings).into_bytes()
-            };
-            stats.stage("secrets").keep(content.len());
-            if recipe.dedup.exact {
-                let hash = xxh3_128(&content);
-                if let Some(first) = seen.get(&hash) {
-                    stats.stage("exact dedup").drop("identical content");
-                    removed.write(&id, "exact dedup", "identical content", Some((first, 1.0)))?;
-                    continue;
-                }
-                seen.insert(hash, id.clone());
-                stats.stage("exact dedup").keep(content.len());
-            }
-            source_bytes += content.len() as u64;
-            total_bytes += content.len() as u64;
-            kept.push(Document {
-                id,
-                source: source.name.clone(),
-                language,
-                content,
-            });
+            let language = Language::detect(&file.path, &content);
+            source_bytes += admit.admit(id, &source.name, &file.relative, content, language)?;
             if bar.length().is_some() {
                 let secs = start.elapsed().as_secs_f64().max(1e-9);
                 bar.set_message(format!("{:.1} MB/s", bytes_read as f64 / 1e6 / secs));
@@ -338,7 +314,117 @@ fn read_sources(
         }
     }
     bar.finish_and_clear();
-    Ok((kept, bytes_read))
+    Ok((admit.kept, bytes_read))
+}
+
+/// Stack v2's own `is_generated` / `is_vendor` flags and licence, under the same switches
+/// as the filters.
+fn stack_flags(
+    row: &ParquetRow,
+    columns: &ParquetColumns,
+    filters: &FilterConfig,
+) -> Option<&'static str> {
+    if filters.drop_generated && row.is_generated {
+        Some("auto-generated")
+    } else if filters.drop_vendored && row.is_vendor {
+        Some("vendored")
+    } else if !row.licensed(columns) {
+        Some("license")
+    } else {
+        None
+    }
+}
+
+/// The stages from language selection to exact dedup, applied to one document at a time.
+struct Admission<'a> {
+    recipe: &'a DataRecipe,
+    languages: Vec<Language>,
+    stats: &'a mut PipelineStats,
+    reports: &'a mut Reports,
+    seen: HashMap<u128, String>,
+    kept: Vec<Document>,
+    total_bytes: u64,
+}
+
+impl Admission<'_> {
+    fn drop(&mut self, id: &str, stage: &str, reason: &str) -> Result<()> {
+        self.stats.stage(stage).drop(reason);
+        self.reports.removed.write(id, stage, reason, None)
+    }
+
+    /// Runs one document through the stages; returns the bytes kept (0 if dropped).
+    fn admit(
+        &mut self,
+        id: String,
+        source: &str,
+        relative: &str,
+        content: Vec<u8>,
+        language: Option<Language>,
+    ) -> Result<u64> {
+        let recipe = self.recipe;
+        let Some(language) = language else {
+            self.stats.stage("language").drop("not code");
+            return Ok(0);
+        };
+        if !self.languages.contains(&language) {
+            self.stats
+                .stage("language")
+                .drop(&format!("{language} not selected"));
+            return Ok(0);
+        }
+        self.stats.stage("language").keep(content.len());
+        if let Some(reason) = filter_reason(&content) {
+            self.drop(&id, "filter", reason)?;
+            return Ok(0);
+        }
+        // Valid UTF-8 from here on (`filter_reason` checked).
+        let text = String::from_utf8(content).expect("checked utf-8");
+        if let Some(reason) = recipe.filters.reason(relative, &text) {
+            self.drop(&id, "filter", reason)?;
+            return Ok(0);
+        }
+        self.stats.stage("filter").keep(text.len());
+        let findings = recipe.secrets.find(&text);
+        let content = if findings.is_empty() {
+            text.into_bytes()
+        } else if recipe.secrets.action == SecretsAction::Drop {
+            let reason = format!("holds a secret ({})", findings[0].kind);
+            self.drop(&id, "secrets", &reason)?;
+            return Ok(0);
+        } else {
+            for f in &findings {
+                self.stats.stage("secrets").redact(f.kind);
+                self.reports.redactions.write(&id, f)?;
+            }
+            SecretsConfig::redact(&text, &findings).into_bytes()
+        };
+        self.stats.stage("secrets").keep(content.len());
+        if recipe.dedup.exact {
+            let hash = xxh3_128(&content);
+            if let Some(first) = self.seen.get(&hash) {
+                self.stats.stage("exact dedup").drop("identical content");
+                let first = first.clone();
+                self.reports.removed.write(
+                    &id,
+                    "exact dedup",
+                    "identical content",
+                    Some((&first, 1.0)),
+                )?;
+                return Ok(0);
+            }
+            self.seen.insert(hash, id.clone());
+            self.stats.stage("exact dedup").keep(content.len());
+        }
+        let bytes = content.len() as u64;
+        self.total_bytes += bytes;
+        self.kept.push(Document {
+            id,
+            source: source.to_string(),
+            language,
+            content,
+        });
+        Ok(bytes)
+    }
 }
 
 /// The documents a recipe keeps before near-dedup (for training a tokenizer on them).

@@ -13,6 +13,7 @@ pub mod document;
 pub mod error;
 pub mod filter;
 pub mod language;
+pub mod parquet_source;
 pub mod recipe;
 pub mod secrets;
 pub mod shard;

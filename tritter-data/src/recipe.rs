@@ -74,12 +74,34 @@ pub enum SourceKind {
     CargoRegistry,
     /// The standard library of the `python3` on `PATH`, when there is one.
     PythonStdlib,
+    /// A Parquet file or a directory of them: The Stack v2's metadata with `blobs` naming
+    /// the directory of its gzip content blobs (`content/{blob_id}`), or rows carrying the
+    /// content in `content_column`.
+    Parquet {
+        path: PathBuf,
+        blobs: Option<PathBuf>,
+        #[serde(default = "default_content_column")]
+        content_column: String,
+        #[serde(default = "default_path_column")]
+        path_column: String,
+        /// Kept `license_type` values (default with `blobs`: `["permissive"]`).
+        license_types: Option<Vec<String>>,
+    },
+}
+
+fn default_content_column() -> String {
+    "content".into()
+}
+fn default_path_column() -> String {
+    "path".into()
 }
 
 impl SourceConfig {
     pub fn is_required(&self) -> bool {
-        self.required
-            .unwrap_or(matches!(self.kind, SourceKind::Dir { .. }))
+        self.required.unwrap_or(matches!(
+            self.kind,
+            SourceKind::Dir { .. } | SourceKind::Parquet { .. }
+        ))
     }
 }
 

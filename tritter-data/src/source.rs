@@ -5,6 +5,7 @@
 
 use crate::document::fnv1a;
 use crate::error::{DataError, Result};
+use crate::parquet_source::{parquet_files, ParquetColumns};
 use crate::recipe::{DataRecipe, SourceConfig, SourceKind};
 use std::path::{Path, PathBuf};
 
@@ -22,8 +23,11 @@ pub struct SourceFile {
 pub struct ResolvedSource {
     pub name: String,
     pub root: PathBuf,
+    /// Code files, or for a Parquet source its `.parquet` files.
     pub files: Vec<SourceFile>,
     pub max_bytes: Option<u64>,
+    /// For a Parquet source: its columns, the blob directory resolved.
+    pub parquet: Option<ParquetColumns>,
 }
 
 /// Extensions worth reading; extensionless files are read only for a Python shebang.
@@ -33,11 +37,13 @@ const CODE_EXTENSIONS: [&str; 3] = ["py", "pyi", "rs"];
 pub fn source_root(recipe: &DataRecipe, source: &SourceConfig) -> Result<Option<PathBuf>> {
     let root = match &source.kind {
         SourceKind::Dir { path } => Some(recipe.resolve(path)),
+        SourceKind::Parquet { path, .. } => Some(recipe.resolve(path)),
         SourceKind::CargoRegistry => cargo_home().map(|home| home.join("registry").join("src")),
         SourceKind::PythonStdlib => python_stdlib(),
     };
+    let parquet = matches!(source.kind, SourceKind::Parquet { .. });
     match root {
-        Some(root) if root.is_dir() => Ok(Some(root)),
+        Some(root) if root.is_dir() || (parquet && root.is_file()) => Ok(Some(root)),
         other => {
             let what = other
                 .map(|p| format!("{} is not a directory", p.display()))
@@ -57,6 +63,43 @@ pub fn list_source(recipe: &DataRecipe, source: &SourceConfig) -> Result<Option<
     let Some(root) = source_root(recipe, source)? else {
         return Ok(None);
     };
+    if let SourceKind::Parquet {
+        blobs,
+        content_column,
+        path_column,
+        license_types,
+        ..
+    } = &source.kind
+    {
+        let files = parquet_files(&root)?
+            .into_iter()
+            .map(|path| SourceFile {
+                relative: relative_id(&root, &path),
+                size: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+                path,
+            })
+            .collect();
+        let blobs = blobs.as_ref().map(|b| recipe.resolve(b));
+        if let Some(dir) = blobs.as_ref().filter(|d| !d.is_dir()) {
+            return Err(DataError::Source(format!(
+                "`{}`: blob directory {} is not a directory",
+                source.name,
+                dir.display()
+            )));
+        }
+        return Ok(Some(ResolvedSource {
+            name: source.name.clone(),
+            root,
+            files,
+            max_bytes: source.max_bytes,
+            parquet: Some(ParquetColumns {
+                blobs,
+                content_column: content_column.clone(),
+                path_column: path_column.clone(),
+                license_types: license_types.clone(),
+            }),
+        }));
+    }
     let exclude_site_packages = source.kind == SourceKind::PythonStdlib;
     let mut files = Vec::new();
     let walker = ignore::WalkBuilder::new(&root)
@@ -103,6 +146,7 @@ pub fn list_source(recipe: &DataRecipe, source: &SourceConfig) -> Result<Option<
         root,
         files,
         max_bytes: source.max_bytes,
+        parquet: None,
     }))
 }
 

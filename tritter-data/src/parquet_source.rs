@@ -1,0 +1,194 @@
+//! Parquet sources: The Stack v2 as its users receive it — metadata rows whose content
+//! lives in a blob directory as `{blob_id}`, gzip-compressed, decoded with the row's
+//! `src_encoding` — and Parquet files that carry the content in a column.
+
+use crate::error::{DataError, Result};
+use crate::language::Language;
+use encoding_rs::Encoding;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::Field;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// A `kind = "parquet"` source's settings, its paths resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParquetColumns {
+    /// Directory of gzip blobs named by `blob_id` (The Stack v2's `content/`). Without
+    /// it, the content is read from `content_column`.
+    pub blobs: Option<PathBuf>,
+    pub content_column: String,
+    pub path_column: String,
+    /// Keep only rows whose `license_type` is one of these (Stack v2 default:
+    /// `["permissive"]`; an empty list keeps every row).
+    pub license_types: Option<Vec<String>>,
+}
+
+/// One row, ready for the pipeline's stages, or the reason it cannot be.
+#[derive(Debug, Clone)]
+pub struct ParquetRow {
+    /// The blob id, or the row's path.
+    pub id: String,
+    pub path: String,
+    pub content: std::result::Result<Vec<u8>, &'static str>,
+    /// From the `language` column, when the file has one.
+    pub language: Option<String>,
+    pub is_generated: bool,
+    pub is_vendor: bool,
+    pub license_type: Option<String>,
+}
+
+impl ParquetRow {
+    /// The row's language: the metadata's when present (Python checked for Triton
+    /// kernels), otherwise by extension and shebang.
+    pub fn detect_language(&self, content: &[u8]) -> Option<Language> {
+        let path = Path::new(&self.path);
+        match self
+            .language
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("python") => Language::detect(Path::new("x.py"), content),
+            Some("rust") => Some(Language::Rust),
+            Some(_) => None,
+            None => Language::detect(path, content),
+        }
+    }
+
+    /// Whether the licence filter keeps the row.
+    pub fn licensed(&self, columns: &ParquetColumns) -> bool {
+        let allowed = match (&columns.license_types, &columns.blobs) {
+            (Some(list), _) => list.clone(),
+            (None, Some(_)) => vec!["permissive".to_string()],
+            (None, None) => Vec::new(),
+        };
+        allowed.is_empty()
+            || self
+                .license_type
+                .as_ref()
+                .is_some_and(|l| allowed.iter().any(|a| a == l))
+    }
+}
+
+/// The `.parquet` files of `path` (the file itself, or a directory's, sorted).
+pub fn parquet_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| DataError::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn text(field: &Field) -> Option<String> {
+    match field {
+        Field::Str(s) => Some(s.clone()),
+        Field::Bytes(b) => Some(String::from_utf8_lossy(b.data()).into_owned()),
+        _ => None,
+    }
+}
+
+/// Reads every row of one Parquet file, fetching Stack v2 content from the blob
+/// directory. A file that is not Parquet, or lacks the columns it needs, is an error
+/// naming it; a missing or corrupt blob, or content its encoding cannot decode, is a
+/// row with the reason.
+pub fn read_rows(file: &Path, columns: &ParquetColumns) -> Result<Vec<ParquetRow>> {
+    let bad = |message: String| DataError::Source(format!("{}: {message}", file.display()));
+    let handle = std::fs::File::open(file).map_err(|e| DataError::io(file, e))?;
+    let reader = SerializedFileReader::new(handle)
+        .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+    let schema = reader.metadata().file_metadata().schema_descr_ptr();
+    let names: Vec<String> = schema
+        .columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    let need = |name: &str| -> Result<()> {
+        if names.iter().any(|n| n == name) {
+            Ok(())
+        } else {
+            Err(bad(format!(
+                "no `{name}` column (columns: {})",
+                names.join(", ")
+            )))
+        }
+    };
+    need(&columns.path_column)?;
+    match &columns.blobs {
+        Some(_) => need("blob_id")?,
+        None => need(&columns.content_column)?,
+    }
+    let rows = reader
+        .get_row_iter(None)
+        .map_err(|e| bad(format!("cannot read rows: {e}")))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let row = row.map_err(|e| bad(format!("corrupt row: {e}")))?;
+        let (mut path, mut content, mut blob_id, mut encoding) = (None, None, None, None);
+        let mut parsed = ParquetRow {
+            id: String::new(),
+            path: String::new(),
+            content: Err("no content"),
+            language: None,
+            is_generated: false,
+            is_vendor: false,
+            license_type: None,
+        };
+        for (name, field) in row.get_column_iter() {
+            match (name.as_str(), field) {
+                (n, f) if n == columns.path_column => path = text(f),
+                (n, f) if n == columns.content_column && columns.blobs.is_none() => {
+                    content = match f {
+                        Field::Str(s) => Some(s.clone().into_bytes()),
+                        Field::Bytes(b) => Some(b.data().to_vec()),
+                        _ => None,
+                    }
+                }
+                ("blob_id", f) => blob_id = text(f),
+                ("src_encoding", f) => encoding = text(f),
+                ("language", f) => parsed.language = text(f),
+                ("license_type", f) => parsed.license_type = text(f),
+                ("is_generated", Field::Bool(b)) => parsed.is_generated = *b,
+                ("is_vendor", Field::Bool(b)) => parsed.is_vendor = *b,
+                _ => {}
+            }
+        }
+        parsed.path = path.unwrap_or_default();
+        parsed.id = blob_id.clone().unwrap_or_else(|| parsed.path.clone());
+        parsed.content = match (&columns.blobs, blob_id) {
+            (Some(dir), Some(id)) => fetch_blob(dir, &id, encoding.as_deref()),
+            (Some(_), None) => Err("no blob id"),
+            (None, _) => content.ok_or("no content"),
+        };
+        out.push(parsed);
+    }
+    Ok(out)
+}
+
+/// A Stack v2 blob: `dir/{blob_id}`, gzip, in `encoding` (UTF-8 when absent), as UTF-8.
+pub fn fetch_blob(
+    dir: &Path,
+    blob_id: &str,
+    encoding: Option<&str>,
+) -> std::result::Result<Vec<u8>, &'static str> {
+    if blob_id.is_empty() || blob_id.contains(['/', '\\']) || blob_id.starts_with('.') {
+        return Err("invalid blob id");
+    }
+    let compressed = std::fs::read(dir.join(blob_id)).map_err(|_| "missing blob")?;
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(compressed.as_slice())
+        .read_to_end(&mut raw)
+        .map_err(|_| "corrupt blob")?;
+    let encoding = match encoding {
+        None => encoding_rs::UTF_8,
+        Some(label) => Encoding::for_label(label.as_bytes()).ok_or("unknown encoding")?,
+    };
+    encoding
+        .decode_without_bom_handling_and_without_replacement(&raw)
+        .map(|text| text.into_owned().into_bytes())
+        .ok_or("invalid encoding")
+}
