@@ -1,6 +1,7 @@
-//! Parquet sources: The Stack v2 as its users receive it — metadata rows whose content
-//! lives in a blob directory as `{blob_id}`, gzip-compressed, decoded with the row's
-//! `src_encoding` — and Parquet files that carry the content in a column.
+//! Table sources: The Stack v2 as its users receive it — Parquet metadata rows whose
+//! content lives in a blob directory as `{blob_id}`, gzip-compressed, decoded with the
+//! row's `src_encoding` — and Parquet or JSON-lines files that carry the content in a
+//! column.
 
 use crate::error::{DataError, Result};
 use crate::language::Language;
@@ -13,6 +14,8 @@ use std::path::{Path, PathBuf};
 /// A `kind = "parquet"` source's settings, its paths resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParquetColumns {
+    /// JSON lines rather than Parquet.
+    pub jsonl: bool,
     /// Directory of gzip blobs named by `blob_id` (The Stack v2's `content/`). Without
     /// it, the content is read from `content_column`.
     pub blobs: Option<PathBuf>,
@@ -70,15 +73,15 @@ impl ParquetRow {
     }
 }
 
-/// The `.parquet` files of `path` (the file itself, or a directory's, sorted).
-pub fn parquet_files(path: &Path) -> Result<Vec<PathBuf>> {
+/// The `.{extension}` files of `path` (the file itself, or a directory's, sorted).
+pub fn table_files(path: &Path, extension: &str) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(|e| DataError::io(path, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .filter(|p| p.extension().is_some_and(|e| e == extension))
         .collect();
     files.sort();
     Ok(files)
@@ -97,6 +100,9 @@ fn text(field: &Field) -> Option<String> {
 /// naming it; a missing or corrupt blob, or content its encoding cannot decode, is a
 /// row with the reason.
 pub fn read_rows(file: &Path, columns: &ParquetColumns) -> Result<Vec<ParquetRow>> {
+    if columns.jsonl {
+        return read_jsonl(file, columns);
+    }
     let bad = |message: String| DataError::Source(format!("{}: {message}", file.display()));
     let handle = std::fs::File::open(file).map_err(|e| DataError::io(file, e))?;
     let reader = SerializedFileReader::new(handle)
@@ -165,6 +171,38 @@ pub fn read_rows(file: &Path, columns: &ParquetColumns) -> Result<Vec<ParquetRow
             (None, _) => content.ok_or("no content"),
         };
         out.push(parsed);
+    }
+    Ok(out)
+}
+
+/// JSON lines: one object per line with the content and path fields (and, when there,
+/// `language`, `license_type`, `is_generated`, `is_vendor`). A line that is not such an
+/// object is an error naming the file and line.
+fn read_jsonl(file: &Path, columns: &ParquetColumns) -> Result<Vec<ParquetRow>> {
+    let text = std::fs::read_to_string(file).map_err(|e| DataError::io(file, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |what: &str| DataError::Source(format!("{}:{}: {what}", file.display(), i + 1));
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(&format!("not JSON: {e}")))?;
+        let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_string);
+        let flag = |name: &str| value.get(name).and_then(|v| v.as_bool()).unwrap_or(false);
+        let path = field(&columns.path_column)
+            .ok_or_else(|| bad(&format!("no string `{}` field", columns.path_column)))?;
+        let content = field(&columns.content_column)
+            .ok_or_else(|| bad(&format!("no string `{}` field", columns.content_column)))?;
+        out.push(ParquetRow {
+            id: path.clone(),
+            path,
+            content: Ok(content.into_bytes()),
+            language: field("language"),
+            is_generated: flag("is_generated"),
+            is_vendor: flag("is_vendor"),
+            license_type: field("license_type"),
+        });
     }
     Ok(out)
 }

@@ -87,6 +87,14 @@ pub enum SourceKind {
         /// Kept `license_type` values (default with `blobs`: `["permissive"]`).
         license_types: Option<Vec<String>>,
     },
+    /// A JSON-lines file or a directory of `.jsonl` files, one document per line.
+    Jsonl {
+        path: PathBuf,
+        #[serde(default = "default_content_column")]
+        content_field: String,
+        #[serde(default = "default_path_column")]
+        path_field: String,
+    },
 }
 
 fn default_content_column() -> String {

@@ -5,7 +5,7 @@
 
 use crate::document::fnv1a;
 use crate::error::{DataError, Result};
-use crate::parquet_source::{parquet_files, ParquetColumns};
+use crate::parquet_source::{table_files, ParquetColumns};
 use crate::recipe::{DataRecipe, SourceConfig, SourceKind};
 use std::path::{Path, PathBuf};
 
@@ -37,11 +37,16 @@ const CODE_EXTENSIONS: [&str; 3] = ["py", "pyi", "rs"];
 pub fn source_root(recipe: &DataRecipe, source: &SourceConfig) -> Result<Option<PathBuf>> {
     let root = match &source.kind {
         SourceKind::Dir { path } => Some(recipe.resolve(path)),
-        SourceKind::Parquet { path, .. } => Some(recipe.resolve(path)),
+        SourceKind::Parquet { path, .. } | SourceKind::Jsonl { path, .. } => {
+            Some(recipe.resolve(path))
+        }
         SourceKind::CargoRegistry => cargo_home().map(|home| home.join("registry").join("src")),
         SourceKind::PythonStdlib => python_stdlib(),
     };
-    let parquet = matches!(source.kind, SourceKind::Parquet { .. });
+    let parquet = matches!(
+        source.kind,
+        SourceKind::Parquet { .. } | SourceKind::Jsonl { .. }
+    );
     match root {
         Some(root) if root.is_dir() || (parquet && root.is_file()) => Ok(Some(root)),
         other => {
@@ -63,15 +68,36 @@ pub fn list_source(recipe: &DataRecipe, source: &SourceConfig) -> Result<Option<
     let Some(root) = source_root(recipe, source)? else {
         return Ok(None);
     };
-    if let SourceKind::Parquet {
-        blobs,
-        content_column,
-        path_column,
-        license_types,
-        ..
-    } = &source.kind
-    {
-        let files = parquet_files(&root)?
+    let table = match &source.kind {
+        SourceKind::Parquet {
+            blobs,
+            content_column,
+            path_column,
+            license_types,
+            ..
+        } => Some(ParquetColumns {
+            jsonl: false,
+            blobs: blobs.as_ref().map(|b| recipe.resolve(b)),
+            content_column: content_column.clone(),
+            path_column: path_column.clone(),
+            license_types: license_types.clone(),
+        }),
+        SourceKind::Jsonl {
+            content_field,
+            path_field,
+            ..
+        } => Some(ParquetColumns {
+            jsonl: true,
+            blobs: None,
+            content_column: content_field.clone(),
+            path_column: path_field.clone(),
+            license_types: None,
+        }),
+        _ => None,
+    };
+    if let Some(columns) = table {
+        let extension = if columns.jsonl { "jsonl" } else { "parquet" };
+        let files = table_files(&root, extension)?
             .into_iter()
             .map(|path| SourceFile {
                 relative: relative_id(&root, &path),
@@ -79,8 +105,7 @@ pub fn list_source(recipe: &DataRecipe, source: &SourceConfig) -> Result<Option<
                 path,
             })
             .collect();
-        let blobs = blobs.as_ref().map(|b| recipe.resolve(b));
-        if let Some(dir) = blobs.as_ref().filter(|d| !d.is_dir()) {
+        if let Some(dir) = columns.blobs.as_ref().filter(|d| !d.is_dir()) {
             return Err(DataError::Source(format!(
                 "`{}`: blob directory {} is not a directory",
                 source.name,
@@ -92,12 +117,7 @@ pub fn list_source(recipe: &DataRecipe, source: &SourceConfig) -> Result<Option<
             root,
             files,
             max_bytes: source.max_bytes,
-            parquet: Some(ParquetColumns {
-                blobs,
-                content_column: content_column.clone(),
-                path_column: path_column.clone(),
-                license_types: license_types.clone(),
-            }),
+            parquet: Some(columns),
         }));
     }
     let exclude_site_packages = source.kind == SourceKind::PythonStdlib;

@@ -312,3 +312,39 @@ fn parquet_with_a_content_column_and_unreadable_parquet() {
     // The previous dataset is still there, whole.
     assert!(ShardReader::load(&dir.path().join("dataset"), Split::Train).is_ok());
 }
+
+#[test]
+fn json_lines_with_content_and_a_malformed_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = [
+        serde_json::json!({"path": "x.py", "content": "def x():\n    return 1\n"}),
+        serde_json::json!({"path": "y.rs", "content": "fn y() -> u8 {\n    2\n}\n", "is_generated": false}),
+        serde_json::json!({"path": "z.py", "content": "z = 3\n", "is_generated": true}),
+    ];
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(dir.path().join("docs.jsonl"), text.join("\n")).unwrap();
+    let r = recipe(
+        dir.path(),
+        "[[sources]]\nname = \"j\"\nkind = \"jsonl\"\npath = \"docs.jsonl\"\n",
+    );
+    let summary = build_dataset(&r, &BuildOptions::default()).unwrap();
+    assert_eq!(summary.manifest.languages["python"].documents, 1);
+    assert_eq!(summary.manifest.languages["rust"].documents, 1);
+    assert_eq!(
+        summary.manifest.stats.stages["filter"].dropped["auto-generated"],
+        1
+    );
+
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        format!("{}\n{{\"path\": \"w.py\"}}\n", text[0]),
+    )
+    .unwrap();
+    let err = build_dataset(&r, &BuildOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("docs.jsonl:2") && err.contains("`content`"),
+        "{err}"
+    );
+}

@@ -103,6 +103,12 @@ impl Int4KvCache {
         self.len() == 0
     }
 
+    /// An f16 cache that never quantizes: the same layout and fused decode attention,
+    /// every token in the f16 window.
+    pub fn f16_only(kv_heads: usize, head_dim: usize) -> Self {
+        Self::new(kv_heads, head_dim, DEFAULT_GROUP, usize::MAX)
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.kv_heads
     }
@@ -152,7 +158,7 @@ impl Int4KvCache {
                 .extend(values[span].iter().map(|&x| f16::from_f32(x)));
         }
         self.in_recent += tokens;
-        if self.in_recent >= self.recent + self.group {
+        if self.in_recent >= self.recent.saturating_add(self.group) {
             let groups = (self.in_recent - self.recent) / self.group;
             self.quantize_oldest_groups(groups);
         }

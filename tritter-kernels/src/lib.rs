@@ -104,6 +104,13 @@ pub trait TritterBackend: Backend {
     fn ternary_scratch_bytes(d_out: usize, d_in: usize) -> usize {
         packed::words_scratch_bytes(d_out, d_in)
     }
+
+    /// Whether an f16 KV cache is better kept in host memory with decode attention on
+    /// the CPU ([`kv_int4::Int4KvCache::f16_only`]) than on the device: true where the
+    /// device is the CPU.
+    fn host_f16_kv_cache() -> bool {
+        false
+    }
 }
 
 /// The CPU backend computes packed products natively: bytes stay in host memory, each
@@ -168,6 +175,10 @@ impl TritterBackend for burn::backend::Flex {
         // the activations; one unpacked row per thread.
         let _ = d_out;
         d_in.div_ceil(4) * 4 * rayon::current_num_threads()
+    }
+
+    fn host_f16_kv_cache() -> bool {
+        true
     }
 }
 impl TritterBackend for burn::backend::Wgpu {}

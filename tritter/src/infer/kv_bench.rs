@@ -1,6 +1,7 @@
 //! `tritter bench kv-cache`: one layer's decode attention against a long cache, with the
-//! cache in f32 and f16 on the device (Burn's attention op, as the engine runs it) and in
-//! KIVI INT4 (the fused host kernel), on keys and values shaped like a trained model's.
+//! cache in f32 and f16 as device tensors (Burn's attention op; `f16-dev` casts the cache
+//! to f32 at every call) and in host memory as f16 and KIVI INT4 (the fused host kernel,
+//! what the engine uses on the CPU), on keys and values shaped like a trained model's.
 
 use super::budget::{INT4_GROUP, INT4_RECENT_WINDOW};
 use anyhow::Result;
@@ -97,6 +98,7 @@ pub fn bench_kv_cache<B: TritterBackend>(
         let quantize_tokens_per_sec = n as f64 / start.elapsed().as_secs_f64();
 
         // The engine's decode: the query heads of a key/value head as one group of rows.
+        let (keys_host, values_host) = (keys.clone(), values.clone());
         let k = Tensor::<B, 4>::from_data(TensorData::new(keys, [1, nkv, n, d]), device);
         let v = Tensor::<B, 4>::from_data(TensorData::new(values, [1, nkv, n, d]), device);
         let qt =
@@ -123,6 +125,14 @@ pub fn bench_kv_cache<B: TritterBackend>(
             std::hint::black_box(out);
         });
         drop((k, v, k16, v16));
+        let mut host16 = Int4KvCache::f16_only(nkv, d);
+        host16.append(&keys_host, &values_host, n);
+        drop((keys_host, values_host));
+        let host16_secs = time(iters, || {
+            std::hint::black_box(host16.decode_attention(&q, nh, None));
+        });
+        let host16_bytes = host16.bytes();
+        drop(host16);
         let got = int4.decode_attention(&q, nh, None);
         let int4_secs = time(iters, || {
             std::hint::black_box(int4.decode_attention(&q, nh, None));
@@ -134,7 +144,8 @@ pub fn bench_kv_cache<B: TritterBackend>(
             context: n,
             timings: vec![
                 ("f32", f32_secs, 4 * elements),
-                ("f16", f16_secs, 2 * elements),
+                ("f16-dev", f16_secs, 2 * elements),
+                ("f16", host16_secs, host16_bytes),
                 ("int4", int4_secs, int4.bytes()),
             ],
             int4_error: (num / den).sqrt(),

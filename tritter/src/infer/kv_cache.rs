@@ -1,23 +1,25 @@
 //! The key/value cache of incremental decoding: per layer, the post-RoPE keys and the
 //! values of every position seen so far, `[batch, kv_heads, len, head_dim]` on the
-//! device in f32 or f16, or, for one sequence, KIVI INT4 codes in host memory
-//! ([`tritter_kernels::kv_int4`]) whose decode attention reads the codes directly.
+//! device in f32 or f16, or, for one sequence, in host memory
+//! ([`tritter_kernels::kv_int4`]): KIVI INT4 codes, or f16 where the backend is the CPU,
+//! with decode attention that reads them directly.
 
 use super::budget::{KvCacheType, INT4_GROUP, INT4_RECENT_WINDOW};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use tritter_kernels::kv_int4::Int4KvCache;
+use tritter_kernels::TritterBackend;
 
 #[derive(Debug, Clone)]
 enum Stored<B: Backend> {
     Empty,
     Dense(Tensor<B, 4>, Tensor<B, 4>),
-    Int4(Int4KvCache, B::Device),
+    Host(Int4KvCache, B::Device),
 }
 
 /// One layer's cached keys and values.
 #[derive(Debug, Clone)]
-pub struct LayerCache<B: Backend> {
+pub struct LayerCache<B: TritterBackend> {
     stored: Stored<B>,
     kind: KvCacheType,
 }
@@ -29,7 +31,7 @@ fn host(t: Tensor<impl Backend, 4>) -> Vec<f32> {
         .expect("f32 keys and values")
 }
 
-impl<B: Backend> LayerCache<B> {
+impl<B: TritterBackend> LayerCache<B> {
     pub fn new(kind: KvCacheType) -> Self {
         Self {
             stored: Stored::Empty,
@@ -40,13 +42,18 @@ impl<B: Backend> LayerCache<B> {
     /// Stores new keys and values, `[batch, kv_heads, new, head_dim]` (batch 1 for INT4).
     pub fn push(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) {
         let [batch, kv_heads, new, head_dim] = k.dims();
-        if self.kind == KvCacheType::Int4 {
+        let host_f16 = self.kind == KvCacheType::F16 && B::host_f16_kv_cache() && batch == 1;
+        if self.kind == KvCacheType::Int4 || host_f16 {
             assert_eq!(batch, 1, "the INT4 KV cache holds one sequence");
             if matches!(self.stored, Stored::Empty) {
-                let cache = Int4KvCache::new(kv_heads, head_dim, INT4_GROUP, INT4_RECENT_WINDOW);
-                self.stored = Stored::Int4(cache, k.device());
+                let cache = if host_f16 {
+                    Int4KvCache::f16_only(kv_heads, head_dim)
+                } else {
+                    Int4KvCache::new(kv_heads, head_dim, INT4_GROUP, INT4_RECENT_WINDOW)
+                };
+                self.stored = Stored::Host(cache, k.device());
             }
-            if let Stored::Int4(cache, _) = &mut self.stored {
+            if let Stored::Host(cache, _) = &mut self.stored {
                 cache.append(&host(k), &host(v), new);
             }
             return;
@@ -73,7 +80,7 @@ impl<B: Backend> LayerCache<B> {
                 v.clone().cast(FloatDType::F32),
             ),
             Stored::Dense(k, v) => (k.clone(), v.clone()),
-            Stored::Int4(cache, device) => {
+            Stored::Host(cache, device) => {
                 let (keys, values) = cache.dequantize();
                 let shape = [1, cache.kv_heads(), cache.len(), cache.head_dim()];
                 let tensor = |x: Vec<f32>| Tensor::from_data(TensorData::new(x, shape), device);
@@ -88,10 +95,10 @@ impl<B: Backend> LayerCache<B> {
         self.keys_values()
     }
 
-    /// The INT4 cache, when this layer has one.
-    pub fn int4(&self) -> Option<&Int4KvCache> {
+    /// The host cache (INT4, or f16 on the CPU), when this layer has one.
+    pub fn host(&self) -> Option<&Int4KvCache> {
         match &self.stored {
-            Stored::Int4(cache, _) => Some(cache),
+            Stored::Host(cache, _) => Some(cache),
             _ => None,
         }
     }
@@ -104,19 +111,19 @@ impl<B: Backend> LayerCache<B> {
                 let per = if self.kind == KvCacheType::F16 { 2 } else { 4 };
                 per * (k.shape().num_elements() + v.shape().num_elements())
             }
-            Stored::Int4(cache, _) => cache.bytes(),
+            Stored::Host(cache, _) => cache.bytes(),
         }
     }
 }
 
 /// Every layer's cache and the number of positions it holds.
 #[derive(Debug, Clone)]
-pub struct KvCache<B: Backend> {
+pub struct KvCache<B: TritterBackend> {
     layers: Vec<LayerCache<B>>,
     len: usize,
 }
 
-impl<B: Backend> KvCache<B> {
+impl<B: TritterBackend> KvCache<B> {
     /// An f32 cache.
     pub fn new(num_layers: usize) -> Self {
         Self::with_storage(num_layers, KvCacheType::F32)

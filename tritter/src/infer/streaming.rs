@@ -170,8 +170,9 @@ impl<B: TritterBackend> LayerWeights<B> {
                 contiguous(t.clone().narrow(0, offset, len).swap_dims(0, 1)).unsqueeze::<4>()
             };
             cache.push(heads_first(&k), heads_first(&v));
-            let a = if let (1, Some(int4)) = (len, cache.int4()) {
-                // Decode against the INT4 codes, dequantized inside the attention.
+            let a = if let (1, Some(host)) = (len, cache.host()) {
+                // Decode against the host cache (INT4 codes dequantized inside the
+                // attention, or f16).
                 let q: Vec<f32> = q
                     .clone()
                     .narrow(0, offset, 1)
@@ -179,7 +180,7 @@ impl<B: TritterBackend> LayerWeights<B> {
                     .convert::<f32>()
                     .to_vec()
                     .expect("f32 queries");
-                let out = int4.decode_attention(&q, nh, heads.sliding_window);
+                let out = host.decode_attention(&q, nh, heads.sliding_window);
                 Tensor::from_data(TensorData::new(out, [1, nh * hd]), &device)
             } else if len == 1 {
                 let (k, v) = cache.keys_values();
