@@ -35,10 +35,23 @@ fn build_from_source_directories_then_inspect() {
         table.contains("rust") && table.contains("near dedup"),
         "{table}"
     );
-    let out = run(&["inspect", "ds"], dir.path());
-    assert!(out.status.success());
+    let out = run(&["inspect", "ds", "--samples", "5"], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["languages"]["rust"]["documents"], 2);
+    // Samples decode back to the sources' text.
+    let samples = summary["samples"].as_array().unwrap();
+    assert!(!samples.is_empty() && samples.len() <= 2);
+    let text = samples[0]["text"].as_str().unwrap();
+    assert!(
+        include_str!("../src/shard.rs").starts_with(text)
+            || include_str!("../src/recipe.rs").starts_with(text),
+        "{text}"
+    );
 
     // Neither a recipe nor a source, or a source without --out: usage errors.
     let out = run(&["build"], dir.path());

@@ -3,7 +3,9 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use tritter_data::{build_dataset, BuildOptions, DataRecipe, DatasetManifest, DedupConfig};
+use tritter_data::{
+    build_dataset, BuildOptions, DataRecipe, DatasetManifest, DedupConfig, ShardReader, Split,
+};
 
 #[derive(Parser)]
 #[command(
@@ -30,7 +32,12 @@ enum Command {
         out: Option<PathBuf>,
     },
     /// Print a dataset's manifest summary.
-    Inspect { dataset: PathBuf },
+    Inspect {
+        dataset: PathBuf,
+        /// Also print the first N training documents, decoded (up to 400 bytes each).
+        #[arg(long, default_value_t = 0)]
+        samples: usize,
+    },
     /// Tokenizers.
     Tokenizer {
         #[command(subcommand)]
@@ -98,8 +105,32 @@ fn main() -> Result<()> {
             )?;
             print!("{}", summary.table());
         }
-        Command::Inspect { dataset } => {
+        Command::Inspect { dataset, samples } => {
             let manifest = DatasetManifest::load(&dataset)?;
+            let samples = if samples > 0 {
+                let tokenizer = manifest.tokenizer.load(&dataset)?;
+                let stream = ShardReader::load(&dataset, Split::Train)?;
+                let ends = stream
+                    .doc_starts
+                    .iter()
+                    .skip(1)
+                    .copied()
+                    .chain([stream.tokens.len() as u64]);
+                stream
+                    .doc_starts
+                    .iter()
+                    .zip(ends)
+                    .take(samples)
+                    .map(|(&start, end)| {
+                        let bytes = tokenizer.decode(&stream.tokens[start as usize..end as usize]);
+                        let text =
+                            String::from_utf8_lossy(&bytes[..bytes.len().min(400)]).into_owned();
+                        serde_json::json!({ "tokens": end - start, "text": text })
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             println!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
@@ -109,6 +140,7 @@ fn main() -> Result<()> {
                     "splits": manifest.splits.iter().map(|(s, i)| (s.name().to_string(), serde_json::json!({"documents": i.documents, "tokens": i.tokens, "shards": i.shards.len()}))).collect::<serde_json::Map<_, _>>(),
                     "languages": manifest.languages,
                     "stats": manifest.stats,
+                    "samples": samples,
                 }))
                 .context("printing manifest")?
             );
