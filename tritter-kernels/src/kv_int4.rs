@@ -40,6 +40,46 @@ struct Head {
     recent_values: Vec<f16>,
 }
 
+impl Head {
+    /// Quantized key `t` as f32 (`g` tokens per key group).
+    fn key_row(&self, t: usize, g: usize, row: &mut [f32]) {
+        let d = row.len();
+        unpack(&self.key_codes[t * d / 2..(t + 1) * d / 2], row);
+        let params = (t / g) * d..(t / g + 1) * d;
+        for ((x, s), z) in row
+            .iter_mut()
+            .zip(&self.key_scale[params.clone()])
+            .zip(&self.key_zero[params])
+        {
+            *x = s.to_f32() * *x + z.to_f32();
+        }
+    }
+
+    /// Quantized value `t` as f32 (`g` channels per value group).
+    fn value_row(&self, t: usize, g: usize, row: &mut [f32]) {
+        let d = row.len();
+        let cg = d.div_ceil(g);
+        unpack(&self.value_codes[t * d / 2..(t + 1) * d / 2], row);
+        for (k, part) in row.chunks_mut(g).enumerate() {
+            let (s, z) = (
+                self.value_scale[t * cg + k].to_f32(),
+                self.value_zero[t * cg + k].to_f32(),
+            );
+            for x in part {
+                *x = s * *x + z;
+            }
+        }
+    }
+}
+
+/// The `k`-th `[d]` row of an f16 window, as f32.
+fn recent_row(window: &[f16], k: usize, row: &mut [f32]) {
+    let d = row.len();
+    for (x, v) in row.iter_mut().zip(&window[k * d..(k + 1) * d]) {
+        *x = v.to_f32();
+    }
+}
+
 /// One layer's INT4 cache for one sequence: `kv_heads` heads of `head_dim` channels.
 #[derive(Debug, Clone)]
 pub struct Int4KvCache {
@@ -65,10 +105,6 @@ fn code(x: f32, scale: f32, zero: f32) -> u8 {
     } else {
         0
     }
-}
-
-fn nibble(bytes: &[u8], i: usize) -> f32 {
-    ((bytes[i / 2] >> ((i % 2) * 4)) & 15) as f32
 }
 
 fn set_nibble(bytes: &mut [u8], i: usize, c: u8) {
@@ -232,26 +268,25 @@ impl Int4KvCache {
     /// Every cached key and value dequantized, each `[kv_heads][len][head_dim]` (the
     /// reference for decode attention, and the keys and values prefill attends to).
     pub fn dequantize(&self) -> (Vec<f32>, Vec<f32>) {
-        let (d, g, cg) = (self.head_dim, self.group, self.channel_groups());
+        let (d, g) = (self.head_dim, self.group);
         let n = self.len();
-        let mut keys = Vec::with_capacity(self.kv_heads * n * d);
-        let mut values = Vec::with_capacity(self.kv_heads * n * d);
-        for head in &self.heads {
-            for t in 0..self.quantized {
-                let group = t / g;
-                for c in 0..d {
-                    let s = head.key_scale[group * d + c].to_f32();
-                    let z = head.key_zero[group * d + c].to_f32();
-                    keys.push(s * nibble(&head.key_codes, t * d + c) + z);
-                }
-                for c in 0..d {
-                    let k = t * cg + c / g;
-                    let (s, z) = (head.value_scale[k].to_f32(), head.value_zero[k].to_f32());
-                    values.push(s * nibble(&head.value_codes, t * d + c) + z);
+        let mut keys = vec![0f32; self.kv_heads * n * d];
+        let mut values = vec![0f32; self.kv_heads * n * d];
+        for ((head, keys), values) in self
+            .heads
+            .iter()
+            .zip(keys.chunks_mut(n * d))
+            .zip(values.chunks_mut(n * d))
+        {
+            for (t, (k, v)) in keys.chunks_mut(d).zip(values.chunks_mut(d)).enumerate() {
+                if t < self.quantized {
+                    head.key_row(t, g, k);
+                    head.value_row(t, g, v);
+                } else {
+                    recent_row(&head.recent_keys, t - self.quantized, k);
+                    recent_row(&head.recent_values, t - self.quantized, v);
                 }
             }
-            keys.extend(head.recent_keys.iter().map(|x| x.to_f32()));
-            values.extend(head.recent_values.iter().map(|x| x.to_f32()));
         }
         (keys, values)
     }
@@ -291,7 +326,7 @@ impl Int4KvCache {
         window: Option<usize>,
         out: &mut [f32],
     ) {
-        let (d, g, cg) = (self.head_dim, self.group, self.channel_groups());
+        let (d, g) = (self.head_dim, self.group);
         let n = self.len();
         let first = window.map_or(0, |w| n.saturating_sub(w));
         let scale = 1.0 / (d as f32).sqrt();
@@ -320,10 +355,7 @@ impl Int4KvCache {
             }
         }
         for t in first.max(self.quantized)..n {
-            let k = t - self.quantized;
-            for (x, v) in row.iter_mut().zip(&head.recent_keys[k * d..(k + 1) * d]) {
-                *x = v.to_f32();
-            }
+            recent_row(&head.recent_keys, t - self.quantized, &mut row);
             for r in 0..rows {
                 scores[r * n + t] = dot(&queries[r * d..(r + 1) * d], &row) * scale;
             }
@@ -341,27 +373,15 @@ impl Int4KvCache {
             }
         }
         out.fill(0.0);
-        // Quantized values, a token at a time: Σ p·(s·c + z) per channel group.
+        // Quantized values, a token at a time: Σ p·(s·c + z), one row in registers.
         for t in first..self.quantized {
-            unpack(&head.value_codes[t * d / 2..(t + 1) * d / 2], &mut row);
-            for k in 0..cg {
-                let (s, z) = (
-                    head.value_scale[t * cg + k].to_f32(),
-                    head.value_zero[t * cg + k].to_f32(),
-                );
-                for x in &mut row[k * g..((k + 1) * g).min(d)] {
-                    *x = s * *x + z;
-                }
-            }
+            head.value_row(t, g, &mut row);
             for r in 0..rows {
                 axpy(scores[r * n + t], &row, &mut out[r * d..(r + 1) * d]);
             }
         }
         for t in first.max(self.quantized)..n {
-            let k = t - self.quantized;
-            for (x, v) in row.iter_mut().zip(&head.recent_values[k * d..(k + 1) * d]) {
-                *x = v.to_f32();
-            }
+            recent_row(&head.recent_values, t - self.quantized, &mut row);
             for r in 0..rows {
                 axpy(scores[r * n + t], &row, &mut out[r * d..(r + 1) * d]);
             }
@@ -465,22 +485,12 @@ mod tests {
         let (keys, values) = cache.dequantize();
         let n = cache.len();
         for h in 0..heads {
-            for (i, (x, y)) in keys[h * n * d..(h + 1) * n * d]
-                .iter()
-                .zip(&all_k[h])
-                .enumerate()
-            {
-                // Range ≤ 2 over 15 steps: half a step is 1/15, plus f16 rounding.
-                let tol = if i < 32 * d { 1.0 / 15.0 + 2e-3 } else { 1e-3 };
-                assert!((x - y).abs() <= tol, "key {h}/{i}: {x} vs {y}");
-            }
-            for (i, (x, y)) in values[h * n * d..(h + 1) * n * d]
-                .iter()
-                .zip(&all_v[h])
-                .enumerate()
-            {
-                let tol = if i < 32 * d { 1.0 / 15.0 + 2e-3 } else { 1e-3 };
-                assert!((x - y).abs() <= tol, "value {h}/{i}: {x} vs {y}");
+            for (what, got, sent) in [("key", &keys, &all_k[h]), ("value", &values, &all_v[h])] {
+                for (i, (x, y)) in got[h * n * d..(h + 1) * n * d].iter().zip(sent).enumerate() {
+                    // Range ≤ 2 over 15 steps: half a step is 1/15, plus f16 rounding.
+                    let tol = if i < 32 * d { 1.0 / 15.0 + 2e-3 } else { 1e-3 };
+                    assert!((x - y).abs() <= tol, "{what} {h}/{i}: {x} vs {y}");
+                }
             }
         }
         // 4 bits per code, f16 scale and zero per key group × channel and per value

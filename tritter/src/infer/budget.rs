@@ -74,9 +74,10 @@ pub enum KvCacheType {
     Int4,
 }
 
-/// Tokens per INT4 quantization group and tokens kept in f16.
-pub const INT4_GROUP: usize = 32;
-pub const INT4_RECENT_WINDOW: usize = 128;
+/// Tokens per INT4 quantization group and tokens kept in f16: the cache's own.
+pub use tritter_kernels::kv_int4::{
+    DEFAULT_GROUP as INT4_GROUP, DEFAULT_RECENT as INT4_RECENT_WINDOW,
+};
 
 impl std::str::FromStr for KvCacheType {
     type Err = String;

@@ -990,8 +990,10 @@ mod tests {
                 context,
                 ..request(u64::MAX, Some(2), kv)
             };
-            // Short prompts stay in the f16 window: the fused decode path against the
-            // f16 engine, with GQA and three sequences.
+            // Short prompts stay in the f16 window, where INT4 is the f16 cache, with GQA
+            // and three sequences. (On the CPU both are the host cache; its fused decode is
+            // checked against attention over the dequantized cache in `kv_int4`, and
+            // against the f32 engine below.)
             let f16 = run(&path, req(KvCacheType::F16, 40), true, &prompts());
             let int4 = run(&path, req(KvCacheType::Int4, 40), true, &prompts());
             for i in 0..3 {
