@@ -8,7 +8,9 @@
 //! near-dedup put both documents in one cluster — what decides that one of them is
 //! dropped.
 
-use crate::dedup::{cluster_documents, exact_similarity, DedupConfig, MinHasher, Verdict};
+use crate::dedup::{
+    band_key, cluster_documents, exact_similarity, DedupConfig, MinHasher, Verdict,
+};
 use crate::document::fnv1a;
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
@@ -46,10 +48,10 @@ fn band_pairs(signatures: &[Vec<u32>], bands: usize, rows: usize) -> HashSet<(u3
             if sig[0] == u32::MAX {
                 continue;
             }
-            let key = sig[band * rows..(band + 1) * rows]
-                .iter()
-                .fold(band as u64, |h, &v| fnv1a(&(h ^ v as u64).to_le_bytes()));
-            buckets.entry(key).or_default().push(i as u32);
+            buckets
+                .entry(band_key(sig, band, rows))
+                .or_default()
+                .push(i as u32);
         }
         for bucket in buckets.values() {
             // Bound the quadratic blow-up of huge buckets (boilerplate shared by
@@ -126,14 +128,6 @@ pub fn bench_dedup(docs: &[Vec<u8>], config: &DedupConfig, max_pairs: usize) -> 
     out.true_pairs = tp + fneg;
     out.precision = tp as f64 / (tp + fp).max(1) as f64;
     out.recall = tp as f64 / (tp + fneg).max(1) as f64;
-    out.peak_rss = peak_rss();
+    out.peak_rss = crate::rss::peak();
     out
-}
-
-/// `VmHWM` of `/proc/self/status`, where there is one.
-pub fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }

@@ -251,10 +251,6 @@ fn read_sources(
     let bar = progress_bar(options.progress, total_files as u64, "reading");
     for source in sources {
         let mut source_bytes = 0u64;
-        let over_cap = |admit: &Admission, source_bytes: u64, size: u64| {
-            admit.total_bytes + size > recipe.max_total_bytes
-                || source.max_bytes.is_some_and(|m| source_bytes + size > m)
-        };
         for file in &source.files {
             bar.inc(1);
             if let Some(columns) = &source.parquet {
@@ -274,39 +270,29 @@ fn read_sources(
                         admit.drop(&id, "filter", reason)?;
                         continue;
                     }
-                    if size > recipe.max_file_bytes {
-                        admit.drop(&id, "filter", "file too large")?;
-                        continue;
-                    }
-                    if over_cap(&admit, source_bytes, size) {
-                        admit.stats.stage("filter").drop("over size cap");
+                    if !admit.fits(&id, size, source_bytes, source.max_bytes)? {
                         continue;
                     }
                     let language = row.detect_language(&content);
                     source_bytes += admit.admit(id, &source.name, &row.path, content, language)?;
                 }
-                continue;
-            }
-            let id = format!("{}/{}", source.name, file.relative);
-            admit.stats.stage("source").keep(file.size as usize);
-            if file.size > recipe.max_file_bytes {
-                admit.drop(&id, "filter", "file too large")?;
-                continue;
-            }
-            if over_cap(&admit, source_bytes, file.size) {
-                admit.stats.stage("filter").drop("over size cap");
-                continue;
-            }
-            let content = match std::fs::read(&file.path) {
-                Ok(c) => c,
-                Err(_) => {
-                    admit.drop(&id, "read", "unreadable")?;
+            } else {
+                let id = format!("{}/{}", source.name, file.relative);
+                admit.stats.stage("source").keep(file.size as usize);
+                if !admit.fits(&id, file.size, source_bytes, source.max_bytes)? {
                     continue;
                 }
-            };
-            bytes_read += content.len() as u64;
-            let language = Language::detect(&file.path, &content);
-            source_bytes += admit.admit(id, &source.name, &file.relative, content, language)?;
+                let content = match std::fs::read(&file.path) {
+                    Ok(c) => c,
+                    Err(_) => {
+                        admit.drop(&id, "read", "unreadable")?;
+                        continue;
+                    }
+                };
+                bytes_read += content.len() as u64;
+                let language = Language::detect(&file.path, &content);
+                source_bytes += admit.admit(id, &source.name, &file.relative, content, language)?;
+            }
             if bar.length().is_some() {
                 let secs = start.elapsed().as_secs_f64().max(1e-9);
                 bar.set_message(format!("{:.1} MB/s", bytes_read as f64 / 1e6 / secs));
@@ -347,6 +333,28 @@ struct Admission<'a> {
 }
 
 impl Admission<'_> {
+    /// Whether a document of `size` bytes is within the per-file cap and the total and
+    /// per-source caps (`source_bytes` kept from its source so far); logs it if not.
+    fn fits(
+        &mut self,
+        id: &str,
+        size: u64,
+        source_bytes: u64,
+        source_max: Option<u64>,
+    ) -> Result<bool> {
+        if size > self.recipe.max_file_bytes {
+            self.drop(id, "filter", "file too large")?;
+            return Ok(false);
+        }
+        if self.total_bytes + size > self.recipe.max_total_bytes
+            || source_max.is_some_and(|m| source_bytes + size > m)
+        {
+            self.stats.stage("filter").drop("over size cap");
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     fn drop(&mut self, id: &str, stage: &str, reason: &str) -> Result<()> {
         self.stats.stage(stage).drop(reason);
         self.reports.removed.write(id, stage, reason, None)

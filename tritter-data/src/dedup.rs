@@ -245,6 +245,13 @@ impl MinHasher {
     }
 }
 
+/// The LSH bucket of a signature in band `band` of `rows` rows.
+pub fn band_key(signature: &[u32], band: usize, rows: usize) -> u64 {
+    signature[band * rows..(band + 1) * rows]
+        .iter()
+        .fold(band as u64, |h, &v| mix(h ^ v as u64))
+}
+
 /// The fraction of equal signature positions: an unbiased estimate of Jaccard.
 pub fn estimated_jaccard(a: &[u32], b: &[u32]) -> f64 {
     let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
@@ -253,12 +260,14 @@ pub fn estimated_jaccard(a: &[u32], b: &[u32]) -> f64 {
 
 /// Exact Jaccard similarity of two shingle lists (any order, repeats allowed).
 pub fn exact_jaccard(a: &[u64], b: &[u64]) -> f64 {
-    let (mut a, mut b) = (a.to_vec(), b.to_vec());
-    a.sort_unstable();
-    a.dedup();
-    b.sort_unstable();
-    b.dedup();
-    sorted_jaccard(&a, &b)
+    sorted_jaccard(&into_set(a.to_vec()), &into_set(b.to_vec()))
+}
+
+/// Sorted and deduplicated.
+fn into_set(mut list: Vec<u64>) -> Vec<u64> {
+    list.sort_unstable();
+    list.dedup();
+    list
 }
 
 /// Jaccard similarity of two sorted, deduplicated sets.
@@ -362,10 +371,7 @@ pub fn near_dedup(
             if sig.first() == Some(&u32::MAX) {
                 continue; // no tokens
             }
-            let key = sig[band * rows..(band + 1) * rows]
-                .iter()
-                .fold(band as u64, |h, &v| mix(h ^ v as u64));
-            let bucket = buckets.entry(key).or_default();
+            let bucket = buckets.entry(band_key(sig, band, rows)).or_default();
             for &j in bucket.iter() {
                 if sets.find(i) == sets.find(j) {
                     continue;
@@ -431,9 +437,7 @@ pub fn exact_similarity<'a>(
             sets.entry(k).or_insert_with(|| {
                 let mut s = Vec::new();
                 shingles(contents[k], ngram, &mut s);
-                s.sort_unstable();
-                s.dedup();
-                s
+                into_set(s)
             });
         }
         sorted_jaccard(&sets[&i], &sets[&j])

@@ -15,6 +15,7 @@ pub mod filter;
 pub mod language;
 pub mod parquet_source;
 pub mod recipe;
+pub mod rss;
 pub mod secrets;
 pub mod shard;
 pub mod source;

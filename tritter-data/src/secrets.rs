@@ -36,6 +36,8 @@ pub struct Finding {
     /// `private_key`, `aws_access_key`, `aws_secret_key`, `github_token`, `slack_token`,
     /// `google_api_key`, `secret_assignment`, `email` or `ip_address`.
     pub kind: &'static str,
+    /// What replaces it: `<KEY>`, `<EMAIL>` or `<IP_ADDRESS>`.
+    pub placeholder: &'static str,
     /// 1-based line of its start.
     pub line: usize,
     /// Byte range in the text.
@@ -222,6 +224,7 @@ impl SecretsConfig {
                 }
                 found.push(Finding {
                     kind: detector.kind,
+                    placeholder: detector.placeholder,
                     line: 1 + text[..m.start()].bytes().filter(|&b| b == b'\n').count(),
                     start: m.start(),
                     end: m.end(),
@@ -238,11 +241,7 @@ impl SecretsConfig {
         let mut at = 0;
         for f in findings {
             out.push_str(&text[at..f.start]);
-            let placeholder = DETECTORS
-                .iter()
-                .find(|d| d.kind == f.kind)
-                .map_or("<KEY>", |d| d.placeholder);
-            out.push_str(placeholder);
+            out.push_str(f.placeholder);
             at = f.end;
         }
         out.push_str(&text[at..]);

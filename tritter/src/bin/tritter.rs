@@ -16,6 +16,7 @@ use tritter::infer::{
 use tritter::tokenizer::Tokenizer;
 use tritter::train::load_checkpoint_model;
 use tritter::TritterConfig;
+use tritter_data::rss;
 use tritter_kernels::TritterBackend;
 
 #[derive(Parser)]
@@ -541,26 +542,6 @@ impl BackendJob for EngineJob<'_> {
             eprintln!("engine-peak-rss-bytes {}", peak.saturating_sub(base));
         }
         Ok(())
-    }
-}
-
-/// Resident-set figures of this process (Linux `/proc`).
-mod rss {
-    fn status_field(name: &str) -> Option<u64> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let line = status.lines().find(|l| l.starts_with(name))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
-    }
-
-    /// Resets the peak resident set to the current one; returns the current one.
-    pub fn reset_peak() -> Option<u64> {
-        std::fs::write("/proc/self/clear_refs", "5").ok()?;
-        status_field("VmRSS:")
-    }
-
-    pub fn peak() -> Option<u64> {
-        status_field("VmHWM:")
     }
 }
 
