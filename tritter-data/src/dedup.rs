@@ -264,7 +264,7 @@ pub fn exact_jaccard(a: &[u64], b: &[u64]) -> f64 {
 }
 
 /// Sorted and deduplicated.
-fn into_set(mut list: Vec<u64>) -> Vec<u64> {
+pub fn into_set(mut list: Vec<u64>) -> Vec<u64> {
     list.sort_unstable();
     list.dedup();
     list
@@ -362,50 +362,98 @@ pub fn near_dedup(
         rows,
         ..Default::default()
     };
-    let n = signatures.len();
-    let mut sets = UnionFind::new(n);
-    let mut matched: Vec<Option<(usize, f64)>> = vec![None; n];
+    let mut clusters = Clusters::new(signatures.len(), config.threshold);
+    let mut members = Vec::new();
     for band in 0..bands {
         let mut buckets: HashMap<u64, Vec<usize>> = HashMap::new();
         for (i, sig) in signatures.iter().enumerate() {
             if sig.first() == Some(&u32::MAX) {
                 continue; // no tokens
             }
-            let bucket = buckets.entry(band_key(sig, band, rows)).or_default();
-            for &j in bucket.iter() {
-                if sets.find(i) == sets.find(j) {
+            buckets
+                .entry(band_key(sig, band, rows))
+                .or_default()
+                .push(i);
+        }
+        let mut keys: Vec<u64> = buckets.keys().copied().collect();
+        keys.sort_unstable();
+        for key in keys {
+            members.clone_from(&buckets[&key]);
+            clusters.bucket(&members, &mut similarity);
+        }
+    }
+    let (verdicts, counts) = clusters.verdicts(&mut similarity);
+    stats.candidate_pairs = counts.candidate_pairs;
+    stats.confirmed_pairs = counts.confirmed_pairs;
+    (verdicts, stats)
+}
+
+/// Union-find clustering of documents `0..n` from LSH buckets, fed one bucket at a time
+/// in any number of bands (in memory by [`near_dedup`], from sorted runs on disk by the
+/// build's merge): every member of a bucket is compared with the earlier members until
+/// one reaches the threshold, skipping those already in its cluster. Buckets fed in the
+/// same order give the same clusters wherever they come from.
+pub struct Clusters {
+    sets: UnionFind,
+    matched: Vec<Option<(usize, f64)>>,
+    threshold: f64,
+    stats: NearDedupStats,
+}
+
+impl Clusters {
+    pub fn new(n: usize, threshold: f64) -> Self {
+        Self {
+            sets: UnionFind::new(n),
+            matched: vec![None; n],
+            threshold,
+            stats: NearDedupStats::default(),
+        }
+    }
+
+    /// One bucket's members, ascending.
+    pub fn bucket(&mut self, members: &[usize], similarity: &mut impl FnMut(usize, usize) -> f64) {
+        for (p, &i) in members.iter().enumerate() {
+            for &j in &members[..p] {
+                if self.sets.find(i) == self.sets.find(j) {
                     continue;
                 }
-                stats.candidate_pairs += 1;
+                self.stats.candidate_pairs += 1;
                 let s = similarity(j, i);
-                if s >= config.threshold {
-                    stats.confirmed_pairs += 1;
-                    sets.union(i, j);
-                    matched[i].get_or_insert((j, s));
+                if s >= self.threshold {
+                    self.stats.confirmed_pairs += 1;
+                    self.sets.union(i, j);
+                    self.matched[i].get_or_insert((j, s));
                     break;
                 }
             }
-            bucket.push(i);
         }
     }
-    let verdicts = (0..n)
-        .map(|i| {
-            let root = sets.find(i);
-            if root == i {
-                return Verdict::Keep;
-            }
-            let (matched, similarity) = match matched[i] {
-                Some(m) => m,
-                None => (root, similarity(root, i)),
-            };
-            Verdict::DuplicateOf {
-                kept: root,
-                matched,
-                similarity,
-            }
-        })
-        .collect();
-    (verdicts, stats)
+
+    /// The first document of each cluster stays; the others are its duplicates.
+    pub fn verdicts(
+        mut self,
+        similarity: &mut impl FnMut(usize, usize) -> f64,
+    ) -> (Vec<Verdict>, NearDedupStats) {
+        let n = self.matched.len();
+        let verdicts = (0..n)
+            .map(|i| {
+                let root = self.sets.find(i);
+                if root == i {
+                    return Verdict::Keep;
+                }
+                let (matched, similarity) = match self.matched[i] {
+                    Some(m) => m,
+                    None => (root, similarity(root, i)),
+                };
+                Verdict::DuplicateOf {
+                    kept: root,
+                    matched,
+                    similarity,
+                }
+            })
+            .collect();
+        (verdicts, self.stats)
+    }
 }
 
 /// [`near_dedup`] confirming candidates as `config.verify` says.

@@ -21,8 +21,12 @@ pub mod shard;
 pub mod source;
 pub mod stats;
 pub mod tokenizer;
+pub mod work;
 
-pub use build::{build_dataset, BuildOptions, BuildSummary, REDACTIONS_FILE, REMOVED_FILE};
+pub use build::{
+    build_dataset, build_shard, merge_shards, BuildOptions, BuildSummary, REDACTIONS_FILE,
+    REMOVED_FILE,
+};
 pub use dedup::DedupConfig;
 pub use document::Document;
 pub use error::DataError;
@@ -30,3 +34,4 @@ pub use language::Language;
 pub use recipe::DataRecipe;
 pub use shard::{DatasetManifest, ShardReader, Split, TokenStream};
 pub use tokenizer::{ByteTokenizer, HfTokenizer, Tokenizer, TokenizerSpec};
+pub use work::ShardSpec;

@@ -33,6 +33,11 @@ pub struct DataRecipe {
     /// Tokens per shard file.
     #[serde(default = "default_shard_tokens")]
     pub shard_tokens: u64,
+    /// Input shards: the files are split into this many contiguous parts, each scanned
+    /// on its own (in parallel, or on its own machine with `--shard i/n`) with memory
+    /// bounded by its size, then merged. Size caps are shared evenly among them.
+    #[serde(default = "default_input_shards")]
+    pub input_shards: usize,
     /// How token files are stored: `zstd` (default) or `raw`.
     #[serde(default)]
     pub shard_codec: ShardCodec,
@@ -125,6 +130,9 @@ fn default_max_file_bytes() -> u64 {
 fn default_valid_fraction() -> f64 {
     0.02
 }
+fn default_input_shards() -> usize {
+    1
+}
 fn default_shard_tokens() -> u64 {
     1 << 24
 }
@@ -179,6 +187,9 @@ impl DataRecipe {
         }
         if self.sources.is_empty() {
             return bad("no `[[sources]]` given".into());
+        }
+        if self.input_shards == 0 {
+            return bad("`input_shards` must be at least 1".into());
         }
         if self.shard_tokens == 0 {
             return bad("`shard_tokens` must be positive".into());

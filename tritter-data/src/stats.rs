@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StageCounts {
@@ -31,6 +32,18 @@ impl StageCounts {
     pub fn dropped_total(&self) -> u64 {
         self.dropped.values().sum()
     }
+
+    /// Adds another part's counts (another input shard's) to these.
+    pub fn merge(&mut self, other: &StageCounts) {
+        self.kept += other.kept;
+        self.kept_bytes += other.kept_bytes;
+        for (reason, n) in &other.dropped {
+            *self.dropped.entry(reason.clone()).or_default() += n;
+        }
+        for (kind, n) in &other.redacted {
+            *self.redacted.entry(kind.clone()).or_default() += n;
+        }
+    }
 }
 
 /// Counts of every stage, in pipeline order.
@@ -42,5 +55,49 @@ pub struct PipelineStats {
 impl PipelineStats {
     pub fn stage(&mut self, name: &str) -> &mut StageCounts {
         self.stages.entry(name.to_string()).or_default()
+    }
+
+    pub fn merge(&mut self, other: &PipelineStats) {
+        for (name, counts) in &other.stages {
+            self.stage(name).merge(counts);
+        }
+    }
+}
+
+/// Time spent in one stage and the bytes it processed (summed over threads: core-seconds).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StageTime {
+    pub seconds: f64,
+    pub bytes: u64,
+}
+
+impl StageTime {
+    /// Megabytes per core-second.
+    pub fn mb_per_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+}
+
+/// Per-stage timings of a build. Kept out of the manifest, so that rebuilding gives the
+/// same manifest; reported in the build's summary.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StageTimes {
+    pub stages: BTreeMap<String, StageTime>,
+}
+
+impl StageTimes {
+    /// Counts the time since `start` and `bytes` processed to `stage`.
+    pub fn add(&mut self, stage: &str, start: Instant, bytes: usize) {
+        let t = self.stages.entry(stage.to_string()).or_default();
+        t.seconds += start.elapsed().as_secs_f64();
+        t.bytes += bytes as u64;
+    }
+
+    pub fn merge(&mut self, other: &StageTimes) {
+        for (name, t) in &other.stages {
+            let mine = self.stages.entry(name.clone()).or_default();
+            mine.seconds += t.seconds;
+            mine.bytes += t.bytes;
+        }
     }
 }

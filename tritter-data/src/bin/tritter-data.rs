@@ -4,7 +4,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use tritter_data::{
-    build_dataset, BuildOptions, DataRecipe, DatasetManifest, DedupConfig, ShardReader, Split,
+    build_dataset, build_shard, merge_shards, BuildOptions, DataRecipe, DatasetManifest,
+    DedupConfig, ShardReader, ShardSpec, Split,
 };
 
 #[derive(Parser)]
@@ -30,6 +31,19 @@ enum Command {
         /// Write the dataset here instead of the recipe's `output`.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Scan only input shard `i` of `n` (0-based) into `{out}.work/`, for a later
+        /// `--merge`: one per machine or scheduler task.
+        #[arg(long, value_parser = ShardSpec::parse, conflicts_with = "merge")]
+        shard: Option<ShardSpec>,
+        /// Merge the finished input shards in `{out}.work/` into the dataset.
+        #[arg(long)]
+        merge: bool,
+        /// Reuse the input shards an interrupted run finished.
+        #[arg(long)]
+        resume: bool,
+        /// Input shards scanned at once (default: the available cores).
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// Print a dataset's manifest summary.
     Inspect {
@@ -90,20 +104,47 @@ fn main() -> Result<()> {
             recipe,
             source,
             out,
+            shard,
+            merge,
+            resume,
+            jobs,
         } => {
             let recipe = match (recipe, &out) {
                 (Some(path), _) => DataRecipe::from_file(&path)?,
                 (None, Some(out)) => DataRecipe::from_sources(&source, out)?,
                 (None, None) => unreachable!("clap requires --out with --source"),
             };
-            let summary = build_dataset(
-                &recipe,
-                &BuildOptions {
-                    out,
-                    progress: true,
-                },
-            )?;
-            print!("{}", summary.table());
+            let options = BuildOptions {
+                out,
+                progress: true,
+                resume,
+                jobs,
+            };
+            if let Some(shard) = shard {
+                let (meta, reused) = build_shard(&recipe, shard, &options)?;
+                let kept: u64 = meta
+                    .stats
+                    .stages
+                    .get("exact dedup")
+                    .map_or(meta.documents, |c| c.kept);
+                println!(
+                    "input shard {shard}: {} documents kept of {:.1} MB read{}",
+                    kept,
+                    meta.bytes_read as f64 / 1e6,
+                    if reused {
+                        " (finished earlier; reused)"
+                    } else {
+                        ""
+                    }
+                );
+            } else {
+                let summary = if merge {
+                    merge_shards(&recipe, &options)?
+                } else {
+                    build_dataset(&recipe, &options)?
+                };
+                print!("{}", summary.table());
+            }
         }
         Command::Inspect { dataset, samples } => {
             let manifest = DatasetManifest::load(&dataset)?;
@@ -155,8 +196,8 @@ fn main() -> Result<()> {
         } => {
             let recipe = DataRecipe::from_file(&recipe)?;
             let options = BuildOptions {
-                out: None,
                 progress: true,
+                ..BuildOptions::default()
             };
             let s = tritter_data::bpe::train_bpe(&recipe, vocab_size, &out, &options)?;
             println!(

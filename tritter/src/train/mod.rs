@@ -90,8 +90,8 @@ pub fn ensure_dataset(recipe: &TrainRecipe) -> Result<(PathBuf, DatasetManifest)
         let summary = build_dataset(
             &data_recipe,
             &BuildOptions {
-                out: None,
                 progress: true,
+                ..BuildOptions::default()
             },
         )?;
         eprint!("{}", summary.table());
