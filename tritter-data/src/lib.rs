@@ -6,6 +6,7 @@
 //! builds fast and is usable on its own.
 
 pub mod bench;
+pub mod blobs;
 pub mod bpe;
 pub mod build;
 pub mod dedup;

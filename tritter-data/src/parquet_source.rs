@@ -1,14 +1,13 @@
 //! Table sources: The Stack v2 as its users receive it — Parquet metadata rows whose
-//! content lives in a blob directory as `{blob_id}`, gzip-compressed, decoded with the
-//! row's `src_encoding` — and Parquet or JSON-lines files that carry the content in a
+//! content lives in a blob store (a directory or S3) as `{blob_id}`, gzip-compressed,
+//! decoded with the row's `src_encoding` — and Parquet or JSON-lines files that carry the content in a
 //! column.
 
+use crate::blobs::{BlobLocation, BlobRequest, BlobStore};
 use crate::error::{DataError, Result};
 use crate::language::Language;
-use encoding_rs::Encoding;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// A `kind = "parquet"` source's settings, its paths resolved.
@@ -16,9 +15,9 @@ use std::path::{Path, PathBuf};
 pub struct ParquetColumns {
     /// JSON lines rather than Parquet.
     pub jsonl: bool,
-    /// Directory of gzip blobs named by `blob_id` (The Stack v2's `content/`). Without
-    /// it, the content is read from `content_column`.
-    pub blobs: Option<PathBuf>,
+    /// Where gzip blobs named by `blob_id` live (The Stack v2's `content/`, a directory
+    /// or S3). Without it, the content is read from `content_column`.
+    pub blobs: Option<BlobLocation>,
     pub content_column: String,
     pub path_column: String,
     /// Keep only rows whose `license_type` is one of these (Stack v2 default:
@@ -132,6 +131,7 @@ pub fn read_rows(file: &Path, columns: &ParquetColumns) -> Result<Vec<ParquetRow
         .get_row_iter(None)
         .map_err(|e| bad(format!("cannot read rows: {e}")))?;
     let mut out = Vec::new();
+    let mut pending = Vec::new();
     for row in rows {
         let row = row.map_err(|e| bad(format!("corrupt row: {e}")))?;
         let (mut path, mut content, mut blob_id, mut encoding) = (None, None, None, None);
@@ -166,11 +166,21 @@ pub fn read_rows(file: &Path, columns: &ParquetColumns) -> Result<Vec<ParquetRow
         parsed.path = path.unwrap_or_default();
         parsed.id = blob_id.clone().unwrap_or_else(|| parsed.path.clone());
         parsed.content = match (&columns.blobs, blob_id) {
-            (Some(dir), Some(id)) => fetch_blob(dir, &id, encoding.as_deref()),
+            (Some(_), Some(blob_id)) => {
+                pending.push((out.len(), BlobRequest { blob_id, encoding }));
+                Err("blob not fetched")
+            }
             (Some(_), None) => Err("no blob id"),
             (None, _) => content.ok_or("no content"),
         };
         out.push(parsed);
+    }
+    if let Some(location) = &columns.blobs {
+        let store = BlobStore::open(location)?;
+        let requests: Vec<BlobRequest> = pending.iter().map(|(_, r)| r.clone()).collect();
+        for ((row, _), content) in pending.iter().zip(store.fetch_all(&requests)?) {
+            out[*row].content = content;
+        }
     }
     Ok(out)
 }
@@ -205,28 +215,4 @@ fn read_jsonl(file: &Path, columns: &ParquetColumns) -> Result<Vec<ParquetRow>> 
         });
     }
     Ok(out)
-}
-
-/// A Stack v2 blob: `dir/{blob_id}`, gzip, in `encoding` (UTF-8 when absent), as UTF-8.
-pub fn fetch_blob(
-    dir: &Path,
-    blob_id: &str,
-    encoding: Option<&str>,
-) -> std::result::Result<Vec<u8>, &'static str> {
-    if blob_id.is_empty() || blob_id.contains(['/', '\\']) || blob_id.starts_with('.') {
-        return Err("invalid blob id");
-    }
-    let compressed = std::fs::read(dir.join(blob_id)).map_err(|_| "missing blob")?;
-    let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(compressed.as_slice())
-        .read_to_end(&mut raw)
-        .map_err(|_| "corrupt blob")?;
-    let encoding = match encoding {
-        None => encoding_rs::UTF_8,
-        Some(label) => Encoding::for_label(label.as_bytes()).ok_or("unknown encoding")?,
-    };
-    encoding
-        .decode_without_bom_handling_and_without_replacement(&raw)
-        .map(|text| text.into_owned().into_bytes())
-        .ok_or("invalid encoding")
 }

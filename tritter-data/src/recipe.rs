@@ -80,7 +80,8 @@ pub enum SourceKind {
     /// The standard library of the `python3` on `PATH`, when there is one.
     PythonStdlib,
     /// A Parquet file or a directory of them: The Stack v2's metadata with `blobs` naming
-    /// the directory of its gzip content blobs (`content/{blob_id}`), or rows carrying the
+    /// where its gzip content blobs live (`content/{blob_id}`: a directory, or
+    /// `s3://bucket/prefix`), or rows carrying the
     /// content in `content_column`.
     Parquet {
         path: PathBuf,

@@ -3,6 +3,7 @@
 //! where the tree lives, and a size cap samples across the whole tree rather than its
 //! alphabetical head).
 
+use crate::blobs::BlobLocation;
 use crate::document::fnv1a;
 use crate::error::{DataError, Result};
 use crate::parquet_source::{table_files, ParquetColumns};
@@ -77,7 +78,9 @@ pub fn list_source(recipe: &DataRecipe, source: &SourceConfig) -> Result<Option<
             ..
         } => Some(ParquetColumns {
             jsonl: false,
-            blobs: blobs.as_ref().map(|b| recipe.resolve(b)),
+            blobs: blobs
+                .as_ref()
+                .map(|b| BlobLocation::parse(b, &recipe.base_dir)),
             content_column: content_column.clone(),
             path_column: path_column.clone(),
             license_types: license_types.clone(),
@@ -105,7 +108,11 @@ pub fn list_source(recipe: &DataRecipe, source: &SourceConfig) -> Result<Option<
                 path,
             })
             .collect();
-        if let Some(dir) = columns.blobs.as_ref().filter(|d| !d.is_dir()) {
+        if let Some(BlobLocation::Dir(dir)) = columns
+            .blobs
+            .as_ref()
+            .filter(|b| matches!(b, BlobLocation::Dir(d) if !d.is_dir()))
+        {
             return Err(DataError::Source(format!(
                 "`{}`: blob directory {} is not a directory",
                 source.name,

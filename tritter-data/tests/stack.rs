@@ -348,3 +348,94 @@ fn json_lines_with_content_and_a_malformed_line() {
         "{err}"
     );
 }
+
+/// An S3-compatible server on loopback (`TRITTER_TEST_S3_ENDPOINT`, started by `.ci/run`
+/// with moto), or `None` with a note where there is none.
+fn s3_endpoint() -> Option<String> {
+    let endpoint = std::env::var("TRITTER_TEST_S3_ENDPOINT").ok();
+    if endpoint.is_none() {
+        eprintln!("note: TRITTER_TEST_S3_ENDPOINT is not set (.ci/run starts moto); S3 not tested");
+    }
+    endpoint
+}
+
+/// Creates `bucket` with a bare S3 `PUT /bucket` (object_store does not create buckets).
+fn create_bucket(endpoint: &str, bucket: &str) {
+    use std::io::{Read, Write};
+    let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        stream,
+        "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[test]
+fn stack_v2_blobs_from_s3() {
+    let Some(endpoint) = s3_endpoint() else {
+        return;
+    };
+    for (key, value) in [
+        ("AWS_ENDPOINT", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "tritter"),
+        ("AWS_SECRET_ACCESS_KEY", "tritter"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ] {
+        std::env::set_var(key, value);
+    }
+    create_bucket(&endpoint, "tritter-stack");
+    let dir = tempfile::tempdir().unwrap();
+    write_stack(dir.path());
+
+    // Upload the blob directory under a prefix.
+    use object_store::ObjectStoreExt;
+    let store = object_store::aws::AmazonS3Builder::from_env()
+        .with_url("s3://tritter-stack")
+        .build()
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for entry in std::fs::read_dir(dir.path().join("content")).unwrap() {
+        let path = entry.unwrap().path();
+        let key = format!("v2/content/{}", path.file_name().unwrap().to_string_lossy());
+        let bytes = std::fs::read(&path).unwrap();
+        runtime
+            .block_on(store.put(&object_store::path::Path::from(key), bytes.into()))
+            .unwrap();
+    }
+    std::fs::remove_dir_all(dir.path().join("content")).unwrap();
+
+    let r = recipe(
+        dir.path(),
+        "[[sources]]\nname = \"stack\"\nkind = \"parquet\"\npath = \"stack\"\nblobs = \"s3://tritter-stack/v2/content\"\n",
+    );
+    let summary = build_dataset(&r, &BuildOptions::default()).unwrap();
+    let m = &summary.manifest;
+    assert_eq!(m.languages["python"].documents, 2, "{:?}", m.languages);
+    assert_eq!(m.languages["rust"].documents, 1);
+    assert_eq!(m.languages["triton"].documents, 1);
+    let read = &m.stats.stages["read"].dropped;
+    assert_eq!(read["missing blob"], 1);
+    assert_eq!(read["corrupt blob"], 1);
+    assert_eq!(read["invalid encoding"], 1);
+
+    // A bucket that does not exist, or a prefix with nothing in it, is an error naming
+    // the store, not every row skipped.
+    for url in [
+        "s3://no-such-bucket/content",
+        "s3://tritter-stack/v3/content",
+    ] {
+        let r = recipe(
+            dir.path(),
+            &format!("[[sources]]\nname = \"stack\"\nkind = \"parquet\"\npath = \"stack\"\nblobs = \"{url}\"\n"),
+        );
+        let err = build_dataset(&r, &BuildOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(url), "{err}");
+    }
+}
