@@ -137,7 +137,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         d(
             "aws_access_key",
             "<KEY>",
-            r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
+            r"(?-u:\b)(?:AKIA|ASIA)[0-9A-Z]{16}(?-u:\b)",
             0,
             always,
             false,
@@ -153,7 +153,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         d(
             "github_token",
             "<KEY>",
-            r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{60,255})\b",
+            r"(?-u:\b)(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{60,255})(?-u:\b)",
             0,
             always,
             false,
@@ -161,7 +161,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         d(
             "slack_token",
             "<KEY>",
-            r"\bxox[abposr]-[0-9A-Za-z-]{10,250}",
+            r"(?-u:\b)xox[abposr]-[0-9A-Za-z-]{10,250}",
             0,
             always,
             false,
@@ -169,7 +169,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         d(
             "google_api_key",
             "<KEY>",
-            r"\bAIza[0-9A-Za-z_-]{35}\b",
+            r"(?-u:\b)AIza[0-9A-Za-z_-]{35}(?-u:\b)",
             0,
             always,
             false,
@@ -177,7 +177,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         d(
             "secret_assignment",
             "<KEY>",
-            r#"(?i)\b[a-z_]*(?:password|passwd|secret|token|api_?key|access_?key|private_?key)[a-z_]*['"]?\s*[:=]+\s*['"]([^'"\s]{12,200})['"]"#,
+            r#"(?i)(?:password|passwd|secret|token|api_?key|access_?key|private_?key)[a-z_]*['"]?\s*[:=]+\s*['"]([^'"\s]{12,200})['"]"#,
             1,
             random_looking,
             false,
@@ -185,7 +185,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         d(
             "email",
             "<EMAIL>",
-            r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
+            r"(?-u:\b)[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?-u:\b)",
             0,
             always,
             true,
@@ -193,7 +193,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         d(
             "ip_address",
             "<IP_ADDRESS>",
-            r"\b(?:(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\b",
+            r"(?-u:\b)(?:(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(?-u:\b)",
             0,
             public_ip,
             true,
