@@ -98,11 +98,15 @@ impl BuildSummary {
             "timing", "core-s", "MB in", "MB/s per core"
         ));
         for (name, t) in &self.times.stages {
+            let rate = if t.bytes > 0 {
+                format!("{:.1}", t.mb_per_s())
+            } else {
+                "-".to_string()
+            };
             out.push_str(&format!(
-                "{name:<12} {:>9.2} {:>9.1} {:>14.1}\n",
+                "{name:<12} {:>9.2} {:>9.1} {rate:>14}\n",
                 t.seconds,
                 t.bytes as f64 / 1e6,
-                t.mb_per_s()
             ));
         }
         let mb = self.bytes_read as f64 / 1e6;
@@ -147,11 +151,15 @@ pub fn build_dataset(recipe: &DataRecipe, options: &BuildOptions) -> Result<Buil
         .filter(|&s| !options.resume || work.finished(s, &fingerprint).is_none())
         .collect();
     let reused_shards = count - todo.len();
+    let mut listed = StageTimes::default();
     if !todo.is_empty() {
+        let t = Instant::now();
         let sources = resolve_sources(recipe)?;
+        listed.add("list", t, 0);
         scan_shards(recipe, &sources, &todo, &work, &fingerprint, options)?;
     }
     let mut summary = merge(recipe, options, &work, count, &fingerprint)?;
+    summary.times.merge(&listed);
     std::fs::remove_dir_all(&work.root).map_err(|e| DataError::io(&work.root, e))?;
     summary.seconds = start.elapsed().as_secs_f64();
     summary.reused_shards = reused_shards;
@@ -706,7 +714,8 @@ fn merge(
         bar.finish_and_clear();
         let (verdicts, _) = clusters.verdicts(&mut |i, j| similarity.get(i, j));
         similarity.check()?;
-        times.add("near dedup", t, 0);
+        let bytes = stats.stage("exact dedup").kept_bytes;
+        times.add("near dedup", t, bytes as usize);
         verdicts
     } else {
         vec![Verdict::Keep; n]
