@@ -278,6 +278,16 @@ max_bytes = 10
         .to_string();
         assert!(err.contains("ftp"), "{err}");
 
+        // A stage the pipeline does not have.
+        let err = DataRecipe::from_toml(
+            &format!("{RECIPE}\n[dedupe]\nthreshold = 0.8\n"),
+            Path::new("r.toml"),
+            ".".into(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field `dedupe`") && err.contains("r.toml"), "{err}");
+
         let err = DataRecipe::from_toml("name = ", Path::new("r.toml"), ".".into())
             .unwrap_err()
             .to_string();
