@@ -286,7 +286,10 @@ max_bytes = 10
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("unknown field `dedupe`") && err.contains("r.toml"), "{err}");
+        assert!(
+            err.contains("unknown field `dedupe`") && err.contains("r.toml"),
+            "{err}"
+        );
 
         let err = DataRecipe::from_toml("name = ", Path::new("r.toml"), ".".into())
             .unwrap_err()

@@ -6,6 +6,7 @@
 //! a backend without a dedicated kernel uses it, and `Autodiff<B>` differentiates it.
 
 mod autodiff;
+pub mod cube;
 pub mod kv_int4;
 pub mod packed;
 pub mod reference;
@@ -181,9 +182,25 @@ impl TritterBackend for burn::backend::Flex {
         true
     }
 }
-impl TritterBackend for burn::backend::Wgpu {}
-#[cfg(feature = "cuda")]
-impl TritterBackend for burn::backend::Cuda {}
+/// Burn's CubeCL backends (`Wgpu`, `Cuda`: fusion over `CubeBackend`) run the CubeCL
+/// kernels of [`cube`].
+impl<R, F, I, BT> TritterBackend for cube::fusion::Fused<R, F, I, BT>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    fn ternary_packed_matmul(x: Tensor<Self, 2>, w: &PackedTernary<Self>) -> Tensor<Self, 2> {
+        cube::ternary::packed_matmul(x, w)
+    }
+
+    fn ternary_scratch_bytes(d_out: usize, d_in: usize) -> usize {
+        // Packed activations are per call and proportional to the activations.
+        let _ = (d_out, d_in);
+        0
+    }
+}
 impl<B: TritterBackend, C: CheckpointStrategy> TritterBackend for Autodiff<B, C> {
     fn bitlinear_matmul(
         x: Tensor<Self, 2>,

@@ -1,0 +1,64 @@
+//! Between Burn's fusion graph and the CubeCL backend under it: a fusion tensor is
+//! resolved (its pending operations run) into a `CubeTensor`, and a kernel's output is
+//! registered back as a fusion tensor, like `from_data` does.
+
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_fusion::stream::OperationStreams;
+use burn_fusion::{get_client, Fusion, NoOp};
+use burn_ir::{BackendIr, InitOperationIr, OperationIr};
+
+/// The CubeCL backend under a fusion backend.
+pub type Inner<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+/// Burn's `Wgpu` / `Cuda`.
+pub type Fused<R, F, I, BT> = Fusion<Inner<R, F, I, BT>>;
+
+pub fn float_to_cube<R, F, I, BT, const D: usize>(t: Tensor<Fused<R, F, I, BT>, D>) -> CubeTensor<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let primitive = t.into_primitive().tensor();
+    let client = primitive.client.clone();
+    client.resolve_tensor_float::<Inner<R, F, I, BT>>(primitive)
+}
+
+pub fn int_to_cube<R, F, I, BT, const D: usize>(
+    t: Tensor<Fused<R, F, I, BT>, D, Int>,
+) -> CubeTensor<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let primitive = t.into_primitive();
+    let client = primitive.client.clone();
+    client.resolve_tensor_int::<Inner<R, F, I, BT>>(primitive)
+}
+
+pub fn float_from_cube<R, F, I, BT, const D: usize>(
+    t: CubeTensor<R>,
+    device: &burn::tensor::Device<Fused<R, F, I, BT>>,
+) -> Tensor<Fused<R, F, I, BT>, D>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let client = get_client::<Inner<R, F, I, BT>>(device);
+    let shape = t.meta.shape().clone();
+    let dtype = t.dtype;
+    let handle = <Inner<R, F, I, BT> as BackendIr>::float_tensor_handle(t);
+    let desc = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
+    let mut outputs = client.register(
+        OperationStreams::default(),
+        OperationIr::Init(desc),
+        NoOp::<Inner<R, F, I, BT>>::new(),
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(outputs.remove(0)))
+}
