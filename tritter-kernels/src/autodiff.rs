@@ -1,6 +1,7 @@
 //! Autodiff for the Tritter ops: one graph node per BitLinear product instead of the
 //! dozen element-wise nodes the straight-through reference would record.
 
+use crate::mask::AttentionMask;
 use crate::TritterBackend;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -146,6 +147,79 @@ pub fn attention<B: TritterBackend, C: CheckpointStrategy>(
                 out.clone(),
                 mask,
                 causal,
+            ),
+            out,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(result))
+}
+
+/// Backward of [`TritterBackend::flex_attention`]: the inner backend's
+/// [`TritterBackend::flex_attention_backward`] (the flash backward kernels on CubeCL
+/// backends, from the forward's log-sum-exp).
+#[derive(Debug)]
+struct FlexAttentionBackward;
+
+type FlexAttentionState<B> = ([FloatTensor<B>; 4], Option<FloatTensor<B>>, AttentionMask);
+
+impl<B: TritterBackend> Backward<B, 3> for FlexAttentionBackward {
+    type State = FlexAttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let ([q, k, v, out], lse, mask) = ops.state;
+        let t4 = |t: FloatTensor<B>| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+        let (grad_q, grad_k, grad_v) = B::flex_attention_backward(
+            t4(q),
+            t4(k),
+            t4(v),
+            t4(out),
+            lse.map(|l| Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(l))),
+            t4(grad),
+            &mask,
+        );
+        for (node, g) in [(node_q, grad_q), (node_k, grad_k), (node_v, grad_v)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g.into_primitive().tensor());
+            }
+        }
+    }
+}
+
+/// [`TritterBackend::flex_attention`] on `Autodiff<B>`: the inner backend's forward
+/// (keeping its log-sum-exp) and [`FlexAttentionBackward`].
+pub fn flex_attention<B: TritterBackend, C: CheckpointStrategy>(
+    q: Tensor<Autodiff<B, C>, 4>,
+    k: Tensor<Autodiff<B, C>, 4>,
+    v: Tensor<Autodiff<B, C>, 4>,
+    mask: &AttentionMask,
+) -> Tensor<Autodiff<B, C>, 4> {
+    let (q, k, v) = (
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+    );
+    let inner =
+        |t: &FloatTensor<B>| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t.clone()));
+    let (out, lse) = B::flex_attention_forward(
+        inner(&q.primitive),
+        inner(&k.primitive),
+        inner(&v.primitive),
+        mask,
+    );
+    let out = out.into_primitive().tensor();
+    let result = match FlexAttentionBackward
+        .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            (
+                [q.primitive, k.primitive, v.primitive, out.clone()],
+                lse.map(|l| l.into_primitive().tensor()),
+                mask.clone(),
             ),
             out,
         ),

@@ -8,9 +8,11 @@
 mod autodiff;
 pub mod cube;
 pub mod kv_int4;
+pub mod mask;
 pub mod packed;
 pub mod reference;
 
+pub use mask::{AttentionMask, MaskMod};
 pub use packed::{PackedStorage, PackedTernary};
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -69,6 +71,48 @@ pub trait TritterBackend: Backend {
         causal: bool,
     ) -> Tensor<Self, 4> {
         reference::attention(q, k, v, mask, causal)
+    }
+
+    /// Attention of `q` `[batch, heads, q_len, d]` against `k`, `v` `[batch, kv_heads,
+    /// kv_len, d]` — grouped-query: query head `h` reads key head `h / (heads /
+    /// kv_heads)` — under `mask`, the queries being the last `q_len` positions.
+    fn flex_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: &AttentionMask,
+    ) -> Tensor<Self, 4> {
+        Self::flex_attention_forward(q, k, v, mask).0
+    }
+
+    /// [`TritterBackend::flex_attention`] and, where the backend computes it, each query
+    /// row's log-sum-exp `[batch, heads, q_len]` for the backward. The default repeats
+    /// the key heads and materializes the mask for [`TritterBackend::tritter_attention`].
+    fn flex_attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: &AttentionMask,
+    ) -> (Tensor<Self, 4>, Option<Tensor<Self, 3>>) {
+        let (k, v, dense, causal) = reference::flex_inputs(&q, k, v, mask);
+        (Self::tritter_attention(q, k, v, dense, causal), None)
+    }
+
+    /// Gradients `(dq, dk, dv)` of [`TritterBackend::flex_attention`] (`dk`, `dv` in
+    /// key-head shape) from the output `out`, its log-sum-exp when the forward gave one,
+    /// and the output's gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn flex_attention_backward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        out: Tensor<Self, 4>,
+        lse: Option<Tensor<Self, 3>>,
+        grad_out: Tensor<Self, 4>,
+        mask: &AttentionMask,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        let _ = lse;
+        reference::flex_attention_backward(q, k, v, out, grad_out, mask)
     }
 
     /// Moves a packed ternary matrix (the export's bytes, `[d_out, ceil(d_in / 4)]`) to
@@ -195,6 +239,32 @@ where
         cube::ternary::packed_matmul(x, w)
     }
 
+    fn flex_attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: &AttentionMask,
+    ) -> (Tensor<Self, 4>, Option<Tensor<Self, 3>>) {
+        let (out, lse) = cube::attention::forward(q, k, v, mask);
+        (out, Some(lse))
+    }
+
+    fn flex_attention_backward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        out: Tensor<Self, 4>,
+        lse: Option<Tensor<Self, 3>>,
+        grad_out: Tensor<Self, 4>,
+        mask: &AttentionMask,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        let lse = match lse {
+            Some(lse) => lse,
+            None => cube::attention::forward(q.clone(), k.clone(), v.clone(), mask).1,
+        };
+        cube::attention::backward(q, k, v, out, lse, grad_out, mask)
+    }
+
     fn ternary_scratch_bytes(d_out: usize, d_in: usize) -> usize {
         // Packed activations are per call and proportional to the activations.
         let _ = (d_out, d_in);
@@ -222,5 +292,14 @@ impl<B: TritterBackend, C: CheckpointStrategy> TritterBackend for Autodiff<B, C>
         causal: bool,
     ) -> Tensor<Self, 4> {
         autodiff::attention(q, k, v, mask, causal)
+    }
+
+    fn flex_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: &AttentionMask,
+    ) -> Tensor<Self, 4> {
+        autodiff::flex_attention(q, k, v, mask)
     }
 }

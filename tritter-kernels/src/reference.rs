@@ -1,6 +1,7 @@
 //! Reference implementations of the Tritter ops, in Burn tensor ops. These define what the
 //! kernels must compute; the formulas follow BitNet b1.58 (arXiv 2402.17764).
 
+use crate::mask::{AttentionMask, MaskMod};
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
@@ -182,4 +183,71 @@ pub fn rms_norm_backward<B: Backend>(
     let dot = (g_dy.clone() * x.clone()).mean_dim(1);
     let grad_x = g_dy * inv_rms.clone() - x * inv_rms.powi_scalar(3) * dot;
     (grad_x, grad_gamma)
+}
+
+/// Grouped-query attention's key/value heads repeated for each query head they serve.
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, repeat: usize) -> Tensor<B, 4> {
+    if repeat == 1 {
+        return x;
+    }
+    let [b, h, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, h, repeat, t, d])
+        .reshape([b, h * repeat, t, d])
+}
+
+/// The dense operands of [`crate::TritterBackend::tritter_attention`] for a
+/// [`AttentionMask`]: keys and values repeated per query head, and the mask as a boolean
+/// tensor (`None` with `causal` for the plain causal mask).
+#[allow(clippy::type_complexity)]
+pub fn flex_inputs<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>, bool) {
+    let [batch, heads, q_len, _] = q.dims();
+    let [_, kv_heads, kv_len, _] = k.dims();
+    let (k, v) = (
+        repeat_kv(k, heads / kv_heads),
+        repeat_kv(v, heads / kv_heads),
+    );
+    match (&mask.mask, &mask.documents) {
+        (MaskMod::Causal, _) => (k, v, None, true),
+        (MaskMod::Full, _) => (k, v, None, false),
+        _ => {
+            let dense = mask.dense(batch, q_len, kv_len);
+            let dense = Tensor::<B, 3, Bool>::from_data(
+                TensorData::new(dense, [batch, q_len, kv_len]),
+                &q.device(),
+            )
+            .unsqueeze_dim::<4>(1)
+            .expand([batch, heads, q_len, kv_len]);
+            (k, v, Some(dense), false)
+        }
+    }
+}
+
+/// Gradients of attention under an [`AttentionMask`] with grouped key/value heads: the
+/// dense [`attention_backward`] on repeated heads, the key and value gradients summed
+/// over each group's query heads.
+pub fn flex_attention_backward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    out: Tensor<B, 4>,
+    grad_out: Tensor<B, 4>,
+    mask: &AttentionMask,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let [batch, heads, _, d] = q.dims();
+    let [_, kv_heads, kv_len, _] = k.dims();
+    let group = heads / kv_heads;
+    let (k, v, dense, causal) = flex_inputs(&q, k, v, mask);
+    let (grad_q, grad_k, grad_v) = attention_backward(q, k, v, out, dense, causal, grad_out);
+    let fold = |g: Tensor<B, 4>| {
+        g.reshape([batch, kv_heads, group, kv_len, d])
+            .sum_dim(2)
+            .reshape([batch, kv_heads, kv_len, d])
+    };
+    (grad_q, fold(grad_k), fold(grad_v))
 }

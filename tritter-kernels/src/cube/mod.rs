@@ -6,5 +6,6 @@
 //! Burn's `Wgpu` and `Cuda` backends are `Fusion<CubeBackend<…>>`: [`fusion`] moves
 //! tensors between the fusion graph and the CubeCL backend the kernels run on.
 
+pub mod attention;
 pub mod fusion;
 pub mod ternary;

@@ -16,7 +16,7 @@ use super::generate::{Sampler, SamplingConfig};
 use super::kv_cache::{KvCache, LayerCache};
 use super::model_file::ModelFile;
 use crate::export::BITLINEAR_NAMES;
-use crate::model::attention::{contiguous, repeat_kv, rope_row, sliding_window_mask, Heads};
+use crate::model::attention::{attention_mask, contiguous, rope_row, sliding_window_mask, Heads};
 use crate::model::bitlinear::rms_norm;
 use crate::model::ffn::squared_relu_gate;
 use crate::model::TritterConfig;
@@ -30,7 +30,7 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
-use tritter_kernels::{PackedTernary, TritterBackend};
+use tritter_kernels::{AttentionMask, PackedTernary, TritterBackend};
 
 /// A BitLinear with its weights packed on the device.
 pub struct PackedLinear<B: TritterBackend> {
@@ -198,24 +198,8 @@ impl<B: TritterBackend> LayerWeights<B> {
             } else {
                 let (k, v) = cache.keys_values();
                 let kv_len = k.dims()[2];
-                let (mask, causal) = match heads.sliding_window {
-                    Some(window) if window < kv_len => (
-                        Some(sliding_window_mask::<B>(
-                            [1, nh, len, kv_len],
-                            window,
-                            &device,
-                        )),
-                        false,
-                    ),
-                    _ => (None, true),
-                };
-                let a = B::tritter_attention(
-                    heads_first(&q),
-                    repeat_kv(k, nh / nkv),
-                    repeat_kv(v, nh / nkv),
-                    mask,
-                    causal,
-                );
+                let mask = AttentionMask::new(attention_mask(heads.sliding_window, kv_len));
+                let a = B::flex_attention(heads_first(&q), k, v, &mask);
                 a.reshape([nh, len, hd])
                     .swap_dims(0, 1)
                     .reshape([len, nh * hd])

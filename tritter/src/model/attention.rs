@@ -6,7 +6,7 @@ use super::config::TritterConfig;
 use crate::infer::kv_cache::LayerCache;
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use tritter_kernels::TritterBackend;
+use tritter_kernels::{AttentionMask, MaskMod, TritterBackend};
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -112,32 +112,22 @@ pub fn attend<B: TritterBackend>(
         None => (k, v),
     };
     let kv_len = k.dims()[2];
-    let k = repeat_kv(k, nh / nkv);
-    let v = repeat_kv(v, nh / nkv);
-    let (mask, causal) = match heads.sliding_window {
-        Some(window) if window < kv_len => (
-            Some(sliding_window_mask::<B>(
-                [batch, nh, seq, kv_len],
-                window,
-                &q.device(),
-            )),
-            false,
-        ),
-        _ => (None, true),
-    };
-    let out = B::tritter_attention(q, k, v, mask, causal);
+    let out = B::flex_attention(
+        q,
+        k,
+        v,
+        &AttentionMask::new(attention_mask(heads.sliding_window, kv_len)),
+    );
     out.swap_dims(1, 2).reshape([batch, seq, nh * hd])
 }
 
-/// Grouped-query attention: each key/value head serves `repeat` query heads.
-pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, repeat: usize) -> Tensor<B, 4> {
-    if repeat == 1 {
-        return x;
+/// The model's mask over `kv_len` keys: causal, or a sliding window when the keys reach
+/// past it.
+pub fn attention_mask(sliding_window: Option<usize>, kv_len: usize) -> MaskMod {
+    match sliding_window {
+        Some(window) if window < kv_len => MaskMod::sliding_window(window),
+        _ => MaskMod::causal(),
     }
-    let [b, h, t, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, h, repeat, t, d])
-        .reshape([b, h * repeat, t, d])
 }
 
 /// `true` where query `i` (the last `q` of `kv` positions) may not see key `j`:
