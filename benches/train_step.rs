@@ -58,7 +58,7 @@ fn bench_train_step(c: &mut Criterion) {
         group.bench_function(preset, |b| {
             b.iter(|| {
                 let start = Instant::now();
-                let loss = model.loss(inputs.clone(), targets.clone());
+                let loss = model.loss(inputs.clone(), targets.clone(), None);
                 let mut grads = GradientsParams::from_grads(loss.backward(), &model);
                 clip_global_norm::<B, _>(&model, &mut grads, 1.0);
                 model = optim.step(1e-3, model.clone(), grads);

@@ -48,6 +48,19 @@ fn training_lowers_the_loss_on_a_repetitive_corpus() {
 }
 
 #[test]
+fn training_with_document_masks_lowers_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe =
+        TrainRecipe::from_file(&common::write_fixture(dir.path(), "document_mask = true\n"))
+            .unwrap();
+    assert!(recipe.train.document_mask);
+    let losses = train(&recipe, &options(dir.path(), "run"))
+        .unwrap()
+        .valid_losses;
+    assert!(losses[3] < losses[0] && losses[3] < 2.5, "{losses:?}");
+}
+
+#[test]
 fn resume_continues_the_same_loss_curve() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = TrainRecipe::from_file(&common::write_fixture(dir.path(), "")).unwrap();

@@ -71,12 +71,14 @@ fn test_preset_logits_and_gradients_match_the_cpu_backend() {
         .loss(
             Tensor::from_data(int(&ids), &cpu),
             Tensor::from_data(int(&targets), &cpu),
+            None,
         )
         .backward();
     let gpu_grads = gpu_model
         .loss(
             Tensor::from_data(int(&ids), &gpu),
             Tensor::from_data(int(&targets), &gpu),
+            None,
         )
         .backward();
     // Every attention and BitLinear weight of the first and last blocks.

@@ -6,6 +6,7 @@ use super::config::TritterConfig;
 use crate::infer::kv_cache::LayerCache;
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::prelude::*;
+use std::sync::Arc;
 use tritter_kernels::{AttentionMask, MaskMod, TritterBackend};
 
 #[derive(Module, Debug)]
@@ -112,12 +113,21 @@ pub fn attend<B: TritterBackend>(
         None => (k, v),
     };
     let kv_len = k.dims()[2];
-    let out = B::flex_attention(
-        q,
-        k,
-        v,
-        &AttentionMask::new(attention_mask(heads.sliding_window, kv_len)),
-    );
+    let mask = attention_mask(heads.sliding_window, kv_len);
+    let mask = match &rope.documents {
+        Some(documents) => {
+            assert_eq!(
+                kv_len, seq,
+                "document masks apply to whole sequences, not to a cache"
+            );
+            AttentionMask {
+                mask: mask.and(MaskMod::Document),
+                documents: Some(documents.clone()),
+            }
+        }
+        None => AttentionMask::new(mask),
+    };
+    let out = B::flex_attention(q, k, v, &mask);
     out.swap_dims(1, 2).reshape([batch, seq, nh * hd])
 }
 
@@ -219,10 +229,13 @@ impl<B: Backend> RopeTables<B> {
     }
 }
 
-/// The rotary tables of one forward pass: for the query heads and the key heads.
+/// The positions of one forward pass: rotary tables for the query heads and the key
+/// heads and, for packed training sequences, the document of every position
+/// (`[batch, len]`), so that attention stays within each document.
 pub struct Rope<B: Backend> {
     pub q: RopeTables<B>,
     pub k: RopeTables<B>,
+    pub documents: Option<Arc<Vec<i32>>>,
 }
 
 impl<B: Backend> Rope<B> {
@@ -239,7 +252,11 @@ impl<B: Backend> Rope<B> {
         } else {
             RopeTables::new(head_dim, theta, start, [batch, kv_heads, len], device)
         };
-        Self { q, k }
+        Self {
+            q,
+            k,
+            documents: None,
+        }
     }
 }
 

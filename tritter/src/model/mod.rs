@@ -13,6 +13,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 pub use config::{ConfigError, ConfigOverrides, TritterConfig, UnknownPreset, PRESETS};
+use std::sync::Arc;
 use tritter_kernels::TritterBackend;
 
 #[derive(Module, Debug)]
@@ -54,18 +55,30 @@ impl<B: TritterBackend> TritterModel<B> {
     pub fn forward(
         &self,
         tokens: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.forward_with(tokens, cache, None)
+    }
+
+    /// [`TritterModel::forward`] over packed sequences: `documents` (`[batch, seq]`, row
+    /// major) gives each position's document, and attention never crosses documents.
+    pub fn forward_with(
+        &self,
+        tokens: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
+        documents: Option<Arc<Vec<i32>>>,
     ) -> Tensor<B, 3> {
         let [batch, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let c = &self.config;
-        let rope = Rope::new(
+        let mut rope = Rope::new(
             c.head_dim(),
             c.rope_theta,
             start,
             [batch, c.num_heads, c.num_kv_heads, seq],
             &tokens.device(),
         );
+        rope.documents = documents;
         let mut x = self.embedding.forward(tokens);
         for (i, block) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| c.layer_mut(i));
@@ -90,10 +103,16 @@ impl<B: TritterBackend> TritterModel<B> {
         }
     }
 
-    /// Mean next-token cross-entropy of `inputs` `[batch, seq]` against `targets`.
-    pub fn loss(&self, inputs: Tensor<B, 2, Int>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    /// Mean next-token cross-entropy of `inputs` `[batch, seq]` against `targets`, with
+    /// attention kept within `documents` when given (see [`TritterModel::forward_with`]).
+    pub fn loss(
+        &self,
+        inputs: Tensor<B, 2, Int>,
+        targets: Tensor<B, 2, Int>,
+        documents: Option<Arc<Vec<i32>>>,
+    ) -> Tensor<B, 1> {
         let [b, t] = inputs.dims();
-        let logits = self.forward(inputs, None);
+        let logits = self.forward_with(inputs, None, documents);
         let vocab = self.config.vocab_size;
         CrossEntropyLossConfig::new()
             .init(&logits.device())
@@ -178,6 +197,29 @@ mod tests {
         let c = Tensor::<TestBackend, 2, Int>::from_data([[11, 20, 30, 40, 50, 60]], &device);
         let a = Tensor::<TestBackend, 2, Int>::from_data([[10, 20, 30, 40, 50, 60]], &device);
         let diff = (model.forward(a, None) - model.forward(c, None))
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff > 1e-4);
+    }
+
+    #[test]
+    fn document_masks_keep_attention_within_documents() {
+        let device = Default::default();
+        let model = tiny().init::<TestBackend>(&device);
+        // Two packed documents: positions 0–2 and 3–5; the first differs between a and b.
+        let documents = Some(Arc::new(vec![0, 0, 0, 1, 1, 1]));
+        let a = || Tensor::<TestBackend, 2, Int>::from_data([[10, 20, 30, 40, 50, 60]], &device);
+        let b = || Tensor::<TestBackend, 2, Int>::from_data([[11, 99, 31, 40, 50, 60]], &device);
+        let la = model
+            .forward_with(a(), None, documents.clone())
+            .narrow(1, 3, 3);
+        let lb = model.forward_with(b(), None, documents).narrow(1, 3, 3);
+        la.into_data()
+            .assert_approx_eq::<f32>(&lb.into_data(), Default::default());
+        // Without the mask the second document sees the first.
+        let diff = (model.forward(a(), None) - model.forward(b(), None))
+            .narrow(1, 3, 3)
             .abs()
             .max()
             .into_scalar();

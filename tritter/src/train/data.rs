@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tritter_data::TokenStream;
 
-/// Inputs and next-token targets, `[batch, seq]` each.
+/// Inputs and next-token targets, `[batch, seq]` each, and with document masking the
+/// document of every input position (`[batch, seq]`, row major).
 #[derive(Debug, Clone)]
 pub struct TokenBatch<B: Backend> {
     pub inputs: Tensor<B, 2, Int>,
     pub targets: Tensor<B, 2, Int>,
+    pub documents: Option<Arc<Vec<i32>>>,
 }
 
 impl<B: Backend> TokenBatch<B> {
@@ -33,11 +35,51 @@ impl<B: Backend> TokenBatch<B> {
         Self {
             inputs: tensor(inputs),
             targets: tensor(targets),
+            documents: None,
         }
+    }
+
+    /// Adds the document of every input position, for windows starting at `starts` in a
+    /// stream whose documents start at `doc_starts`.
+    pub fn with_documents(mut self, starts: &[usize], doc_starts: &[u64]) -> Self {
+        let seq = self.inputs.dims()[1];
+        let mut documents = Vec::with_capacity(starts.len() * seq);
+        for &start in starts {
+            // Documents begun at or before each position.
+            let mut doc = doc_starts.partition_point(|&s| s as usize <= start);
+            for position in start..start + seq {
+                while doc_starts.get(doc).is_some_and(|&s| s as usize <= position) {
+                    doc += 1;
+                }
+                documents.push(doc as i32);
+            }
+        }
+        self.documents = Some(Arc::new(documents));
+        self
     }
 
     pub fn tokens(&self) -> usize {
         self.inputs.dims().iter().product()
+    }
+}
+
+/// The batch of windows of `seq + 1` tokens starting at `starts`.
+fn batch_at<B: Backend>(
+    stream: &TokenStream,
+    starts: &[usize],
+    seq: usize,
+    document_mask: bool,
+    device: &B::Device,
+) -> TokenBatch<B> {
+    let windows: Vec<&[u32]> = starts
+        .iter()
+        .map(|&s| &stream.tokens[s..s + seq + 1])
+        .collect();
+    let batch = TokenBatch::from_windows(&windows, device);
+    if document_mask {
+        batch.with_documents(starts, &stream.doc_starts)
+    } else {
+        batch
     }
 }
 
@@ -81,6 +123,8 @@ pub struct TrainLoader<B: Backend> {
     micro_total: usize,
     /// The next epoch to serve (0-based); shared by every copy of the loader.
     next_epoch: Arc<AtomicUsize>,
+    /// Give each batch its documents, so attention stays within them.
+    document_mask: bool,
     device: B::Device,
 }
 
@@ -104,21 +148,33 @@ impl<B: Backend> TrainLoader<B> {
             micro_per_epoch,
             micro_total,
             next_epoch: Arc::new(AtomicUsize::new(first_epoch)),
+            document_mask: false,
             device,
         }
+    }
+
+    /// Masks attention per document (packed sequences) when `on`.
+    pub fn with_document_mask(mut self, on: bool) -> Self {
+        self.document_mask = on;
+        self
     }
 
     /// The batch of micro-step `micro` (0-based over the whole run).
     pub fn batch(&self, micro: usize) -> TokenBatch<B> {
         let tokens = &self.stream.tokens;
-        let windows: Vec<&[u32]> = (0..self.batch_size)
+        let starts: Vec<usize> = (0..self.batch_size)
             .map(|i| {
                 let n = (micro * self.batch_size + i) as u64;
-                let start = window_start(self.seed, n, tokens.len(), self.seq_len);
-                &tokens[start..start + self.seq_len + 1]
+                window_start(self.seed, n, tokens.len(), self.seq_len)
             })
             .collect();
-        TokenBatch::from_windows(&windows, &self.device)
+        batch_at(
+            &self.stream,
+            &starts,
+            self.seq_len,
+            self.document_mask,
+            &self.device,
+        )
     }
 }
 
@@ -185,6 +241,7 @@ pub struct ValidLoader<B: Backend> {
     batch_size: usize,
     seq_len: usize,
     batches: usize,
+    document_mask: bool,
     device: B::Device,
 }
 
@@ -204,8 +261,15 @@ impl<B: Backend> ValidLoader<B> {
             batch_size,
             seq_len,
             batches,
+            document_mask: false,
             device,
         }
+    }
+
+    /// Masks attention per document (packed sequences) when `on`.
+    pub fn with_document_mask(mut self, on: bool) -> Self {
+        self.document_mask = on;
+        self
     }
 
     pub fn num_batches(&self) -> usize {
@@ -213,13 +277,16 @@ impl<B: Backend> ValidLoader<B> {
     }
 
     pub fn batch(&self, index: usize) -> TokenBatch<B> {
-        let windows: Vec<&[u32]> = (0..self.batch_size)
-            .map(|i| {
-                let start = (index * self.batch_size + i) * self.seq_len;
-                &self.stream.tokens[start..start + self.seq_len + 1]
-            })
+        let starts: Vec<usize> = (0..self.batch_size)
+            .map(|i| (index * self.batch_size + i) * self.seq_len)
             .collect();
-        TokenBatch::from_windows(&windows, &self.device)
+        batch_at(
+            &self.stream,
+            &starts,
+            self.seq_len,
+            self.document_mask,
+            &self.device,
+        )
     }
 }
 
@@ -274,6 +341,22 @@ impl<B: Backend> DataLoader<B, TokenBatch<B>> for ValidLoader<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_carry_the_document_of_every_position() {
+        let stream = TokenStream {
+            tokens: (0..20).collect(),
+            doc_starts: vec![0, 5, 12],
+        };
+        let batch = batch_at::<crate::TestBackend>(&stream, &[3, 10], 6, true, &Default::default());
+        assert_eq!(
+            batch.documents.unwrap().as_slice(),
+            &[1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3]
+        );
+        let batch =
+            batch_at::<crate::TestBackend>(&stream, &[3, 10], 6, false, &Default::default());
+        assert!(batch.documents.is_none());
+    }
 
     #[test]
     fn windows_are_in_range_and_deterministic() {

@@ -226,14 +226,16 @@ where
         micro_total,
         resume_epoch.unwrap_or(0),
         device.clone(),
-    );
+    )
+    .with_document_mask(t.document_mask);
     let valid_loader = ValidLoader::<B::InnerBackend>::new(
         valid_stream,
         t.batch_size,
         t.seq_len,
         t.valid_batches,
         device.clone(),
-    );
+    )
+    .with_document_mask(t.document_mask);
     if valid_loader.num_batches() == 0 {
         bail!(
             "the validation split of {} is shorter than one batch of {} × {} tokens",

@@ -78,6 +78,10 @@ pub struct TrainSection {
     /// Where runs go: `<output_dir>/<name>`; `--out` overrides the run directory.
     #[serde(default = "default_output_dir")]
     pub output_dir: PathBuf,
+    /// Keep attention within each document of a packed training window (the shards
+    /// record where documents start), instead of across the `<eos>` between them.
+    #[serde(default)]
+    pub document_mask: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -43,7 +43,9 @@ impl<B: AutodiffBackend + TritterBackend> TrainStep for LmTrainer<B> {
 
     fn step(&self, batch: TokenBatch<B>) -> TrainOutput<LmStats> {
         let tokens = batch.tokens();
-        let loss = self.model.loss(batch.inputs, batch.targets);
+        let loss = self
+            .model
+            .loss(batch.inputs, batch.targets, batch.documents);
         let loss_value: f64 = loss.clone().into_scalar().elem();
         if !loss_value.is_finite() {
             if let Some(control) = &self.control {
@@ -96,7 +98,9 @@ impl<B: TritterBackend> InferenceStep for LmTrainer<B> {
 
     fn step(&self, batch: TokenBatch<B>) -> LmStats {
         let tokens = batch.tokens();
-        let loss = self.model.loss(batch.inputs, batch.targets);
+        let loss = self
+            .model
+            .loss(batch.inputs, batch.targets, batch.documents);
         LmStats {
             loss: loss.into_scalar().elem(),
             tokens,
