@@ -6,6 +6,7 @@
 //! a backend without a dedicated kernel uses it, and `Autodiff<B>` differentiates it.
 
 mod autodiff;
+pub mod check;
 pub mod cube;
 pub mod kv_int4;
 pub mod mask;

@@ -6,6 +6,7 @@
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Distribution, Tensor, TensorData};
+use tritter_kernels::check::relative_l2;
 use tritter_kernels::{AttentionMask, MaskMod, TritterBackend};
 
 fn masks() -> Vec<(&'static str, MaskMod)> {
@@ -54,17 +55,6 @@ const SHAPES: [(usize, usize, usize, usize, usize, usize); 5] = [
     (1, 3, 3, 65, 65, 8),
 ];
 
-fn relative(a: &[f32], b: &[f32]) -> f32 {
-    let norm = b.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f32>()
-        .sqrt();
-    diff / norm
-}
-
 fn random(shape: [usize; 4]) -> TensorData {
     Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
         .into_data()
@@ -100,7 +90,7 @@ fn forward_matches_the_reference_for_every_mask() {
             .to_vec()
             .unwrap();
             assert!(got.iter().all(|x| x.is_finite()), "{name}: not finite");
-            let err = relative(&got, &expected);
+            let err = relative_l2(&got, &expected);
             assert!(
                 err < 1e-3,
                 "{name}, shape {:?}: relative error {err}",
@@ -140,7 +130,7 @@ fn backward_matches_the_reference_for_every_mask() {
             let got = gradients::<Autodiff<Wgpu>>(data, &mask, &device);
             for (what, (g, e)) in ["dq", "dk", "dv"].iter().zip(got.iter().zip(&expected)) {
                 assert!(g.iter().all(|x| x.is_finite()), "{name} {what}: not finite");
-                let err = relative(g, e);
+                let err = relative_l2(g, e);
                 assert!(
                     err < 1e-3,
                     "{name} {what}, shape {:?}: relative error {err}",

@@ -5,41 +5,9 @@
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
+use tritter_kernels::check::{random_ternary, relative_l2, SplitMix};
 use tritter_kernels::cube::ternary::integer_product;
 use tritter_kernels::TritterBackend;
-
-/// A deterministic generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut x = self.0;
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^ (x >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Export-layout bytes `[d_out, ceil(d_in / 4)]` and the ternary values they hold.
-fn random_codes(d_out: usize, d_in: usize, rng: &mut Rng) -> (Vec<u8>, Vec<i32>) {
-    let row_bytes = d_in.div_ceil(4);
-    let mut bytes = vec![0x55u8; d_out * row_bytes];
-    let mut q = vec![0i32; d_out * d_in];
-    for o in 0..d_out {
-        for c in 0..d_in {
-            let code = rng.below(3) as u8;
-            q[o * d_in + c] = code as i32 - 1;
-            let byte = &mut bytes[o * row_bytes + c / 4];
-            *byte = (*byte & !(3 << (2 * (c % 4)))) | (code << (2 * (c % 4)));
-        }
-    }
-    (bytes, q)
-}
 
 const SHAPES: [(usize, usize, usize); 8] = [
     (1, 1, 1),
@@ -55,9 +23,9 @@ const SHAPES: [(usize, usize, usize); 8] = [
 #[test]
 fn ternary_gemm_is_exact_against_the_integer_reference() {
     let device = WgpuDevice::Cpu;
-    let mut rng = Rng(7);
+    let mut rng = SplitMix(7);
     for (tokens, d_out, d_in) in SHAPES {
-        let (bytes, q) = random_codes(d_out, d_in, &mut rng);
+        let (bytes, q) = random_ternary(d_out, d_in, &mut rng);
         // int8 activations, the extremes included.
         let xq: Vec<i32> = (0..tokens * d_in)
             .map(|i| match i % 97 {
@@ -90,9 +58,9 @@ fn ternary_gemm_is_exact_against_the_integer_reference() {
 #[test]
 fn packed_matmul_on_wgpu_equals_the_cpu_backend() {
     let device = WgpuDevice::Cpu;
-    let mut rng = Rng(11);
+    let mut rng = SplitMix(11);
     for (tokens, d_out, d_in) in SHAPES {
-        let (bytes, _) = random_codes(d_out, d_in, &mut rng);
+        let (bytes, _) = random_ternary(d_out, d_in, &mut rng);
         let mut x: Vec<f32> = (0..tokens * d_in)
             .map(|_| (rng.below(20001) as f32 - 10000.0) / 3000.0)
             .collect();
@@ -114,17 +82,10 @@ fn packed_matmul_on_wgpu_equals_the_cpu_backend() {
         );
         let cpu: Vec<f32> = cpu.into_data().to_vec().unwrap();
         let gpu: Vec<f32> = gpu.into_data().to_vec().unwrap();
-        let norm = cpu.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-        let diff = cpu
-            .iter()
-            .zip(&gpu)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum::<f32>()
-            .sqrt();
+        let err = relative_l2(&gpu, &cpu);
         assert!(
-            diff / norm < 1e-6,
-            "tokens {tokens}, d_out {d_out}, d_in {d_in}: relative difference {}",
-            diff / norm
+            err < 1e-6,
+            "tokens {tokens}, d_out {d_out}, d_in {d_in}: relative difference {err}"
         );
         assert!(gpu.iter().all(|v| v.is_finite()));
     }

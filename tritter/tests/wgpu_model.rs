@@ -11,23 +11,13 @@ use burn::prelude::*;
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use tritter::model::TritterModel;
 use tritter::TritterConfig;
+use tritter_kernels::check::relative_l2;
 
 /// Relative L2 difference allowed between the backends.
 const TOLERANCE: f32 = 3e-2;
 
 type Cpu = Autodiff<Flex>;
 type Gpu = Autodiff<Wgpu>;
-
-fn relative(a: &[f32], b: &[f32]) -> f32 {
-    let norm = b.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f32>()
-        .sqrt();
-    diff / norm
-}
 
 #[test]
 fn test_preset_logits_and_gradients_match_the_cpu_backend() {
@@ -63,7 +53,7 @@ fn test_preset_logits_and_gradients_match_the_cpu_backend() {
         .into_data()
         .to_vec()
         .unwrap();
-    let err = relative(&gpu_logits, &cpu_logits);
+    let err = relative_l2(&gpu_logits, &cpu_logits);
     eprintln!("logits: relative difference {err}");
     assert!(err < TOLERANCE, "logits differ by {err} (relative)");
 
@@ -97,7 +87,7 @@ fn test_preset_logits_and_gradients_match_the_cpu_backend() {
         for (cw, gw) in pairs {
             let cg: Vec<f32> = cw.grad(&cpu_grads).unwrap().into_data().to_vec().unwrap();
             let gg: Vec<f32> = gw.grad(&gpu_grads).unwrap().into_data().to_vec().unwrap();
-            let err = relative(&gg, &cg);
+            let err = relative_l2(&gg, &cg);
             eprintln!("gradient: relative difference {err}");
             assert!(err < TOLERANCE, "gradient differs by {err} (relative)");
             checked += 1;
@@ -120,9 +110,9 @@ fn test_preset_logits_and_gradients_match_the_cpu_backend() {
         .to_vec()
         .unwrap();
     assert!(
-        relative(&gg, &cg) < TOLERANCE,
+        relative_l2(&gg, &cg) < TOLERANCE,
         "embedding gradient differs by {}",
-        relative(&gg, &cg)
+        relative_l2(&gg, &cg)
     );
     assert_eq!(checked, 4);
 }

@@ -19,6 +19,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use burn_cubecl::{BoolElement, CubeRuntime};
 use std::time::Instant;
+use tritter_kernels::check::{random_ternary, relative_l2, SplitMix};
 use tritter_kernels::cube::fusion::Fused;
 use tritter_kernels::cube::ternary::integer_product;
 use tritter_kernels::{AttentionMask, MaskMod, TritterBackend};
@@ -96,46 +97,6 @@ fn time<B: Backend>(device: &B::Device, runs: usize, mut f: impl FnMut()) -> f64
     samples[samples.len() / 2]
 }
 
-fn relative(a: &[f32], b: &[f32]) -> f32 {
-    let norm = b.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f32>()
-        .sqrt();
-    diff / norm
-}
-
-/// A deterministic generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut x = self.0;
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (x ^ (x >> 31)) % n
-    }
-}
-
-/// Export-layout ternary bytes and their values.
-fn random_codes(d_out: usize, d_in: usize, rng: &mut Rng) -> (Vec<u8>, Vec<i8>) {
-    let row_bytes = d_in.div_ceil(4);
-    let mut bytes = vec![0x55u8; d_out * row_bytes];
-    let mut q = vec![0i8; d_out * d_in];
-    for o in 0..d_out {
-        for c in 0..d_in {
-            let code = rng.below(3) as u8;
-            q[o * d_in + c] = code as i8 - 1;
-            let byte = &mut bytes[o * row_bytes + c / 4];
-            *byte = (*byte & !(3 << (2 * (c % 4)))) | (code << (2 * (c % 4)));
-        }
-    }
-    (bytes, q)
-}
-
 fn check<R: CubeRuntime, BT: BoolElement>(
     device: R::Device,
     options: &Options,
@@ -161,9 +122,9 @@ fn check_ternary<R: CubeRuntime, BT: BoolElement>(
     } else {
         &[(1, 4096, 4096), (16, 11008, 4096), (512, 257, 1000)]
     };
-    let mut rng = Rng(1);
+    let mut rng = SplitMix(1);
     for &(tokens, d_out, d_in) in shapes {
-        let (bytes, q) = random_codes(d_out, d_in, &mut rng);
+        let (bytes, q) = random_ternary(d_out, d_in, &mut rng);
         let xq: Vec<i32> = (0..tokens * d_in)
             .map(|_| rng.below(256) as i32 - 128)
             .collect();
@@ -172,7 +133,7 @@ fn check_ternary<R: CubeRuntime, BT: BoolElement>(
                 let (xq, q) = (&xq, &q);
                 (0..d_out).map(move |o| {
                     (0..d_in)
-                        .map(|c| xq[t * d_in + c] * q[o * d_in + c] as i32)
+                        .map(|c| xq[t * d_in + c] * q[o * d_in + c])
                         .sum::<i32>() as f32
                 })
             })
@@ -253,7 +214,7 @@ fn check_attention<R: CubeRuntime, BT: BoolElement>(
         ];
         for (what, a, b) in pairs {
             let (a, b): (Vec<f32>, Vec<f32>) = (a.to_vec().unwrap(), b.to_vec().unwrap());
-            let err = relative(&a, &b);
+            let err = relative_l2(&a, &b);
             if err.is_nan() || err >= 1e-3 {
                 return Err(format!(
                     "flash attention {what} under {name}: relative error {err}"
@@ -290,9 +251,9 @@ fn time_ternary<R: CubeRuntime, BT: BoolElement>(device: &R::Device, options: &O
         "{:<34} {:>10} {:>10} {:>10} {:>12}",
         "ternary product (d_out × d_in, batch)", "ms", "GB/s", "TFLOP/s", "vs copy BW"
     );
-    let mut rng = Rng(2);
+    let mut rng = SplitMix(2);
     for &(d_out, d_in) in shapes {
-        let (bytes, q) = random_codes(d_out, d_in, &mut rng);
+        let (bytes, q) = random_ternary(d_out, d_in, &mut rng);
         let w = Gpu::<R, BT>::ternary_upload(&bytes, d_out, d_in, 0.5, device);
         let dense: Vec<f32> = (0..d_in * d_out)
             .map(|i| q[(i % d_out) * d_in + i / d_out] as f32)
