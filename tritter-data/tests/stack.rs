@@ -221,6 +221,19 @@ fn recipe(dir: &Path, sources: &str) -> DataRecipe {
     DataRecipe::from_file(&path).unwrap()
 }
 
+/// What a build of [`write_stack`]'s rows keeps per language and drops while reading,
+/// wherever the blobs come from.
+fn assert_fixture_read(summary: &tritter_data::BuildSummary) {
+    let m = &summary.manifest;
+    assert_eq!(m.languages["python"].documents, 2, "{:?}", m.languages);
+    assert_eq!(m.languages["rust"].documents, 1);
+    assert_eq!(m.languages["triton"].documents, 1);
+    let read = &m.stats.stages["read"].dropped;
+    assert_eq!(read["missing blob"], 1);
+    assert_eq!(read["corrupt blob"], 1);
+    assert_eq!(read["invalid encoding"], 1);
+}
+
 #[test]
 fn stack_v2_rows_are_fetched_decoded_filtered_and_counted() {
     let dir = tempfile::tempdir().unwrap();
@@ -230,14 +243,8 @@ fn stack_v2_rows_are_fetched_decoded_filtered_and_counted() {
         "[[sources]]\nname = \"stack\"\nkind = \"parquet\"\npath = \"stack\"\nblobs = \"content\"\n",
     );
     let summary = build_dataset(&r, &BuildOptions::default()).unwrap();
+    assert_fixture_read(&summary);
     let m = &summary.manifest;
-    assert_eq!(m.languages["python"].documents, 2, "{:?}", m.languages);
-    assert_eq!(m.languages["rust"].documents, 1);
-    assert_eq!(m.languages["triton"].documents, 1);
-    let read = &m.stats.stages["read"].dropped;
-    assert_eq!(read["missing blob"], 1);
-    assert_eq!(read["corrupt blob"], 1);
-    assert_eq!(read["invalid encoding"], 1);
     let filter = &m.stats.stages["filter"].dropped;
     assert_eq!(filter["license"], 1);
     assert_eq!(filter["auto-generated"], 1);
@@ -414,14 +421,7 @@ fn stack_v2_blobs_from_s3() {
         "[[sources]]\nname = \"stack\"\nkind = \"parquet\"\npath = \"stack\"\nblobs = \"s3://tritter-stack/v2/content\"\n",
     );
     let summary = build_dataset(&r, &BuildOptions::default()).unwrap();
-    let m = &summary.manifest;
-    assert_eq!(m.languages["python"].documents, 2, "{:?}", m.languages);
-    assert_eq!(m.languages["rust"].documents, 1);
-    assert_eq!(m.languages["triton"].documents, 1);
-    let read = &m.stats.stages["read"].dropped;
-    assert_eq!(read["missing blob"], 1);
-    assert_eq!(read["corrupt blob"], 1);
-    assert_eq!(read["invalid encoding"], 1);
+    assert_fixture_read(&summary);
 
     // A bucket that does not exist, or a prefix with nothing in it, is an error naming
     // the store, not every row skipped.

@@ -212,20 +212,29 @@ pub fn flex_inputs<B: Backend>(
         repeat_kv(k, heads / kv_heads),
         repeat_kv(v, heads / kv_heads),
     );
-    match (&mask.mask, &mask.documents) {
-        (MaskMod::Causal, _) => (k, v, None, true),
-        (MaskMod::Full, _) => (k, v, None, false),
+    match &mask.mask {
+        MaskMod::Causal => (k, v, None, true),
+        MaskMod::Full => (k, v, None, false),
         _ => {
-            let dense = mask.dense(batch, q_len, kv_len);
-            let dense = Tensor::<B, 3, Bool>::from_data(
-                TensorData::new(dense, [batch, q_len, kv_len]),
-                &q.device(),
-            )
-            .unsqueeze_dim::<4>(1)
-            .expand([batch, heads, q_len, kv_len]);
+            let dense = mask_tensor(mask, [batch, heads, q_len, kv_len], &q.device());
             (k, v, Some(dense), false)
         }
     }
+}
+
+/// `mask` as a boolean tensor `[batch, heads, q_len, kv_len]`, `true` where masked (the
+/// same for every head).
+pub fn mask_tensor<B: Backend>(
+    mask: &AttentionMask,
+    [batch, heads, q_len, kv_len]: [usize; 4],
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    Tensor::<B, 3, Bool>::from_data(
+        TensorData::new(mask.dense(batch, q_len, kv_len), [batch, q_len, kv_len]),
+        device,
+    )
+    .unsqueeze_dim::<4>(1)
+    .expand([batch, heads, q_len, kv_len])
 }
 
 /// Gradients of attention under an [`AttentionMask`] with grouped key/value heads: the

@@ -16,7 +16,7 @@ use super::generate::{Sampler, SamplingConfig};
 use super::kv_cache::{KvCache, LayerCache};
 use super::model_file::ModelFile;
 use crate::export::BITLINEAR_NAMES;
-use crate::model::attention::{attention_mask, contiguous, rope_row, sliding_window_mask, Heads};
+use crate::model::attention::{attention_mask, contiguous, rope_row, Heads};
 use crate::model::bitlinear::rms_norm;
 use crate::model::ffn::squared_relu_gate;
 use crate::model::TritterConfig;
@@ -30,7 +30,8 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
-use tritter_kernels::{AttentionMask, PackedTernary, TritterBackend};
+use tritter_kernels::reference::mask_tensor;
+use tritter_kernels::{AttentionMask, MaskMod, PackedTernary, TritterBackend};
 
 /// A BitLinear with its weights packed on the device.
 pub struct PackedLinear<B: TritterBackend> {
@@ -191,8 +192,12 @@ impl<B: TritterBackend> LayerWeights<B> {
                 let group = nh / nkv;
                 let q = q.clone().narrow(0, offset, 1).reshape([1, nkv, group, hd]);
                 let mask = heads.sliding_window.filter(|&w| w < kv_len).map(|w| {
-                    sliding_window_mask::<B>([1, nkv, 1, kv_len], w, &device)
-                        .expand([1, nkv, group, kv_len])
+                    mask_tensor::<B>(
+                        &AttentionMask::new(MaskMod::sliding_window(w)),
+                        [1, nkv, 1, kv_len],
+                        &device,
+                    )
+                    .expand([1, nkv, group, kv_len])
                 });
                 B::tritter_attention(q, k, v, mask, false).reshape([1, nh * hd])
             } else {

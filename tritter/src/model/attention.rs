@@ -140,25 +140,6 @@ pub fn attention_mask(sliding_window: Option<usize>, kv_len: usize) -> MaskMod {
     }
 }
 
-/// `true` where query `i` (the last `q` of `kv` positions) may not see key `j`:
-/// the future, or more than `window − 1` tokens back.
-pub fn sliding_window_mask<B: Backend>(
-    [batch, heads, q, kv]: [usize; 4],
-    window: usize,
-    device: &B::Device,
-) -> Tensor<B, 4, Bool> {
-    let offset = kv - q;
-    let masked: Vec<bool> = (0..q)
-        .flat_map(|i| {
-            let pos = i + offset;
-            (0..kv).map(move |j| j > pos || pos - j >= window)
-        })
-        .collect();
-    Tensor::<B, 2, Bool>::from_data(TensorData::new(masked, [q, kv]), device)
-        .unsqueeze::<4>()
-        .expand([batch, heads, q, kv])
-}
-
 /// Copies a strided view into contiguous memory. Element-wise kernels (Flex's above all)
 /// are many times faster on contiguous tensors than on views left by `narrow`/`swap_dims`.
 pub fn contiguous<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
@@ -265,6 +246,7 @@ mod tests {
     use super::*;
     use crate::TestBackend;
     use burn::tensor::Distribution;
+    use tritter_kernels::reference::mask_tensor;
 
     #[test]
     fn rope_scores_depend_only_on_relative_position() {
@@ -311,7 +293,11 @@ mod tests {
     #[test]
     fn sliding_window_mask_matches_definition() {
         let device = Default::default();
-        let m = sliding_window_mask::<TestBackend>([1, 1, 4, 4], 2, &device);
+        let m = mask_tensor::<TestBackend>(
+            &AttentionMask::new(MaskMod::sliding_window(2)),
+            [1, 1, 4, 4],
+            &device,
+        );
         let v: Vec<bool> = m.into_data().to_vec().unwrap();
         #[rustfmt::skip]
         let expected = vec![
