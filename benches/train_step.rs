@@ -34,6 +34,9 @@ fn matmul_gflops() -> f64 {
 }
 
 fn bench_train_step(c: &mut Criterion) {
+    if std::env::var_os("TRITTER_BENCH_OPS").is_some() {
+        op_breakdown();
+    }
     let presets = std::env::var("TRITTER_BENCH_PRESETS").unwrap_or_else(|_| "test,125M".into());
     let peak = matmul_gflops();
     println!("f32 matmul 1024³ on Flex: {peak:.1} GFLOP/s");
@@ -73,8 +76,197 @@ fn bench_train_step(c: &mut Criterion) {
             "{preset}: {params:.3e} params, {tps:.0} tokens/s, {gflops:.1} GFLOP/s = {:.0}% of matmul peak",
             100.0 * gflops / peak
         );
+        // Where a step's time goes: the median of each phase over a few more steps.
+        let mut phases = [(); 4].map(|_| Vec::new());
+        for _ in 0..5 {
+            let start = Instant::now();
+            let loss = model.loss(inputs.clone(), targets.clone(), None);
+            let _ = loss.clone().into_scalar();
+            let forward = start.elapsed();
+            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            let backward = start.elapsed();
+            clip_global_norm::<B, _>(&model, &mut grads, 1.0);
+            let clip = start.elapsed();
+            model = optim.step(1e-3, model.clone(), grads);
+            let step = start.elapsed();
+            for (phase, t) in
+                phases
+                    .iter_mut()
+                    .zip([forward, backward - forward, clip - backward, step - clip])
+            {
+                phase.push(t.as_secs_f64() * 1e3);
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let [f, b, c, o] = phases.each_mut().map(median);
+        println!(
+            "{preset}: forward {f:.1} ms, backward {b:.1} ms, clip {c:.1} ms, AdamW {o:.1} ms"
+        );
     }
     group.finish();
+}
+
+/// Forward and forward + backward times of each part of one block of the `test` preset
+/// at the bench's shape, on `Autodiff<Flex>` (set `TRITTER_BENCH_OPS=1`).
+fn op_breakdown() {
+    use tritter::model::attention::{attend, contiguous, Heads, Rope};
+    use tritter::model::bitlinear::rms_norm;
+    use tritter::model::ffn::squared_relu_gate;
+    use tritter_kernels::TritterBackend;
+    let device = Default::default();
+    let config = TritterConfig::preset("test", 264).expect("preset");
+    let model = config.init::<B>(&device);
+    let block = &model.blocks[0];
+    let h = config.hidden_size;
+    let rope = Rope::<B>::new(
+        config.head_dim(),
+        config.rope_theta,
+        0,
+        [BATCH, config.num_heads, config.num_kv_heads, SEQ],
+        &device,
+    );
+    let input = |width: usize| {
+        Tensor::<B, 3>::random([BATCH, SEQ, width], Distribution::Normal(0.0, 1.0), &device)
+            .require_grad()
+    };
+    let time = |name: &str, width: usize, op: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>| {
+        let (mut fwd, mut both) = (Vec::new(), Vec::new());
+        for _ in 0..7 {
+            let x = input(width);
+            let start = Instant::now();
+            let y = op(x);
+            let _ = y.clone().sum().into_scalar();
+            fwd.push(start.elapsed().as_secs_f64() * 1e3);
+            let _ = y.sum().backward();
+            both.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        fwd.sort_by(f64::total_cmp);
+        both.sort_by(f64::total_cmp);
+        println!(
+            "{name:<24} forward {:>7.2} ms  forward+backward {:>7.2} ms",
+            fwd[3], both[3]
+        );
+    };
+    for (m, k, n) in [
+        (2048, 256, 768),
+        (768, 256, 2048),
+        (2048, 256, 256),
+        (2048, 256, 1024),
+        (2048, 512, 256),
+        (1024, 1024, 1024),
+    ] {
+        let a = Tensor::<Flex, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
+        let b = Tensor::<Flex, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+        let mut t = Vec::new();
+        for _ in 0..7 {
+            let start = Instant::now();
+            let _ = a.clone().matmul(b.clone()).into_data();
+            t.push(start.elapsed().as_secs_f64());
+        }
+        t.sort_by(f64::total_cmp);
+        println!(
+            "matmul {m}×{k}×{n}: {:.2} ms, {:.0} GFLOP/s",
+            t[3] * 1e3,
+            2.0 * (m * k * n) as f64 / t[3] / 1e9
+        );
+    }
+    for (m, k, n) in [(2048, 256, 768), (2048, 256, 1024), (2048, 512, 256)] {
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        for mode in ["rayon", "none", "split2", "split4"] {
+            let mut t = Vec::new();
+            for _ in 0..7 {
+                let mut c = vec![0f32; m * n];
+                let start = Instant::now();
+                let run = |c: &mut [f32], a: &[f32], rows: usize, par: gemm::Parallelism| unsafe {
+                    gemm::gemm(
+                        rows,
+                        n,
+                        k,
+                        c.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        k as isize,
+                        b.as_ptr(),
+                        1,
+                        n as isize,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        par,
+                    )
+                };
+                match mode {
+                    "rayon" => run(&mut c, &a, m, gemm::Parallelism::Rayon(0)),
+                    "none" => run(&mut c, &a, m, gemm::Parallelism::None),
+                    _ => {
+                        use rayon::prelude::*;
+                        let parts = if mode == "split2" { 2 } else { 4 };
+                        let rows = m / parts;
+                        c.par_chunks_mut(rows * n)
+                            .zip(a.par_chunks(rows * k))
+                            .for_each(|(c, a)| run(c, a, rows, gemm::Parallelism::None));
+                    }
+                }
+                t.push(start.elapsed().as_secs_f64());
+            }
+            t.sort_by(f64::total_cmp);
+            println!(
+                "gemm {mode} {m}×{k}×{n}: {:.2} ms, {:.0} GFLOP/s",
+                t[3] * 1e3,
+                2.0 * (m * k * n) as f64 / t[3] / 1e9
+            );
+        }
+    }
+    let heads = Heads::new(&config);
+    time("qkv BitLinear", h, &|x| block.attn.qkv.forward(x));
+    time("attend", config.qkv_size(), &|x| {
+        attend(
+            x,
+            &block.attn.q_norm,
+            &block.attn.k_norm,
+            heads,
+            &rope,
+            None,
+        )
+    });
+    let (nh, hd) = (config.num_heads, config.head_dim());
+    let heads4 = |x: Tensor<B, 3>| x.reshape([BATCH, SEQ, nh, hd]).swap_dims(1, 2);
+    time("flex_attention", h, &|x| {
+        let mask = tritter_kernels::AttentionMask::new(tritter_kernels::MaskMod::causal());
+        let q = contiguous(heads4(x));
+        B::flex_attention(q.clone(), q.clone(), q, &mask)
+            .swap_dims(1, 2)
+            .reshape([BATCH, SEQ, h])
+    });
+    time("rope", h, &|x| {
+        let q = contiguous(heads4(x));
+        rope.q.apply(q).swap_dims(1, 2).reshape([BATCH, SEQ, h])
+    });
+    time("heads split + merge", h, &|x| {
+        contiguous(heads4(x))
+            .swap_dims(1, 2)
+            .reshape([BATCH, SEQ, h])
+    });
+    time("out BitLinear", h, &|x| block.attn.out.forward(x));
+    time("rms_norm", h, &|x| rms_norm(&block.attn_norm, x));
+    time("residual add", h, &|x| x.clone() + x);
+    time("gate_up BitLinear", h, &|x| block.ffn.gate_up.forward(x));
+    time("squared_relu_gate", 2 * config.ffn_size, &|x| {
+        squared_relu_gate(x, config.ffn_size)
+    });
+    time("down BitLinear", config.ffn_size, &|x| {
+        block.ffn.down.forward(x)
+    });
+    time("whole block", h, &|x| block.forward(x, &rope, None));
 }
 
 criterion_group!(benches, bench_train_step);

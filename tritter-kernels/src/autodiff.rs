@@ -17,7 +17,7 @@ use burn::tensor::{Bool, Tensor, TensorPrimitive};
 #[derive(Debug)]
 struct BitLinearBackward;
 
-impl<B: Backend> Backward<B, 2> for BitLinearBackward {
+impl<B: TritterBackend> Backward<B, 2> for BitLinearBackward {
     /// The quantized operands (dequantized to f32): `Q_a(x)` and `Q_w(W)`.
     type State = (FloatTensor<B>, FloatTensor<B>);
 
@@ -25,13 +25,13 @@ impl<B: Backend> Backward<B, 2> for BitLinearBackward {
         let [node_x, node_w] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (xq, wq) = ops.state;
-        if let Some(node) = node_w {
-            let grad_w = B::float_matmul(B::float_transpose(xq), grad.clone());
-            grads.register::<B>(node.id, grad_w);
-        }
-        if let Some(node) = node_x {
-            let grad_x = B::float_matmul(grad, B::float_transpose(wq));
-            grads.register::<B>(node.id, grad_x);
+        let t = |x: FloatTensor<B>| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
+        let (grad_x, grad_w) =
+            B::bitlinear_backward(t(xq), t(wq), t(grad), [node_x.is_some(), node_w.is_some()]);
+        for (node, g) in [(node_x, grad_x), (node_w, grad_w)] {
+            if let (Some(node), Some(g)) = (node, g) {
+                grads.register::<B>(node.id, g.into_primitive().tensor());
+            }
         }
     }
 }
@@ -228,18 +228,18 @@ pub fn flex_attention<B: TritterBackend, C: CheckpointStrategy>(
     Tensor::from_primitive(TensorPrimitive::Float(result))
 }
 
-/// Backward of RMSNorm: [`crate::reference::rms_norm_backward`] in one graph node.
+/// Backward of RMSNorm: [`TritterBackend::rms_norm_backward`] in one graph node.
 #[derive(Debug)]
 struct RmsNormBackward;
 
-impl<B: Backend> Backward<B, 2> for RmsNormBackward {
+impl<B: TritterBackend> Backward<B, 2> for RmsNormBackward {
     type State = (FloatTensor<B>, FloatTensor<B>, f64);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_gamma] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (x, gamma, eps) = ops.state;
-        let (grad_x, grad_gamma) = crate::reference::rms_norm_backward(
+        let (grad_x, grad_gamma) = B::rms_norm_backward(
             Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x)),
             Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(gamma)),
             eps,
@@ -275,6 +275,185 @@ pub fn rms_norm<B: TritterBackend, C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(prep) => prep.finish((x.primitive, gamma.primitive, eps), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(result))
+}
+
+/// Backward of the squared-ReLU gate: [`TritterBackend::squared_relu_gate_backward`].
+#[derive(Debug)]
+struct SquaredReluGateBackward;
+
+impl<B: TritterBackend> Backward<B, 1> for SquaredReluGateBackward {
+    /// The fused gate/up product and the gate width.
+    type State = (FloatTensor<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (gate_up, ffn) = ops.state;
+        if let Some(node) = node {
+            let t = |x: FloatTensor<B>| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
+            let grad = B::squared_relu_gate_backward(t(gate_up), t(grad), ffn);
+            grads.register::<B>(node.id, grad.into_primitive().tensor());
+        }
+    }
+}
+
+/// The squared-ReLU gate on `Autodiff<B>`: the inner backend's forward and
+/// [`SquaredReluGateBackward`], one graph node.
+pub fn squared_relu_gate<B: TritterBackend, C: CheckpointStrategy>(
+    gate_up: Tensor<Autodiff<B, C>, 2>,
+    ffn: usize,
+) -> Tensor<Autodiff<B, C>, 2> {
+    let gate_up = gate_up.into_primitive().tensor();
+    let out = B::squared_relu_gate(
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(gate_up.primitive.clone())),
+        ffn,
+    )
+    .into_primitive()
+    .tensor();
+    let result = match SquaredReluGateBackward
+        .prepare::<C>([gate_up.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((gate_up.primitive, ffn), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(result))
+}
+
+/// Backward of the rotary embedding: [`TritterBackend::rotary_backward`]; the tables
+/// are constants.
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl<B: TritterBackend> Backward<B, 1> for RotaryBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (cos, sin) = ops.state;
+        if let Some(node) = node {
+            let t = |x: FloatTensor<B>| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x));
+            let grad = B::rotary_backward(t(grad), t(cos), t(sin));
+            grads.register::<B>(node.id, grad.into_primitive().tensor());
+        }
+    }
+}
+
+/// The rotary embedding on `Autodiff<B>`: the inner backend's forward and
+/// [`RotaryBackward`], one graph node (no gradient for the tables).
+pub fn rotary<B: TritterBackend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<B, C>, 4>,
+    cos: Tensor<Autodiff<B, C>, 4>,
+    sin: Tensor<Autodiff<B, C>, 4>,
+) -> Tensor<Autodiff<B, C>, 4> {
+    let x = x.into_primitive().tensor();
+    let (cos, sin) = (
+        cos.into_primitive().tensor().primitive,
+        sin.into_primitive().tensor().primitive,
+    );
+    let t = |x: &FloatTensor<B>| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x.clone()));
+    let out = B::rotary(t(&x.primitive), t(&cos), t(&sin))
+        .into_primitive()
+        .tensor();
+    let result = match RotaryBackward
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((cos, sin), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(result))
+}
+
+/// Backward of [`TritterBackend::split_heads`]: the gradient merged back into the
+/// input's columns.
+#[derive(Debug)]
+struct SplitHeadsBackward;
+
+impl<B: TritterBackend> Backward<B, 1> for SplitHeadsBackward {
+    /// The input's width and the first head taken.
+    type State = (usize, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (width, start) = ops.state;
+        if let Some(node) = node {
+            let grad = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(grad));
+            let grad = B::merge_heads(grad, width, start);
+            grads.register::<B>(node.id, grad.into_primitive().tensor());
+        }
+    }
+}
+
+/// [`TritterBackend::split_heads`] on `Autodiff<B>`, one graph node.
+pub fn split_heads<B: TritterBackend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<B, C>, 3>,
+    start: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Tensor<Autodiff<B, C>, 4> {
+    let width = x.dims()[2];
+    let x = x.into_primitive().tensor();
+    let inner = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
+    let out = B::split_heads(inner, start, heads, head_dim)
+        .into_primitive()
+        .tensor();
+    let result = match SplitHeadsBackward
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((width, start), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(result))
+}
+
+/// Backward of [`TritterBackend::merge_heads`]: the gradient's columns split into heads.
+#[derive(Debug)]
+struct MergeHeadsBackward;
+
+impl<B: TritterBackend> Backward<B, 1> for MergeHeadsBackward {
+    /// The first head's column block, the number of heads and their size.
+    type State = (usize, usize, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (start, heads, head_dim) = ops.state;
+        if let Some(node) = node {
+            let grad = Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(grad));
+            let grad = B::split_heads(grad, start, heads, head_dim);
+            grads.register::<B>(node.id, grad.into_primitive().tensor());
+        }
+    }
+}
+
+/// [`TritterBackend::merge_heads`] on `Autodiff<B>`, one graph node.
+pub fn merge_heads<B: TritterBackend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<B, C>, 4>,
+    width: usize,
+    start: usize,
+) -> Tensor<Autodiff<B, C>, 3> {
+    let [_, heads, _, head_dim] = x.dims();
+    let x = x.into_primitive().tensor();
+    let inner = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
+    let out = B::merge_heads(inner, width, start)
+        .into_primitive()
+        .tensor();
+    let result = match MergeHeadsBackward
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((start, heads, head_dim), out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     Tensor::from_primitive(TensorPrimitive::Float(result))

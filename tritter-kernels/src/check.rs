@@ -1,6 +1,12 @@
-//! What the kernel checks share — the lavapipe tests, the whole-model comparison and the
-//! `gpu-check` binary: a relative error, a deterministic generator, random ternary
-//! matrices in the export's layout.
+//! What the kernel checks share — the lavapipe and CPU kernel tests, the whole-model
+//! comparison and the `gpu-check` binary: a relative error, a deterministic generator,
+//! random ternary matrices in the export's layout, the attention cases and their
+//! reference results.
+
+use crate::mask::{AttentionMask, MaskMod};
+use crate::reference;
+use burn::backend::Flex;
+use burn::tensor::{Distribution, Tensor, TensorData};
 
 /// `‖a − b‖ / ‖b‖`.
 pub fn relative_l2(a: &[f32], b: &[f32]) -> f32 {
@@ -47,4 +53,102 @@ pub fn random_ternary(d_out: usize, d_in: usize, rng: &mut SplitMix) -> (Vec<u8>
         }
     }
     (bytes, q)
+}
+
+/// Every mask kind and combination the attention kernels are checked on.
+pub fn attention_masks() -> Vec<(&'static str, MaskMod)> {
+    vec![
+        ("full", MaskMod::Full),
+        ("causal", MaskMod::causal()),
+        ("sliding window 9", MaskMod::sliding_window(9)),
+        ("document causal", MaskMod::document_causal()),
+        ("sinks 3 + window 8", MaskMod::sinks(3, 8)),
+        ("prefix-lm 11", MaskMod::prefix_lm(11)),
+        (
+            "prefix-lm 6 and document",
+            MaskMod::prefix_lm(6).and(MaskMod::Document),
+        ),
+        (
+            "window 5 or (below 4 and document)",
+            MaskMod::sliding_window(5).or(MaskMod::Below(4).and(MaskMod::Document)),
+        ),
+    ]
+}
+
+/// Packed documents of varying lengths in each sequence, `[batch, kv_len]`.
+pub fn packed_documents(batch: usize, kv_len: usize) -> Vec<i32> {
+    (0..batch)
+        .flat_map(|b| {
+            let mut doc = 0;
+            let mut left = 3 + b * 5;
+            (0..kv_len).map(move |_| {
+                if left == 0 {
+                    doc += 1;
+                    left = 7 + (doc as usize * 11) % 23;
+                }
+                left -= 1;
+                doc
+            })
+        })
+        .collect()
+}
+
+/// Attention shapes `(batch, heads, kv_heads, q_len, kv_len, d)`: lengths that are not
+/// multiples of the 32-row tiles, GQA ratios 1, 2, 4, decode against a longer cache.
+pub const ATTENTION_SHAPES: [(usize, usize, usize, usize, usize, usize); 5] = [
+    (1, 2, 2, 45, 45, 16),
+    (2, 4, 2, 33, 70, 8),
+    (1, 4, 1, 1, 70, 32),
+    (2, 2, 1, 7, 7, 64),
+    (1, 3, 3, 65, 65, 8),
+];
+
+/// Standard normal values of `shape` (Burn's generator on the CPU backend).
+pub fn normal(shape: [usize; 4]) -> TensorData {
+    Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+        .into_data()
+}
+
+/// The dense reference's attention output for `q`, `k`, `v` under `mask`.
+pub fn reference_attention(
+    q: &TensorData,
+    k: &TensorData,
+    v: &TensorData,
+    mask: &AttentionMask,
+) -> Vec<f32> {
+    let t = |d: &TensorData| Tensor::<Flex, 4>::from_data(d.clone(), &Default::default());
+    reference::flex_attention(t(q), t(k), t(v), mask)
+        .into_data()
+        .to_vec()
+        .expect("f32 output")
+}
+
+/// The dense reference's gradients `[dq, dk, dv]` of `Σ out ⊙ g` for `[q, k, v, g]`.
+pub fn reference_attention_gradients(
+    data: [&TensorData; 4],
+    mask: &AttentionMask,
+) -> [Vec<f32>; 3] {
+    let [q, k, v, g] = data.map(|d| Tensor::<Flex, 4>::from_data(d.clone(), &Default::default()));
+    let out = reference::flex_attention(q.clone(), k.clone(), v.clone(), mask);
+    let (dq, dk, dv) = reference::flex_attention_backward(q, k, v, out, g, mask);
+    [dq, dk, dv].map(|t| t.into_data().to_vec().expect("f32 gradient"))
+}
+
+/// Gradients `[dq, dk, dv]` of `Σ out ⊙ g` through `B`'s attention and autodiff.
+pub fn attention_gradients<B: burn::tensor::backend::AutodiffBackend + crate::TritterBackend>(
+    data: [&TensorData; 4],
+    mask: &AttentionMask,
+    device: &B::Device,
+) -> [Vec<f32>; 3] {
+    let [q, k, v, g] = data.map(|d| Tensor::<B, 4>::from_data(d.clone(), device));
+    let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+    let out = B::flex_attention(q.clone(), k.clone(), v.clone(), mask);
+    let grads = (out * g).sum().backward();
+    [q, k, v].map(|t| {
+        t.grad(&grads)
+            .expect("a gradient")
+            .into_data()
+            .to_vec()
+            .expect("f32")
+    })
 }

@@ -7,6 +7,7 @@
 
 mod autodiff;
 pub mod check;
+pub mod cpu;
 pub mod cube;
 pub mod kv_int4;
 pub mod mask;
@@ -56,9 +57,66 @@ pub trait TritterBackend: Backend {
         reference::bitlinear_forward(x, weight, scale)
     }
 
+    /// BitLinear's backward from the quantized operands of its forward (straight-through
+    /// estimators): `dx = dy · Q_w(W)ᵀ` and `dW = Q_a(x)ᵀ · dy`, each when asked for.
+    fn bitlinear_backward(
+        x_quantized: Tensor<Self, 2>,
+        w_quantized: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        [want_x, want_w]: [bool; 2],
+    ) -> (Option<Tensor<Self, 2>>, Option<Tensor<Self, 2>>) {
+        (
+            want_x.then(|| grad.clone().matmul(w_quantized.transpose())),
+            want_w.then(|| x_quantized.transpose().matmul(grad)),
+        )
+    }
+
     /// RMSNorm over the last dimension of `[rows, dim]` with gain `gamma`.
     fn rms_norm(x: Tensor<Self, 2>, gamma: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
         reference::rms_norm(x, gamma, eps)
+    }
+
+    /// Gradients `(dx, dgamma)` of [`TritterBackend::rms_norm`] from the output's gradient.
+    fn rms_norm_backward(
+        x: Tensor<Self, 2>,
+        gamma: Tensor<Self, 1>,
+        eps: f64,
+        grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+        reference::rms_norm_backward(x, gamma, eps, grad)
+    }
+
+    /// Heads `start..start + heads` of `x` `[batch, seq, width]` as `[batch, heads, seq,
+    /// head_dim]` (queries, keys or values out of the fused q/k/v product).
+    fn split_heads(
+        x: Tensor<Self, 3>,
+        start: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Tensor<Self, 4> {
+        reference::split_heads(x, start, heads, head_dim)
+    }
+
+    /// `x` `[batch, heads, seq, head_dim]` as heads `start..` of a `[batch, seq, width]`
+    /// tensor, zero elsewhere: the inverse of [`TritterBackend::split_heads`], and the
+    /// attention output's layout for the output projection.
+    fn merge_heads(x: Tensor<Self, 4>, width: usize, start: usize) -> Tensor<Self, 3> {
+        reference::merge_heads(x, width, start)
+    }
+
+    /// Rotary position embedding of `x` `[batch, heads, len, d]` with tables of its shape
+    /// (rotate-half convention, `sin` holding `[−sin, sin]` per position).
+    fn rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        reference::rotary(x, cos, sin)
+    }
+
+    /// The gradient of [`TritterBackend::rotary`] with respect to `x`.
+    fn rotary_backward(
+        grad: Tensor<Self, 4>,
+        cos: Tensor<Self, 4>,
+        sin: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        reference::rotary_backward(grad, cos, sin)
     }
 
     /// Scaled dot-product attention over `[batch, heads, q, d]` queries and
@@ -116,6 +174,22 @@ pub trait TritterBackend: Backend {
         reference::flex_attention_backward(q, k, v, out, grad_out, mask)
     }
 
+    /// The squared-ReLU gate `relu(gate)² ⊙ up` of the feed-forward, from the fused
+    /// gate/up product `[rows, 2·ffn]` (gate first) → `[rows, ffn]`.
+    fn squared_relu_gate(gate_up: Tensor<Self, 2>, ffn: usize) -> Tensor<Self, 2> {
+        reference::squared_relu_gate(gate_up, ffn)
+    }
+
+    /// The gradient of [`TritterBackend::squared_relu_gate`] with respect to `gate_up`,
+    /// from the output's gradient.
+    fn squared_relu_gate_backward(
+        gate_up: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        ffn: usize,
+    ) -> Tensor<Self, 2> {
+        reference::squared_relu_gate_backward(gate_up, grad, ffn)
+    }
+
     /// Moves a packed ternary matrix (the export's bytes, `[d_out, ceil(d_in / 4)]`) to
     /// `device`, still packed. The default keeps 16 codes per 32-bit word on the device.
     fn ternary_upload(
@@ -160,8 +234,192 @@ pub trait TritterBackend: Backend {
 }
 
 /// The CPU backend computes packed products natively: bytes stay in host memory, each
-/// row is unpacked once per call and serves every token, accumulation in `i32`.
+/// row is unpacked once per call and serves every token, accumulation in `i32`. Attention
+/// and the gate run the tiled kernels of [`cpu`].
 impl TritterBackend for burn::backend::Flex {
+    fn bitlinear_forward(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        scale: Option<f32>,
+    ) -> BitLinearForward<Self> {
+        let [tokens, d_in] = x.dims();
+        let w_dims = weight.dims();
+        let (x, weight) = (cpu::Host::new(x), cpu::Host::new(weight));
+        let xq = cpu::quantize_activations(x.slice(), d_in);
+        let wq = cpu::quantize_weights(weight.slice(), scale);
+        let [_, d_out] = w_dims;
+        let output = cpu::matmul(
+            cpu::Matrix::new(&xq, tokens, d_in),
+            cpu::Matrix::new(&wq, d_in, d_out),
+        );
+        BitLinearForward {
+            output: cpu::flex_tensor(output, [tokens, d_out]),
+            x_quantized: cpu::flex_tensor(xq, [tokens, d_in]),
+            w_quantized: cpu::flex_tensor(wq, w_dims),
+        }
+    }
+
+    fn bitlinear_backward(
+        x_quantized: Tensor<Self, 2>,
+        w_quantized: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        [want_x, want_w]: [bool; 2],
+    ) -> (Option<Tensor<Self, 2>>, Option<Tensor<Self, 2>>) {
+        let ([tokens, d_in], [_, d_out]) = (x_quantized.dims(), w_quantized.dims());
+        let [xq, wq, grad] = [x_quantized, w_quantized, grad].map(cpu::Host::new);
+        let (xq, wq) = (
+            cpu::Matrix::new(xq.slice(), tokens, d_in),
+            cpu::Matrix::new(wq.slice(), d_in, d_out),
+        );
+        let grad = cpu::Matrix::new(grad.slice(), tokens, d_out);
+        (
+            want_x.then(|| cpu::flex_tensor(cpu::matmul(grad, wq.t()), [tokens, d_in])),
+            want_w.then(|| cpu::flex_tensor(cpu::matmul(xq.t(), grad), [d_in, d_out])),
+        )
+    }
+
+    fn rms_norm(x: Tensor<Self, 2>, gamma: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        let dims = x.dims();
+        let (x, gamma) = (cpu::Host::new(x), cpu::Host::new(gamma));
+        cpu::flex_tensor(cpu::rms_norm(x.slice(), gamma.slice(), eps), dims)
+    }
+
+    fn rms_norm_backward(
+        x: Tensor<Self, 2>,
+        gamma: Tensor<Self, 1>,
+        eps: f64,
+        grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+        let (dims, d) = (x.dims(), gamma.dims()[0]);
+        let [x, grad] = [x, grad].map(cpu::Host::new);
+        let gamma = cpu::Host::new(gamma);
+        let (dx, dg) = cpu::rms_norm_backward(x.slice(), gamma.slice(), eps, grad.slice());
+        (cpu::flex_tensor(dx, dims), cpu::flex_tensor(dg, [d]))
+    }
+
+    fn split_heads(
+        x: Tensor<Self, 3>,
+        start: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Tensor<Self, 4> {
+        let [batch, seq, width] = x.dims();
+        let x = cpu::Host::new(x);
+        cpu::flex_tensor(
+            cpu::split_heads(x.slice(), [batch, seq, width], start, heads, head_dim),
+            [batch, heads, seq, head_dim],
+        )
+    }
+
+    fn merge_heads(x: Tensor<Self, 4>, width: usize, start: usize) -> Tensor<Self, 3> {
+        let dims = x.dims();
+        let x = cpu::Host::new(x);
+        cpu::flex_tensor(
+            cpu::merge_heads(x.slice(), dims, width, start),
+            [dims[0], dims[2], width],
+        )
+    }
+
+    fn rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        let dims = x.dims();
+        let [x, cos, sin] = [x, cos, sin].map(cpu::Host::new);
+        cpu::flex_tensor(
+            cpu::rotary(x.slice(), cos.slice(), sin.slice(), dims[3], false),
+            dims,
+        )
+    }
+
+    fn rotary_backward(
+        grad: Tensor<Self, 4>,
+        cos: Tensor<Self, 4>,
+        sin: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        let dims = grad.dims();
+        let [grad, cos, sin] = [grad, cos, sin].map(cpu::Host::new);
+        cpu::flex_tensor(
+            cpu::rotary(grad.slice(), cos.slice(), sin.slice(), dims[3], true),
+            dims,
+        )
+    }
+
+    fn flex_attention_forward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: &AttentionMask,
+    ) -> (Tensor<Self, 4>, Option<Tensor<Self, 3>>) {
+        let shape = cpu::attention_shape(q.dims(), k.dims());
+        let (q, k, v) = (cpu::Host::new(q), cpu::Host::new(k), cpu::Host::new(v));
+        let (out, lse) = cpu::attention_forward(q.slice(), k.slice(), v.slice(), shape, mask);
+        let (b, h, n, d) = (shape.batch, shape.heads, shape.q_len, shape.d);
+        (
+            cpu::flex_tensor(out, [b, h, n, d]),
+            Some(cpu::flex_tensor(lse, [b, h, n])),
+        )
+    }
+
+    fn flex_attention_backward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        out: Tensor<Self, 4>,
+        lse: Option<Tensor<Self, 3>>,
+        grad_out: Tensor<Self, 4>,
+        mask: &AttentionMask,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        let shape = cpu::attention_shape(q.dims(), k.dims());
+        let lse = match lse {
+            Some(lse) => lse,
+            None => Self::flex_attention_forward(q.clone(), k.clone(), v.clone(), mask)
+                .1
+                .expect("the CPU forward gives the log-sum-exp"),
+        };
+        let [q, k, v, out, grad_out] = [q, k, v, out, grad_out].map(cpu::Host::new);
+        let lse = cpu::Host::new(lse);
+        let (dq, dk, dv) = cpu::attention_backward(
+            q.slice(),
+            k.slice(),
+            v.slice(),
+            out.slice(),
+            lse.slice(),
+            grad_out.slice(),
+            shape,
+            mask,
+        );
+        let (b, h, hk, n, m, d) = (
+            shape.batch,
+            shape.heads,
+            shape.kv_heads,
+            shape.q_len,
+            shape.kv_len,
+            shape.d,
+        );
+        (
+            cpu::flex_tensor(dq, [b, h, n, d]),
+            cpu::flex_tensor(dk, [b, hk, m, d]),
+            cpu::flex_tensor(dv, [b, hk, m, d]),
+        )
+    }
+
+    fn squared_relu_gate(gate_up: Tensor<Self, 2>, ffn: usize) -> Tensor<Self, 2> {
+        let rows = gate_up.dims()[0];
+        let gate_up = cpu::Host::new(gate_up);
+        cpu::flex_tensor(cpu::squared_relu_gate(gate_up.slice(), ffn), [rows, ffn])
+    }
+
+    fn squared_relu_gate_backward(
+        gate_up: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+        ffn: usize,
+    ) -> Tensor<Self, 2> {
+        let rows = gate_up.dims()[0];
+        let (gate_up, grad) = (cpu::Host::new(gate_up), cpu::Host::new(grad));
+        cpu::flex_tensor(
+            cpu::squared_relu_gate_backward(gate_up.slice(), grad.slice(), ffn),
+            [rows, 2 * ffn],
+        )
+    }
+
     fn ternary_upload(
         bytes: &[u8],
         d_out: usize,
@@ -283,6 +541,27 @@ impl<B: TritterBackend, C: CheckpointStrategy> TritterBackend for Autodiff<B, C>
 
     fn rms_norm(x: Tensor<Self, 2>, gamma: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
         autodiff::rms_norm(x, gamma, eps)
+    }
+
+    fn squared_relu_gate(gate_up: Tensor<Self, 2>, ffn: usize) -> Tensor<Self, 2> {
+        autodiff::squared_relu_gate(gate_up, ffn)
+    }
+
+    fn rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
+        autodiff::rotary(x, cos, sin)
+    }
+
+    fn split_heads(
+        x: Tensor<Self, 3>,
+        start: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Tensor<Self, 4> {
+        autodiff::split_heads(x, start, heads, head_dim)
+    }
+
+    fn merge_heads(x: Tensor<Self, 4>, width: usize, start: usize) -> Tensor<Self, 3> {
+        autodiff::merge_heads(x, width, start)
     }
 
     fn tritter_attention(

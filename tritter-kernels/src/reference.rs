@@ -162,6 +162,95 @@ pub fn attention_backward<B: Backend>(
     (grad_q, grad_k, grad_v)
 }
 
+/// Heads `start..start + heads` of `x` `[batch, seq, width]` (each `head_dim` wide) as
+/// `[batch, heads, seq, head_dim]`, contiguous.
+pub fn split_heads<B: Backend>(
+    x: Tensor<B, 3>,
+    start: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Tensor<B, 4> {
+    let [batch, seq, _] = x.dims();
+    let y = x
+        .narrow(2, start * head_dim, heads * head_dim)
+        .reshape([batch, seq, heads, head_dim])
+        .swap_dims(1, 2);
+    // Reshaping through one dimension copies a strided view into contiguous memory.
+    y.reshape([batch * heads * seq * head_dim])
+        .reshape([batch, heads, seq, head_dim])
+}
+
+/// `x` `[batch, heads, seq, head_dim]` placed as heads `start..start + heads` of a
+/// `[batch, seq, width]` tensor, zero elsewhere (the inverse of [`split_heads`]).
+pub fn merge_heads<B: Backend>(x: Tensor<B, 4>, width: usize, start: usize) -> Tensor<B, 3> {
+    let [batch, heads, seq, head_dim] = x.dims();
+    let y = x.swap_dims(1, 2).reshape([batch, seq, heads * head_dim]);
+    if width == heads * head_dim {
+        return y;
+    }
+    let lo = start * head_dim;
+    Tensor::zeros([batch, seq, width], &y.device())
+        .slice_assign([0..batch, 0..seq, lo..lo + heads * head_dim], y)
+}
+
+/// Rotary embedding with full-size tables (rotate-half convention, `sin` holding
+/// `[−sin, sin]` per position): `x·cos + [x₂, x₁]·sin`.
+pub fn rotary<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
+    x.clone() * cos + rotate_half(x) * sin
+}
+
+/// The gradient of [`rotary`] with respect to `x` (the rotation's transpose):
+/// `dy·cos + [(dy·sin)₂, (dy·sin)₁]`.
+pub fn rotary_backward<B: Backend>(
+    grad: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    grad.clone() * cos + rotate_half(grad * sin)
+}
+
+/// `[x₁, x₂]` → `[x₂, x₁]` over the last dimension's halves.
+fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    Tensor::cat(
+        vec![x.clone().narrow(3, half, half), x.narrow(3, 0, half)],
+        3,
+    )
+}
+
+/// `relu(gate)² ⊙ up` from `[rows, 2·ffn]` = `[gate | up]` → `[rows, ffn]`.
+pub fn squared_relu_gate<B: Backend>(gate_up: Tensor<B, 2>, ffn: usize) -> Tensor<B, 2> {
+    let gate = burn::tensor::activation::relu(gate_up.clone().narrow(1, 0, ffn));
+    let up = gate_up.narrow(1, ffn, ffn);
+    gate.clone() * gate * up
+}
+
+/// The gradient of [`squared_relu_gate`] with respect to `[gate | up]`:
+/// `[dy ⊙ up ⊙ 2·relu(gate) | dy ⊙ relu(gate)²]`.
+pub fn squared_relu_gate_backward<B: Backend>(
+    gate_up: Tensor<B, 2>,
+    grad: Tensor<B, 2>,
+    ffn: usize,
+) -> Tensor<B, 2> {
+    let gate = burn::tensor::activation::relu(gate_up.clone().narrow(1, 0, ffn));
+    let up = gate_up.narrow(1, ffn, ffn);
+    let d_gate = grad.clone() * up * gate.clone() * 2.0;
+    let d_up = grad * gate.clone() * gate;
+    Tensor::cat(vec![d_gate, d_up], 1)
+}
+
+/// Attention under an [`AttentionMask`] with grouped key/value heads, densely: keys
+/// repeated per query head, the mask materialized (what the kernels are checked against).
+pub fn flex_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask,
+) -> Tensor<B, 4> {
+    let (k, v, dense, causal) = flex_inputs(&q, k, v, mask);
+    attention(q, k, v, dense, causal)
+}
+
 /// RMSNorm over the last dimension of `[rows, dim]`: `x / sqrt(mean(x²) + ε) · g`.
 pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, gamma: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
     let inv_rms = (x.clone().square().mean_dim(1) + eps).sqrt().recip();

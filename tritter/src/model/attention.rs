@@ -95,16 +95,9 @@ pub fn attend<B: TritterBackend>(
     rope: &Rope<B>,
     cache: Option<&mut LayerCache<B>>,
 ) -> Tensor<B, 3> {
-    let [batch, seq, _] = qkv.dims();
+    let [_, seq, _] = qkv.dims();
     let (nh, nkv, hd) = (heads.num_heads, heads.num_kv_heads, heads.head_dim);
-    let split = |start: usize, heads: usize| {
-        contiguous(
-            qkv.clone()
-                .narrow(2, start * hd, heads * hd)
-                .reshape([batch, seq, heads, hd])
-                .swap_dims(1, 2),
-        )
-    };
+    let split = |start: usize, heads: usize| B::split_heads(qkv.clone(), start, heads, hd);
     let q = rope.q.apply(rms_norm(q_norm, split(0, nh)));
     let k = rope.k.apply(rms_norm(k_norm, split(nh, nkv)));
     let v = split(nh + nkv, nkv);
@@ -128,7 +121,7 @@ pub fn attend<B: TritterBackend>(
         None => AttentionMask::new(mask),
     };
     let out = B::flex_attention(q, k, v, &mask);
-    out.swap_dims(1, 2).reshape([batch, seq, nh * hd])
+    B::merge_heads(out, nh * hd, 0)
 }
 
 /// The model's mask over `kv_len` keys: causal, or a sliding window when the keys reach
@@ -197,16 +190,11 @@ impl<B: Backend> RopeTables<B> {
 
     /// Rotates a contiguous `[batch, heads, len, head_dim]` tensor:
     /// `x·cos + rotate_half(x)·sin`, `rotate_half([x1, x2]) = [x2, x1]`.
-    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let half = x.dims()[3] / 2;
-        let rotated = Tensor::cat(
-            vec![
-                x.clone().narrow(3, half, half),
-                x.clone().narrow(3, 0, half),
-            ],
-            3,
-        );
-        x * self.cos.clone() + rotated * self.sin.clone()
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4>
+    where
+        B: TritterBackend,
+    {
+        B::rotary(x, self.cos.clone(), self.sin.clone())
     }
 }
 

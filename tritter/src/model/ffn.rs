@@ -1,10 +1,8 @@
 //! Squared-ReLU gated feed-forward: `down(relu(gate(x))² ⊙ up(x))`.
 
-use super::attention::contiguous;
 use super::bitlinear::{BitLinear, BitLinearConfig};
 use super::config::TritterConfig;
 use burn::prelude::*;
-use burn::tensor::activation::relu;
 use tritter_kernels::TritterBackend;
 
 #[derive(Module, Debug)]
@@ -36,12 +34,15 @@ impl<B: TritterBackend> FeedForward<B> {
     }
 }
 
-/// `relu(gate)² ⊙ up` from the fused gate/up product `[..., 2·ffn]` → `[..., ffn]`.
-pub fn squared_relu_gate<B: Backend, const D: usize>(
+/// `relu(gate)² ⊙ up` from the fused gate/up product `[..., 2·ffn]` → `[..., ffn]`
+/// (one fused op of the backend).
+pub fn squared_relu_gate<B: TritterBackend, const D: usize>(
     gate_up: Tensor<B, D>,
     ffn_size: usize,
 ) -> Tensor<B, D> {
-    let gate = relu(contiguous(gate_up.clone().narrow(D - 1, 0, ffn_size)));
-    let up = contiguous(gate_up.narrow(D - 1, ffn_size, ffn_size));
-    gate.clone() * gate * up
+    let mut dims = gate_up.dims();
+    let width = dims[D - 1];
+    let rows = dims.iter().product::<usize>() / width;
+    dims[D - 1] = ffn_size;
+    B::squared_relu_gate(gate_up.reshape([rows, width]), ffn_size).reshape(dims)
 }

@@ -1,0 +1,952 @@
+//! Kernels for Burn's CPU backend (`Flex`): flash attention forward and backward with the
+//! mask vocabulary of [`crate::mask`], and the squared-ReLU gate, on plain `f32` slices.
+//!
+//! Attention walks 32 × 32 tiles of the score matrix like the CubeCL kernels: the block
+//! mask skips empty tiles, full tiles take no per-element test, the softmax is online
+//! (running max and sum per query row), and the backward recomputes probabilities from
+//! the forward's log-sum-exp — no `[q, kv]` matrix is ever held, so memory is linear in
+//! the sequence. One rayon task per (sequence, head) in the forward and per (sequence,
+//! key head) in the backward, which owns its query heads' `dQ` and its key head's `dK`,
+//! `dV`: GQA without repeated keys and without atomics. The inner loops are written for
+//! the compiler to vectorize, and are compiled for AVX2 + FMA where the CPU has them.
+
+use crate::mask::{AttentionMask, Tile};
+use rayon::prelude::*;
+
+/// Query rows and keys per tile.
+pub const BLOCK_Q: usize = 32;
+pub const BLOCK_KV: usize = 32;
+/// A score that stands for "masked" (finite, so no `inf − inf`); a fully masked row's
+/// log-sum-exp.
+pub const MASKED: f32 = -1.0e30;
+
+/// The shape of one attention call: `q` `[batch, heads, q_len, d]`, `k`, `v`
+/// `[batch, kv_heads, kv_len, d]`, the queries being the last `q_len` positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub d: usize,
+}
+
+impl AttentionShape {
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    fn check(&self, mask: &AttentionMask) {
+        assert!(
+            self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
+            "{} query heads cannot share {} key heads",
+            self.heads,
+            self.kv_heads
+        );
+        assert!(
+            self.q_len <= self.kv_len,
+            "{} queries against {} keys",
+            self.q_len,
+            self.kv_len
+        );
+        if let Some(docs) = &mask.documents {
+            assert_eq!(
+                docs.len(),
+                self.batch * self.kv_len,
+                "document ids for {} sequences of {} keys",
+                self.batch,
+                self.kv_len
+            );
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fma_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::env::var_os("TRITTER_PORTABLE_KERNELS").is_none()
+    })
+}
+
+/// `a·b + c`, fused where the kernel is compiled with FMA (elsewhere `mul_add` would be
+/// a library call).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `eˣ` without a library call, so that loops over it vectorize: `2ⁿ · p(r)` with
+/// `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, and a degree-6 polynomial (relative error below
+/// 2·10⁻⁷). Inputs below −87 give 0.
+#[inline(always)]
+fn exp<const FMA: bool>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, x));
+    let mut p = 1.0 / 720.0;
+    p = madd::<FMA>(p, r, 1.0 / 120.0);
+    p = madd::<FMA>(p, r, 1.0 / 24.0);
+    p = madd::<FMA>(p, r, 1.0 / 6.0);
+    p = madd::<FMA>(p, r, 0.5);
+    p = madd::<FMA>(p, r, 1.0);
+    p = madd::<FMA>(p, r, 1.0);
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x <= -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// `$kernel::<true>` compiled for AVX2 + FMA where the CPU has them (the kernels are
+/// `#[inline(always)]`, so they take the wrapper's target features), `::<false>` otherwise.
+macro_rules! dispatch {
+    ($kernel:ident($($arg:ident: $ty:ty),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn fast($($arg: $ty),*) {
+            $kernel::<true>($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if fma_available() {
+            // SAFETY: the CPU has AVX2 and FMA (checked by `fma_available`).
+            return unsafe { fast($($arg),*) };
+        }
+        $kernel::<false>($($arg),*)
+    }};
+}
+
+/// One sequence's view of the mask: tile classes and the per-element test.
+struct SeqMask<'a> {
+    mask: &'a AttentionMask,
+    tiles: &'a [Tile],
+    docs: Option<&'a [i32]>,
+    kv_blocks: usize,
+    /// Position of query row 0.
+    offset: usize,
+}
+
+impl SeqMask<'_> {
+    fn tile(&self, qb: usize, kb: usize) -> Tile {
+        self.tiles[qb * self.kv_blocks + kb]
+    }
+
+    fn allows(&self, row: usize, key: usize) -> bool {
+        self.mask.mask.allows(self.offset + row, key, self.docs)
+    }
+}
+
+/// The tiles of every sequence and a per-sequence view of them.
+struct Masks<'a> {
+    mask: &'a AttentionMask,
+    blocks: crate::mask::BlockMask,
+    shape: AttentionShape,
+}
+
+impl<'a> Masks<'a> {
+    fn new(mask: &'a AttentionMask, shape: AttentionShape) -> Self {
+        shape.check(mask);
+        let blocks = mask.block_mask(shape.batch, shape.q_len, shape.kv_len, BLOCK_Q, BLOCK_KV);
+        Self {
+            mask,
+            blocks,
+            shape,
+        }
+    }
+
+    fn sequence(&self, b: usize) -> SeqMask<'_> {
+        let per_seq = self.blocks.q_blocks * self.blocks.kv_blocks;
+        SeqMask {
+            mask: self.mask,
+            tiles: &self.blocks.tiles[b * per_seq..(b + 1) * per_seq],
+            docs: self
+                .mask
+                .documents
+                .as_ref()
+                .map(|d| &d[b * self.shape.kv_len..(b + 1) * self.shape.kv_len]),
+            kv_blocks: self.blocks.kv_blocks,
+            offset: self.shape.kv_len - self.shape.q_len,
+        }
+    }
+}
+
+/// Copies keys `start..start + cols` of `x` (`[len, d]`) transposed into `t` (`[d, BLOCK_KV]`),
+/// zero beyond `cols`.
+#[inline(always)]
+fn transpose_block(x: &[f32], d: usize, start: usize, cols: usize, t: &mut [f32]) {
+    t.fill(0.0);
+    for j in 0..cols {
+        let row = &x[(start + j) * d..(start + j + 1) * d];
+        for (c, &v) in row.iter().enumerate() {
+            t[c * BLOCK_KV + j] = v;
+        }
+    }
+}
+
+/// `s[j] = scale · Σ_c a[c] · t[c][j]` for one row against a transposed key block, masked
+/// entries (beyond `cols`, or refused by a partial tile) set to [`MASKED`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn scores<const FMA: bool>(
+    a: &[f32],
+    t: &[f32],
+    scale: f32,
+    cols: usize,
+    partial: Option<(&SeqMask, usize, usize)>,
+    s: &mut [f32; BLOCK_KV],
+) {
+    *s = [0.0; BLOCK_KV];
+    for (c, &ac) in a.iter().enumerate() {
+        let tc: &[f32; BLOCK_KV] = t[c * BLOCK_KV..(c + 1) * BLOCK_KV].try_into().unwrap();
+        for j in 0..BLOCK_KV {
+            s[j] = madd::<FMA>(ac, tc[j], s[j]);
+        }
+    }
+    for (j, v) in s.iter_mut().enumerate() {
+        *v = if j < cols { *v * scale } else { MASKED };
+    }
+    if let Some((mask, row, key0)) = partial {
+        for (j, v) in s.iter_mut().enumerate().take(cols) {
+            if !mask.allows(row, key0 + j) {
+                *v = MASKED;
+            }
+        }
+    }
+}
+
+/// `y += a · x` over a row.
+#[inline(always)]
+fn axpy<const FMA: bool>(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = madd::<FMA>(a, x, *y);
+    }
+}
+
+/// Flash attention forward: the output `[batch, heads, q_len, d]` and each query row's
+/// log-sum-exp of its scaled scores `[batch, heads, q_len]` ([`MASKED`] for a row that
+/// sees no key, whose output is 0). Scores are scaled by `1/√d`.
+pub fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    mask: &AttentionMask,
+) -> (Vec<f32>, Vec<f32>) {
+    let AttentionShape {
+        batch,
+        heads,
+        kv_heads,
+        q_len,
+        kv_len,
+        d,
+    } = shape;
+    assert_eq!(q.len(), batch * heads * q_len * d, "query size");
+    assert_eq!(k.len(), batch * kv_heads * kv_len * d, "key size");
+    assert_eq!(v.len(), k.len(), "value size");
+    let masks = Masks::new(mask, shape);
+    let mut out = vec![0f32; q.len()];
+    let mut lse = vec![MASKED; batch * heads * q_len];
+    out.par_chunks_mut((q_len * d).max(1))
+        .zip(lse.par_chunks_mut(q_len.max(1)))
+        .enumerate()
+        .for_each(|(bh, (out, lse))| {
+            let (b, h) = (bh / heads, bh % heads);
+            let kvh = b * kv_heads + h / shape.group();
+            let q = &q[bh * q_len * d..(bh + 1) * q_len * d];
+            let k = &k[kvh * kv_len * d..(kvh + 1) * kv_len * d];
+            let v = &v[kvh * kv_len * d..(kvh + 1) * kv_len * d];
+            let seq = masks.sequence(b);
+            forward_head_any(q, k, v, shape, &seq, out, lse);
+        });
+    (out, lse)
+}
+
+fn forward_head_any(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    mask: &SeqMask,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    dispatch!(forward_head(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: AttentionShape,
+        mask: &SeqMask,
+        out: &mut [f32],
+        lse: &mut [f32],
+    ))
+}
+
+#[inline(always)]
+fn forward_head<const FMA: bool>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttentionShape,
+    mask: &SeqMask,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let (q_len, kv_len, d) = (shape.q_len, shape.kv_len, shape.d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut kt = vec![0f32; d * BLOCK_KV];
+    let mut acc = vec![0f32; BLOCK_Q * d];
+    let mut s = [0f32; BLOCK_KV];
+    for qb in 0..q_len.div_ceil(BLOCK_Q) {
+        let r0 = qb * BLOCK_Q;
+        let rows = BLOCK_Q.min(q_len - r0);
+        acc.fill(0.0);
+        let mut m = [MASKED; BLOCK_Q];
+        let mut l = [0f32; BLOCK_Q];
+        for kb in 0..kv_len.div_ceil(BLOCK_KV) {
+            let tile = mask.tile(qb, kb);
+            if tile == Tile::Empty {
+                continue;
+            }
+            let c0 = kb * BLOCK_KV;
+            let cols = BLOCK_KV.min(kv_len - c0);
+            transpose_block(k, d, c0, cols, &mut kt);
+            for i in 0..rows {
+                let row = r0 + i;
+                let partial = (tile == Tile::Partial).then_some((mask, row, c0));
+                scores::<FMA>(
+                    &q[row * d..(row + 1) * d],
+                    &kt,
+                    scale,
+                    cols,
+                    partial,
+                    &mut s,
+                );
+                let tile_max = s.iter().fold(MASKED, |a, &b| a.max(b));
+                if tile_max <= MASKED * 0.5 {
+                    continue;
+                }
+                let m_new = m[i].max(tile_max);
+                let correction = exp::<FMA>(m[i] - m_new);
+                let mut sum = 0.0;
+                for p in s.iter_mut() {
+                    *p = if *p > MASKED * 0.5 {
+                        exp::<FMA>(*p - m_new)
+                    } else {
+                        0.0
+                    };
+                    sum += *p;
+                }
+                l[i] = l[i] * correction + sum;
+                m[i] = m_new;
+                let acc = &mut acc[i * d..(i + 1) * d];
+                if correction != 1.0 {
+                    acc.iter_mut().for_each(|a| *a *= correction);
+                }
+                for (j, &p) in s.iter().enumerate().take(cols) {
+                    if p != 0.0 {
+                        axpy::<FMA>(p, &v[(c0 + j) * d..(c0 + j + 1) * d], acc);
+                    }
+                }
+            }
+        }
+        for i in 0..rows {
+            let row = r0 + i;
+            if l[i] > 0.0 {
+                let inv = 1.0 / l[i];
+                for (o, a) in out[row * d..(row + 1) * d]
+                    .iter_mut()
+                    .zip(&acc[i * d..(i + 1) * d])
+                {
+                    *o = a * inv;
+                }
+                lse[row] = m[i] + l[i].ln();
+            }
+        }
+    }
+}
+
+/// Gradients `(dQ, dK, dV)` of [`attention_forward`] from its output, log-sum-exp and the
+/// output's gradient; `dK`, `dV` in key-head shape.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    grad_out: &[f32],
+    shape: AttentionShape,
+    mask: &AttentionMask,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        q_len,
+        kv_len,
+        d,
+        ..
+    } = shape;
+    assert_eq!(out.len(), q.len(), "output size");
+    assert_eq!(grad_out.len(), q.len(), "output gradient size");
+    assert_eq!(lse.len(), q.len() / d.max(1), "log-sum-exp size");
+    let masks = Masks::new(mask, shape);
+    let group = shape.group();
+    let mut dq = vec![0f32; q.len()];
+    let mut dk = vec![0f32; k.len()];
+    let mut dv = vec![0f32; v.len()];
+    let q_chunk = group * q_len * d;
+    let kv_chunk = kv_len * d;
+    dq.par_chunks_mut(q_chunk.max(1))
+        .zip(dk.par_chunks_mut(kv_chunk.max(1)))
+        .zip(dv.par_chunks_mut(kv_chunk.max(1)))
+        .enumerate()
+        .for_each(|(bkv, ((dq, dk), dv))| {
+            let b = bkv / kv_heads;
+            let seq = masks.sequence(b);
+            let k = &k[bkv * kv_chunk..(bkv + 1) * kv_chunk];
+            let v = &v[bkv * kv_chunk..(bkv + 1) * kv_chunk];
+            // This key head's query heads are consecutive: `b·heads + kvh·group + g`.
+            let first = bkv * group;
+            let rows = first * q_len..(first + group) * q_len;
+            let elems = rows.start * d..rows.end * d;
+            let head = HeadGrads {
+                q: &q[elems.clone()],
+                out: &out[elems.clone()],
+                grad_out: &grad_out[elems],
+                lse: &lse[rows],
+                k,
+                v,
+            };
+            backward_heads_any(&head, shape, &seq, dq, dk, dv);
+        });
+    let _ = heads;
+    (dq, dk, dv)
+}
+
+/// One key head's operands: its key and value rows, and its query heads' rows.
+struct HeadGrads<'a> {
+    q: &'a [f32],
+    out: &'a [f32],
+    grad_out: &'a [f32],
+    lse: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+fn backward_heads_any(
+    x: &HeadGrads,
+    shape: AttentionShape,
+    mask: &SeqMask,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    dispatch!(backward_heads(
+        x: &HeadGrads,
+        shape: AttentionShape,
+        mask: &SeqMask,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ))
+}
+
+#[inline(always)]
+fn backward_heads<const FMA: bool>(
+    x: &HeadGrads,
+    shape: AttentionShape,
+    mask: &SeqMask,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let (q_len, kv_len, d) = (shape.q_len, shape.kv_len, shape.d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut kt = vec![0f32; d * BLOCK_KV];
+    let mut vt = vec![0f32; d * BLOCK_KV];
+    let (mut p, mut dp) = ([0f32; BLOCK_KV], [0f32; BLOCK_KV]);
+    // delta = rowsum(dO ⊙ O), per query row of every head of the group.
+    let delta: Vec<f32> = x
+        .grad_out
+        .chunks_exact(d.max(1))
+        .zip(x.out.chunks_exact(d.max(1)))
+        .map(|(g, o)| g.iter().zip(o).map(|(a, b)| a * b).sum())
+        .collect();
+    for kb in 0..kv_len.div_ceil(BLOCK_KV) {
+        let c0 = kb * BLOCK_KV;
+        let cols = BLOCK_KV.min(kv_len - c0);
+        let mut live = false;
+        for g in 0..shape.group() {
+            let base = g * q_len;
+            for qb in 0..q_len.div_ceil(BLOCK_Q) {
+                let tile = mask.tile(qb, kb);
+                if tile == Tile::Empty {
+                    continue;
+                }
+                if !live {
+                    transpose_block(x.k, d, c0, cols, &mut kt);
+                    transpose_block(x.v, d, c0, cols, &mut vt);
+                    live = true;
+                }
+                let r0 = qb * BLOCK_Q;
+                for row in r0..(r0 + BLOCK_Q).min(q_len) {
+                    let r = base + row;
+                    let lse = x.lse[r];
+                    if lse <= MASKED * 0.5 {
+                        continue;
+                    }
+                    let q_row = &x.q[r * d..(r + 1) * d];
+                    let do_row = &x.grad_out[r * d..(r + 1) * d];
+                    let partial = (tile == Tile::Partial).then_some((mask, row, c0));
+                    scores::<FMA>(q_row, &kt, scale, cols, partial, &mut p);
+                    for s in p.iter_mut() {
+                        *s = if *s > MASKED * 0.5 {
+                            exp::<FMA>(*s - lse)
+                        } else {
+                            0.0
+                        };
+                    }
+                    scores::<FMA>(do_row, &vt, 1.0, cols, None, &mut dp);
+                    let dq_row = &mut dq[r * d..(r + 1) * d];
+                    for j in 0..cols {
+                        if p[j] == 0.0 {
+                            continue;
+                        }
+                        let ds = p[j] * (dp[j] - delta[r]) * scale;
+                        let key = c0 + j;
+                        axpy::<FMA>(ds, &x.k[key * d..(key + 1) * d], dq_row);
+                        axpy::<FMA>(ds, q_row, &mut dk[key * d..(key + 1) * d]);
+                        axpy::<FMA>(p[j], do_row, &mut dv[key * d..(key + 1) * d]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `relu(gate)² ⊙ up` over rows of `[gate | up]` (`2·ffn` wide) → rows of `ffn`.
+pub fn squared_relu_gate(gate_up: &[f32], ffn: usize) -> Vec<f32> {
+    let rows = gate_up.len() / (2 * ffn).max(1);
+    let mut out = vec![0f32; rows * ffn];
+    out.par_chunks_mut(ffn.max(1) * 64)
+        .zip(gate_up.par_chunks(2 * ffn.max(1) * 64))
+        .for_each(|(out, gate_up)| {
+            for (o, x) in out.chunks_exact_mut(ffn).zip(gate_up.chunks_exact(2 * ffn)) {
+                let (gate, up) = x.split_at(ffn);
+                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                    let r = g.max(0.0);
+                    *o = r * r * u;
+                }
+            }
+        });
+    out
+}
+
+/// The gradient of [`squared_relu_gate`] with respect to `[gate | up]`:
+/// `[dy ⊙ up ⊙ 2·relu(gate) | dy ⊙ relu(gate)²]`.
+pub fn squared_relu_gate_backward(gate_up: &[f32], grad: &[f32], ffn: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gate_up.len()];
+    out.par_chunks_mut(2 * ffn.max(1) * 64)
+        .zip(gate_up.par_chunks(2 * ffn.max(1) * 64))
+        .zip(grad.par_chunks(ffn.max(1) * 64))
+        .for_each(|((out, gate_up), grad)| {
+            for ((o, x), dy) in out
+                .chunks_exact_mut(2 * ffn)
+                .zip(gate_up.chunks_exact(2 * ffn))
+                .zip(grad.chunks_exact(ffn))
+            {
+                let (gate, up) = x.split_at(ffn);
+                let (d_gate, d_up) = o.split_at_mut(ffn);
+                for i in 0..ffn {
+                    let r = gate[i].max(0.0);
+                    d_gate[i] = dy[i] * up[i] * 2.0 * r;
+                    d_up[i] = dy[i] * r * r;
+                }
+            }
+        });
+    out
+}
+
+/// Rows per parallel task of the row-wise kernels.
+const ROWS_PER_TASK: usize = 32;
+
+/// RMSNorm over rows of `d`: `x / sqrt(mean(x²) + ε) · g`.
+pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f64) -> Vec<f32> {
+    let d = gamma.len();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(d.max(1) * ROWS_PER_TASK)
+        .zip(x.par_chunks(d.max(1) * ROWS_PER_TASK))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                let r = inv_rms(x, eps);
+                for ((o, &x), &g) in o.iter_mut().zip(x).zip(gamma) {
+                    *o = x * r * g;
+                }
+            }
+        });
+    out
+}
+
+#[inline(always)]
+fn inv_rms(x: &[f32], eps: f64) -> f32 {
+    let sum: f32 = x.iter().map(|v| v * v).sum();
+    1.0 / (sum / x.len() as f32 + eps as f32).sqrt()
+}
+
+/// Gradients of [`rms_norm`] with `r = 1/sqrt(mean(x²) + ε)` per row:
+/// `dx = r·(g ⊙ dy) − x·r³·mean(g ⊙ dy ⊙ x)`, `dg = Σ_rows dy ⊙ x·r`.
+pub fn rms_norm_backward(x: &[f32], gamma: &[f32], eps: f64, grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let d = gamma.len();
+    let mut dx = vec![0f32; x.len()];
+    let dg = dx
+        .par_chunks_mut(d.max(1) * ROWS_PER_TASK)
+        .zip(x.par_chunks(d.max(1) * ROWS_PER_TASK))
+        .zip(grad.par_chunks(d.max(1) * ROWS_PER_TASK))
+        .fold(
+            || vec![0f32; d],
+            |mut dg, ((dx, x), grad)| {
+                for ((dx, x), dy) in dx
+                    .chunks_exact_mut(d)
+                    .zip(x.chunks_exact(d))
+                    .zip(grad.chunks_exact(d))
+                {
+                    let r = inv_rms(x, eps);
+                    let dot: f32 = dy
+                        .iter()
+                        .zip(gamma)
+                        .zip(x)
+                        .map(|((a, g), x)| a * g * x)
+                        .sum();
+                    let c = r * r * r * dot / d as f32;
+                    for i in 0..d {
+                        dx[i] = r * gamma[i] * dy[i] - x[i] * c;
+                        dg[i] += dy[i] * x[i] * r;
+                    }
+                }
+                dg
+            },
+        )
+        .reduce(
+            || vec![0f32; d],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    (dx, dg)
+}
+
+/// Rotary embedding over rows of `d` with full-size tables (rotate-half convention,
+/// `sin` holding `[−sin, sin]`): `y = x·cos + [x₂, x₁]·sin`. With `transpose`, the
+/// rotation's transpose (its inverse) — the backward: `dx = dy·cos + [(dy·sin)₂, (dy·sin)₁]`.
+pub fn rotary(x: &[f32], cos: &[f32], sin: &[f32], d: usize, transpose: bool) -> Vec<f32> {
+    assert!(
+        cos.len() == x.len() && sin.len() == x.len(),
+        "rotary tables of the input's size"
+    );
+    let half = d / 2;
+    let mut out = vec![0f32; x.len()];
+    let chunk = d.max(1) * ROWS_PER_TASK;
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .zip(cos.par_chunks(chunk).zip(sin.par_chunks(chunk)))
+        .for_each(|((out, x), (cos, sin))| {
+            for (((o, x), c), s) in out
+                .chunks_exact_mut(d)
+                .zip(x.chunks_exact(d))
+                .zip(cos.chunks_exact(d))
+                .zip(sin.chunks_exact(d))
+            {
+                let (o1, o2) = o.split_at_mut(half);
+                let (x1, x2) = x.split_at(half);
+                let (c1, c2) = c.split_at(half);
+                let (s1, s2) = s.split_at(half);
+                for i in 0..half {
+                    if transpose {
+                        o1[i] = x1[i] * c1[i] + x2[i] * s2[i];
+                        o2[i] = x2[i] * c2[i] + x1[i] * s1[i];
+                    } else {
+                        o1[i] = x1[i] * c1[i] + x2[i] * s1[i];
+                        o2[i] = x2[i] * c2[i] + x1[i] * s2[i];
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// BitLinear's quantized operands in one pass each: activations per token
+/// (`xq / s`, `[tokens, d_in]`) and weights per tensor (`Wq · γ`), as
+/// [`crate::reference::int8_quantize`] and [`crate::reference::ternary_quantize_scaled`]
+/// compute them.
+pub fn quantize_activations(x: &[f32], d_in: usize) -> Vec<f32> {
+    use crate::reference::{ACT_MAX, QUANT_EPS};
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(d_in.max(1) * ROWS_PER_TASK)
+        .zip(x.par_chunks(d_in.max(1) * ROWS_PER_TASK))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_exact_mut(d_in).zip(x.chunks_exact(d_in)) {
+                let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let inv_scale = absmax.max(QUANT_EPS) / ACT_MAX;
+                for (o, &v) in o.iter_mut().zip(x) {
+                    let q = crate::packed::round_clamped(v / inv_scale, -128.0, ACT_MAX);
+                    *o = q * inv_scale;
+                }
+            }
+        });
+    out
+}
+
+/// `Wq · γ` with `γ = max(mean|W|, ε)` (or the given `scale`) and
+/// `Wq = clamp(round(W / γ), −1, 1)`.
+pub fn quantize_weights(w: &[f32], scale: Option<f32>) -> Vec<f32> {
+    use crate::reference::QUANT_EPS;
+    let gamma = match scale {
+        Some(gamma) => gamma,
+        None => {
+            let sum: f64 = w
+                .par_chunks(4096)
+                .map(|c| c.iter().map(|v| v.abs()).sum::<f32>() as f64)
+                .sum();
+            (sum / w.len().max(1) as f64) as f32
+        }
+    }
+    .max(QUANT_EPS);
+    let mut out = vec![0f32; w.len()];
+    out.par_chunks_mut(4096)
+        .zip(w.par_chunks(4096))
+        .for_each(|(out, w)| {
+            for (o, &v) in out.iter_mut().zip(w) {
+                *o = crate::packed::round_clamped(v / gamma, -1.0, 1.0) * gamma;
+            }
+        });
+    out
+}
+
+/// [`crate::reference::split_heads`]: heads `start..start + heads` of `x`
+/// `[batch, seq, width]` → `[batch, heads, seq, head_dim]`.
+pub fn split_heads(
+    x: &[f32],
+    [batch, seq, width]: [usize; 3],
+    start: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Vec<f32> {
+    assert!(
+        (start + heads) * head_dim <= width,
+        "heads beyond the width"
+    );
+    let mut out = vec![0f32; batch * heads * seq * head_dim];
+    out.par_chunks_mut((seq * head_dim).max(1))
+        .enumerate()
+        .for_each(|(bh, out)| {
+            let (b, h) = (bh / heads, bh % heads);
+            let col = (start + h) * head_dim;
+            for (t, o) in out.chunks_exact_mut(head_dim).enumerate() {
+                let row = (b * seq + t) * width + col;
+                o.copy_from_slice(&x[row..row + head_dim]);
+            }
+        });
+    out
+}
+
+/// [`crate::reference::merge_heads`]: `x` `[batch, heads, seq, head_dim]` → heads
+/// `start..` of `[batch, seq, width]`, zero elsewhere.
+pub fn merge_heads(
+    x: &[f32],
+    [batch, heads, seq, head_dim]: [usize; 4],
+    width: usize,
+    start: usize,
+) -> Vec<f32> {
+    assert!(
+        (start + heads) * head_dim <= width,
+        "heads beyond the width"
+    );
+    let mut out = vec![0f32; batch * seq * width];
+    out.par_chunks_mut(width.max(1))
+        .enumerate()
+        .for_each(|(bt, out)| {
+            let (b, t) = (bt / seq, bt % seq);
+            for h in 0..heads {
+                let src = ((b * heads + h) * seq + t) * head_dim;
+                let col = (start + h) * head_dim;
+                out[col..col + head_dim].copy_from_slice(&x[src..src + head_dim]);
+            }
+        });
+    out
+}
+
+/// A row-major `rows × cols` matrix, or its transpose read in place.
+#[derive(Debug, Clone, Copy)]
+pub struct Matrix<'a> {
+    pub values: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub transposed: bool,
+}
+
+impl<'a> Matrix<'a> {
+    pub fn new(values: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(values.len(), rows * cols, "a {rows}×{cols} matrix");
+        Self {
+            values,
+            rows,
+            cols,
+            transposed: false,
+        }
+    }
+
+    pub fn t(self) -> Self {
+        Self {
+            transposed: !self.transposed,
+            ..self
+        }
+    }
+
+    /// `(rows, cols)` as read.
+    fn shape(&self) -> (usize, usize) {
+        if self.transposed {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+
+    /// `(column stride, row stride)` as read.
+    fn strides(&self) -> (isize, isize) {
+        if self.transposed {
+            (self.cols as isize, 1)
+        } else {
+            (1, self.cols as isize)
+        }
+    }
+}
+
+/// `a · b`, row-major `[m, n]`, on every core through `gemm` (the kernel Burn's CPU
+/// backend uses, called without its tensor wrapper, which costs more than the product
+/// itself at BitLinear's shapes).
+pub fn matmul(a: Matrix, b: Matrix) -> Vec<f32> {
+    let ((m, k), (k2, n)) = (a.shape(), b.shape());
+    assert_eq!(k, k2, "a {m}×{k} matrix times a {k2}×{n} matrix");
+    let mut out = vec![0f32; m * n];
+    if m * n == 0 {
+        return out;
+    }
+    let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
+    // SAFETY: `out` holds `m·n` values written with strides (1, n); `a` and `b` hold their
+    // `m·k` and `k·n` values at the strides `Matrix::strides` gives for their shapes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.values.as_ptr(),
+            a_cs,
+            a_rs,
+            b.values.as_ptr(),
+            b_cs,
+            b_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+    out
+}
+
+/// A Flex tensor's values as an `f32` slice, without a copy when it is a contiguous `f32`
+/// tensor (the model's case).
+pub(crate) struct Host(Result<burn::backend::flex::FlexTensor, Vec<f32>>);
+
+impl Host {
+    pub(crate) fn new<const D: usize>(t: burn::tensor::Tensor<burn::backend::Flex, D>) -> Self {
+        let flex = t.clone().into_primitive().tensor().to_contiguous();
+        if flex.as_slice::<f32>().is_some() {
+            Host(Ok(flex))
+        } else {
+            Host(Err(t
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32 values")))
+        }
+    }
+
+    pub(crate) fn slice(&self) -> &[f32] {
+        match &self.0 {
+            Ok(flex) => flex.as_slice::<f32>().expect("contiguous f32"),
+            Err(values) => values,
+        }
+    }
+}
+
+/// A Flex tensor that takes ownership of `values`.
+pub(crate) fn flex_tensor<const D: usize>(
+    values: Vec<f32>,
+    shape: [usize; D],
+) -> burn::tensor::Tensor<burn::backend::Flex, D> {
+    burn::tensor::Tensor::from_data(
+        burn::tensor::TensorData::new(values, shape),
+        &Default::default(),
+    )
+}
+
+/// The [`AttentionShape`] of queries `[batch, heads, q_len, d]` and keys
+/// `[batch, kv_heads, kv_len, d]`.
+pub(crate) fn attention_shape(
+    [batch, heads, q_len, d]: [usize; 4],
+    k: [usize; 4],
+) -> AttentionShape {
+    assert_eq!(
+        (k[0], k[3]),
+        (batch, d),
+        "queries {:?} against keys {k:?}",
+        [batch, heads, q_len, d]
+    );
+    AttentionShape {
+        batch,
+        heads,
+        kv_heads: k[1],
+        q_len,
+        kv_len: k[2],
+        d,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_over_the_softmax_range() {
+        let mut worst = 0f32;
+        let mut x = -86.9f32;
+        while x < 20.0 {
+            let (a, b) = (exp::<false>(x), x.exp());
+            worst = worst.max((a - b).abs() / b);
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp::<false>(-1.0e30), 0.0);
+        assert_eq!(exp::<false>(0.0), 1.0);
+    }
+}
