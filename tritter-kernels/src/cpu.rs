@@ -195,43 +195,144 @@ fn transpose_block(x: &[f32], d: usize, start: usize, cols: usize, t: &mut [f32]
     }
 }
 
-/// `s[j] = scale · Σ_c a[c] · t[c][j]` for one row against a transposed key block, masked
-/// entries (beyond `cols`, or refused by a partial tile) set to [`MASKED`].
+/// Query rows processed together: each key (or value) vector loaded serves them all.
+const ROWS: usize = 4;
+/// Columns of an accumulator chunk kept in registers.
+const LANES: usize = 16;
+
+/// `s[r][j] = scale · Σ_c a_r[c] · t[c][j]` for up to [`ROWS`] rows `a` against a
+/// transposed block `t` (`[d, BLOCK_KV]`); masked entries (beyond `cols`, or refused by
+/// a partial tile: `(mask, first row, first key)`) set to [`MASKED`]. Rows past `a.len()`
+/// are left as garbage.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn scores<const FMA: bool>(
-    a: &[f32],
+    a: [&[f32]; ROWS],
+    live: usize,
     t: &[f32],
     scale: f32,
     cols: usize,
     partial: Option<(&SeqMask, usize, usize)>,
-    s: &mut [f32; BLOCK_KV],
+    s: &mut [[f32; BLOCK_KV]; ROWS],
 ) {
-    *s = [0.0; BLOCK_KV];
-    for (c, &ac) in a.iter().enumerate() {
+    *s = [[0.0; BLOCK_KV]; ROWS];
+    for c in 0..a[0].len() {
         let tc: &[f32; BLOCK_KV] = t[c * BLOCK_KV..(c + 1) * BLOCK_KV].try_into().unwrap();
-        for j in 0..BLOCK_KV {
-            s[j] = madd::<FMA>(ac, tc[j], s[j]);
+        for r in 0..ROWS {
+            let ac = a[r][c];
+            for j in 0..BLOCK_KV {
+                s[r][j] = madd::<FMA>(ac, tc[j], s[r][j]);
+            }
         }
     }
-    for (j, v) in s.iter_mut().enumerate() {
-        *v = if j < cols { *v * scale } else { MASKED };
-    }
-    if let Some((mask, row, key0)) = partial {
-        for (j, v) in s.iter_mut().enumerate().take(cols) {
-            if !mask.allows(row, key0 + j) {
-                *v = MASKED;
+    for (r, row) in s.iter_mut().enumerate().take(live) {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = if j < cols { *v * scale } else { MASKED };
+        }
+        if let Some((mask, first_row, key0)) = partial {
+            for (j, v) in row.iter_mut().enumerate().take(cols) {
+                if !mask.allows(first_row + r, key0 + j) {
+                    *v = MASKED;
+                }
             }
         }
     }
 }
 
-/// `y += a · x` over a row.
+/// `acc_r += Σ_j w[r][j] · x[key0 + j]` for rows `r < live` of `acc` (`d` apart) and
+/// `cols` rows of `x` (`[len, d]`): a `ROWS × cols` by `cols × d` product with the
+/// accumulators in registers, [`LANES`] columns at a time.
 #[inline(always)]
-fn axpy<const FMA: bool>(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y = madd::<FMA>(a, x, *y);
+fn accumulate_rows<const FMA: bool>(
+    w: &[[f32; BLOCK_KV]; ROWS],
+    live: usize,
+    x: &[f32],
+    key0: usize,
+    cols: usize,
+    d: usize,
+    acc: &mut [f32],
+) {
+    let mut c0 = 0;
+    while c0 + LANES <= d {
+        let mut a = [[0f32; LANES]; ROWS];
+        for (r, a) in a.iter_mut().enumerate().take(live) {
+            a.copy_from_slice(&acc[r * d + c0..r * d + c0 + LANES]);
+        }
+        for j in 0..cols {
+            let xj: &[f32; LANES] = x[(key0 + j) * d + c0..(key0 + j) * d + c0 + LANES]
+                .try_into()
+                .unwrap();
+            for r in 0..ROWS {
+                let wj = w[r][j];
+                for l in 0..LANES {
+                    a[r][l] = madd::<FMA>(wj, xj[l], a[r][l]);
+                }
+            }
+        }
+        for (r, a) in a.iter().enumerate().take(live) {
+            acc[r * d + c0..r * d + c0 + LANES].copy_from_slice(a);
+        }
+        c0 += LANES;
     }
+    for r in 0..live {
+        for j in 0..cols {
+            let wj = w[r][j];
+            for c in c0..d {
+                acc[r * d + c] = madd::<FMA>(wj, x[(key0 + j) * d + c], acc[r * d + c]);
+            }
+        }
+    }
+}
+
+/// `out[key0 + j] += Σ_r w[r][j] · y_r` for keys `j < cols` and rows `r < live` (the
+/// transposed product of [`accumulate_rows`]: `dK += dSᵀ·Q`, `dV += Pᵀ·dO`).
+#[inline(always)]
+fn accumulate_keys<const FMA: bool>(
+    w: &[[f32; BLOCK_KV]; ROWS],
+    live: usize,
+    y: [&[f32]; ROWS],
+    key0: usize,
+    cols: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    let mut c0 = 0;
+    while c0 + LANES <= d {
+        let mut ys = [[0f32; LANES]; ROWS];
+        for (r, ys) in ys.iter_mut().enumerate().take(live) {
+            ys.copy_from_slice(&y[r][c0..c0 + LANES]);
+        }
+        for j in 0..cols {
+            let o: &mut [f32; LANES] = (&mut out[(key0 + j) * d + c0..(key0 + j) * d + c0 + LANES])
+                .try_into()
+                .unwrap();
+            for r in 0..ROWS {
+                let wj = w[r][j];
+                for l in 0..LANES {
+                    o[l] = madd::<FMA>(wj, ys[r][l], o[l]);
+                }
+            }
+        }
+        c0 += LANES;
+    }
+    for j in 0..cols {
+        for r in 0..live {
+            let wj = w[r][j];
+            for c in c0..d {
+                let o = &mut out[(key0 + j) * d + c];
+                *o = madd::<FMA>(wj, y[r][c], *o);
+            }
+        }
+    }
+}
+
+/// The rows `first..first + live` of `x` (`d` apart), padded to [`ROWS`] with the first
+/// (their results are ignored), and zero weights for the padding.
+#[inline(always)]
+fn row_group(x: &[f32], first: usize, live: usize, d: usize) -> [&[f32]; ROWS] {
+    std::array::from_fn(|r| {
+        let row = first + if r < live { r } else { 0 };
+        &x[row * d..(row + 1) * d]
+    })
 }
 
 /// Flash attention forward: the output `[batch, heads, q_len, d]` and each query row's
@@ -307,7 +408,7 @@ fn forward_head<const FMA: bool>(
     let scale = 1.0 / (d as f32).sqrt();
     let mut kt = vec![0f32; d * BLOCK_KV];
     let mut acc = vec![0f32; BLOCK_Q * d];
-    let mut s = [0f32; BLOCK_KV];
+    let mut s = [[0f32; BLOCK_KV]; ROWS];
     for qb in 0..q_len.div_ceil(BLOCK_Q) {
         let r0 = qb * BLOCK_Q;
         let rows = BLOCK_Q.min(q_len - r0);
@@ -322,43 +423,51 @@ fn forward_head<const FMA: bool>(
             let c0 = kb * BLOCK_KV;
             let cols = BLOCK_KV.min(kv_len - c0);
             transpose_block(k, d, c0, cols, &mut kt);
-            for i in 0..rows {
-                let row = r0 + i;
-                let partial = (tile == Tile::Partial).then_some((mask, row, c0));
+            let mut i = 0;
+            while i < rows {
+                let live = ROWS.min(rows - i);
+                let partial = (tile == Tile::Partial).then_some((mask, r0 + i, c0));
                 scores::<FMA>(
-                    &q[row * d..(row + 1) * d],
+                    row_group(q, r0 + i, live, d),
+                    live,
                     &kt,
                     scale,
                     cols,
                     partial,
                     &mut s,
                 );
-                let tile_max = s.iter().fold(MASKED, |a, &b| a.max(b));
-                if tile_max <= MASKED * 0.5 {
-                    continue;
-                }
-                let m_new = m[i].max(tile_max);
-                let correction = exp::<FMA>(m[i] - m_new);
-                let mut sum = 0.0;
-                for p in s.iter_mut() {
-                    *p = if *p > MASKED * 0.5 {
-                        exp::<FMA>(*p - m_new)
-                    } else {
-                        0.0
-                    };
-                    sum += *p;
-                }
-                l[i] = l[i] * correction + sum;
-                m[i] = m_new;
-                let acc = &mut acc[i * d..(i + 1) * d];
-                if correction != 1.0 {
-                    acc.iter_mut().for_each(|a| *a *= correction);
-                }
-                for (j, &p) in s.iter().enumerate().take(cols) {
-                    if p != 0.0 {
-                        axpy::<FMA>(p, &v[(c0 + j) * d..(c0 + j + 1) * d], acc);
+                for r in 0..ROWS {
+                    if r >= live {
+                        s[r] = [0.0; BLOCK_KV];
+                        continue;
+                    }
+                    let row = &mut s[r];
+                    let tile_max = row.iter().fold(MASKED, |a, &b| a.max(b));
+                    if tile_max <= MASKED * 0.5 {
+                        *row = [0.0; BLOCK_KV];
+                        continue;
+                    }
+                    let m_new = m[i + r].max(tile_max);
+                    let correction = exp::<FMA>(m[i + r] - m_new);
+                    let mut sum = 0.0;
+                    for p in row.iter_mut() {
+                        *p = if *p > MASKED * 0.5 {
+                            exp::<FMA>(*p - m_new)
+                        } else {
+                            0.0
+                        };
+                        sum += *p;
+                    }
+                    l[i + r] = l[i + r] * correction + sum;
+                    m[i + r] = m_new;
+                    if correction != 1.0 {
+                        acc[(i + r) * d..(i + r + 1) * d]
+                            .iter_mut()
+                            .for_each(|a| *a *= correction);
                     }
                 }
+                accumulate_rows::<FMA>(&s, live, v, c0, cols, d, &mut acc[i * d..]);
+                i += live;
             }
         }
         for i in 0..rows {
@@ -476,7 +585,7 @@ fn backward_heads<const FMA: bool>(
     let scale = 1.0 / (d as f32).sqrt();
     let mut kt = vec![0f32; d * BLOCK_KV];
     let mut vt = vec![0f32; d * BLOCK_KV];
-    let (mut p, mut dp) = ([0f32; BLOCK_KV], [0f32; BLOCK_KV]);
+    let (mut p, mut dp) = ([[0f32; BLOCK_KV]; ROWS], [[0f32; BLOCK_KV]; ROWS]);
     // delta = rowsum(dO ⊙ O), per query row of every head of the group.
     let delta: Vec<f32> = x
         .grad_out
@@ -501,35 +610,36 @@ fn backward_heads<const FMA: bool>(
                     live = true;
                 }
                 let r0 = qb * BLOCK_Q;
-                for row in r0..(r0 + BLOCK_Q).min(q_len) {
-                    let r = base + row;
-                    let lse = x.lse[r];
-                    if lse <= MASKED * 0.5 {
-                        continue;
-                    }
-                    let q_row = &x.q[r * d..(r + 1) * d];
-                    let do_row = &x.grad_out[r * d..(r + 1) * d];
-                    let partial = (tile == Tile::Partial).then_some((mask, row, c0));
-                    scores::<FMA>(q_row, &kt, scale, cols, partial, &mut p);
-                    for s in p.iter_mut() {
-                        *s = if *s > MASKED * 0.5 {
-                            exp::<FMA>(*s - lse)
-                        } else {
-                            0.0
-                        };
-                    }
-                    scores::<FMA>(do_row, &vt, 1.0, cols, None, &mut dp);
-                    let dq_row = &mut dq[r * d..(r + 1) * d];
-                    for j in 0..cols {
-                        if p[j] == 0.0 {
+                let rows = BLOCK_Q.min(q_len - r0);
+                let mut i = 0;
+                while i < rows {
+                    let live = ROWS.min(rows - i);
+                    let first = base + r0 + i;
+                    let q_rows = row_group(x.q, first, live, d);
+                    let do_rows = row_group(x.grad_out, first, live, d);
+                    let partial = (tile == Tile::Partial).then_some((mask, r0 + i, c0));
+                    scores::<FMA>(q_rows, live, &kt, scale, cols, partial, &mut p);
+                    scores::<FMA>(do_rows, live, &vt, 1.0, cols, None, &mut dp);
+                    let mut ds = [[0f32; BLOCK_KV]; ROWS];
+                    for r in 0..ROWS {
+                        if r >= live || x.lse[first + r] <= MASKED * 0.5 {
+                            p[r] = [0.0; BLOCK_KV];
                             continue;
                         }
-                        let ds = p[j] * (dp[j] - delta[r]) * scale;
-                        let key = c0 + j;
-                        axpy::<FMA>(ds, &x.k[key * d..(key + 1) * d], dq_row);
-                        axpy::<FMA>(ds, q_row, &mut dk[key * d..(key + 1) * d]);
-                        axpy::<FMA>(p[j], do_row, &mut dv[key * d..(key + 1) * d]);
+                        let (lse, delta) = (x.lse[first + r], delta[first + r]);
+                        for j in 0..BLOCK_KV {
+                            p[r][j] = if p[r][j] > MASKED * 0.5 {
+                                exp::<FMA>(p[r][j] - lse)
+                            } else {
+                                0.0
+                            };
+                            ds[r][j] = p[r][j] * (dp[r][j] - delta) * scale;
+                        }
                     }
+                    accumulate_rows::<FMA>(&ds, live, x.k, c0, cols, d, &mut dq[first * d..]);
+                    accumulate_keys::<FMA>(&ds, live, q_rows, c0, cols, d, dk);
+                    accumulate_keys::<FMA>(&p, live, do_rows, c0, cols, d, dv);
+                    i += live;
                 }
             }
         }
