@@ -950,19 +950,21 @@ impl<'a> Matrix<'a> {
 pub fn matmul(a: Matrix, b: Matrix) -> Vec<f32> {
     let ((m, k), (k2, n)) = (a.shape(), b.shape());
     assert_eq!(k, k2, "a {m}×{k} matrix times a {k2}×{n} matrix");
-    let mut out = vec![0f32; m * n];
-    if m * n == 0 {
-        return out;
+    if m * n == 0 || k == 0 {
+        return vec![0f32; m * n];
     }
+    // Not zeroed: the product writes every value (`read_dst` false).
+    let mut out = Vec::<f32>::with_capacity(m * n);
     let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
-    // SAFETY: `out` holds `m·n` values written with strides (1, n); `a` and `b` hold their
+    // SAFETY: `out` has room for `m·n` values, written with strides (1, n) and never read
+    // (`read_dst` false), after which all `m·n` are initialized; `a` and `b` hold their
     // `m·k` and `k·n` values at the strides `Matrix::strides` gives for their shapes.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            out.spare_capacity_mut().as_mut_ptr().cast::<f32>(),
             1,
             n as isize,
             false,
@@ -979,6 +981,7 @@ pub fn matmul(a: Matrix, b: Matrix) -> Vec<f32> {
             false,
             gemm::Parallelism::Rayon(0),
         );
+        out.set_len(m * n);
     }
     out
 }
