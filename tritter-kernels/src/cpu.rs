@@ -406,7 +406,11 @@ fn forward_head<const FMA: bool>(
 ) {
     let (q_len, kv_len, d) = (shape.q_len, shape.kv_len, shape.d);
     let scale = 1.0 / (d as f32).sqrt();
-    let mut kt = vec![0f32; d * BLOCK_KV];
+    // Each key block transposed once, when first needed, for every query block (the
+    // size of this head's keys).
+    let kv_blocks = kv_len.div_ceil(BLOCK_KV);
+    let mut kt = vec![0f32; kv_blocks * d * BLOCK_KV];
+    let mut transposed = vec![false; kv_blocks];
     let mut acc = vec![0f32; BLOCK_Q * d];
     let mut s = [[0f32; BLOCK_KV]; ROWS];
     for qb in 0..q_len.div_ceil(BLOCK_Q) {
@@ -422,7 +426,11 @@ fn forward_head<const FMA: bool>(
             }
             let c0 = kb * BLOCK_KV;
             let cols = BLOCK_KV.min(kv_len - c0);
-            transpose_block(k, d, c0, cols, &mut kt);
+            let kt = &mut kt[kb * d * BLOCK_KV..(kb + 1) * d * BLOCK_KV];
+            if !transposed[kb] {
+                transpose_block(k, d, c0, cols, kt);
+                transposed[kb] = true;
+            }
             let mut i = 0;
             while i < rows {
                 let live = ROWS.min(rows - i);
@@ -711,8 +719,39 @@ pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f64) -> Vec<f32> {
 
 #[inline(always)]
 fn inv_rms(x: &[f32], eps: f64) -> f32 {
-    let sum: f32 = x.iter().map(|v| v * v).sum();
+    let sum = lane_sum(x.len(), |i| x[i] * x[i]);
     1.0 / (sum / x.len() as f32 + eps as f32).sqrt()
+}
+
+/// `Σ_{i<n} f(i)` in 16 independent partial sums, so the loop vectorizes (a single
+/// running float sum cannot be reordered by the compiler).
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let whole = n / LANES * LANES;
+    for base in (0..whole).step_by(LANES) {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane += f(base + l);
+        }
+    }
+    lanes.iter().sum::<f32>() + (whole..n).map(f).sum::<f32>()
+}
+
+/// `max_i |x_i|` in 16 independent lanes.
+#[inline(always)]
+fn abs_max(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(v.abs());
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(0f32, |m, v| m.max(v.abs()))
 }
 
 /// Gradients of [`rms_norm`] with `r = 1/sqrt(mean(x²) + ε)` per row:
@@ -733,12 +772,7 @@ pub fn rms_norm_backward(x: &[f32], gamma: &[f32], eps: f64, grad: &[f32]) -> (V
                     .zip(grad.chunks_exact(d))
                 {
                     let r = inv_rms(x, eps);
-                    let dot: f32 = dy
-                        .iter()
-                        .zip(gamma)
-                        .zip(x)
-                        .map(|((a, g), x)| a * g * x)
-                        .sum();
+                    let dot = lane_sum(d, |i| dy[i] * gamma[i] * x[i]);
                     let c = r * r * r * dot / d as f32;
                     for i in 0..d {
                         dx[i] = r * gamma[i] * dy[i] - x[i] * c;
@@ -808,7 +842,7 @@ pub fn quantize_activations(x: &[f32], d_in: usize) -> Vec<f32> {
         .zip(x.par_chunks(d_in.max(1) * ROWS_PER_TASK))
         .for_each(|(out, x)| {
             for (o, x) in out.chunks_exact_mut(d_in).zip(x.chunks_exact(d_in)) {
-                let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let absmax = abs_max(x);
                 let inv_scale = absmax.max(QUANT_EPS) / ACT_MAX;
                 for (o, &v) in o.iter_mut().zip(x) {
                     let q = crate::packed::round_clamped(v / inv_scale, -128.0, ACT_MAX);
@@ -819,21 +853,9 @@ pub fn quantize_activations(x: &[f32], d_in: usize) -> Vec<f32> {
     out
 }
 
-/// `Wq · γ` with `γ = max(mean|W|, ε)` (or the given `scale`) and
-/// `Wq = clamp(round(W / γ), −1, 1)`.
-pub fn quantize_weights(w: &[f32], scale: Option<f32>) -> Vec<f32> {
-    use crate::reference::QUANT_EPS;
-    let gamma = match scale {
-        Some(gamma) => gamma,
-        None => {
-            let sum: f64 = w
-                .par_chunks(4096)
-                .map(|c| c.iter().map(|v| v.abs()).sum::<f32>() as f64)
-                .sum();
-            (sum / w.len().max(1) as f64) as f32
-        }
-    }
-    .max(QUANT_EPS);
+/// `Wq · γ` with `Wq = clamp(round(W / γ), −1, 1)`, `γ` floored at ε.
+pub fn quantize_weights(w: &[f32], gamma: f32) -> Vec<f32> {
+    let gamma = gamma.max(crate::reference::QUANT_EPS);
     let mut out = vec![0f32; w.len()];
     out.par_chunks_mut(4096)
         .zip(w.par_chunks(4096))

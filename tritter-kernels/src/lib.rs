@@ -244,9 +244,12 @@ impl TritterBackend for burn::backend::Flex {
     ) -> BitLinearForward<Self> {
         let [tokens, d_in] = x.dims();
         let w_dims = weight.dims();
-        let (x, weight) = (cpu::Host::new(x), cpu::Host::new(weight));
+        let x = cpu::Host::new(x);
         let xq = cpu::quantize_activations(x.slice(), d_in);
-        let wq = cpu::quantize_weights(weight.slice(), scale);
+        // γ through Burn's own mean, as the reference and the export measure it, so that an
+        // exported layer (γ fixed) computes exactly what the checkpoint's layer computes.
+        let gamma = scale.unwrap_or_else(|| weight.clone().abs().mean().into_scalar());
+        let wq = cpu::quantize_weights(cpu::Host::new(weight).slice(), gamma);
         let [_, d_out] = w_dims;
         let output = cpu::matmul(
             cpu::Matrix::new(&xq, tokens, d_in),
