@@ -95,7 +95,7 @@ pub fn packed_documents(batch: usize, kv_len: usize) -> Vec<i32> {
 
 /// Attention shapes `(batch, heads, kv_heads, q_len, kv_len, d)`: lengths that are not
 /// multiples of the 32-row tiles, GQA ratios 1, 2, 4, decode against a longer cache.
-pub const ATTENTION_SHAPES: [(usize, usize, usize, usize, usize, usize); 5] = [
+pub const ATTENTION_SHAPES: [AttentionCase; 5] = [
     (1, 2, 2, 45, 45, 16),
     (2, 4, 2, 33, 70, 8),
     (1, 4, 1, 1, 70, 32),
@@ -151,4 +151,68 @@ pub fn attention_gradients<B: burn::tensor::backend::AutodiffBackend + crate::Tr
             .to_vec()
             .expect("f32")
     })
+}
+
+/// One attention shape: `(batch, heads, kv_heads, q_len, kv_len, d)`.
+pub type AttentionCase = (usize, usize, usize, usize, usize, usize);
+
+/// Checks `forward(q, k, v, mask)` against the dense reference on fresh random inputs for
+/// every shape of `shapes` and every mask of [`attention_masks`] (documents packed):
+/// finite, and within `tolerance` relative error.
+pub fn check_attention_forward(
+    shapes: &[AttentionCase],
+    tolerance: f32,
+    forward: impl Fn(&TensorData, &TensorData, &TensorData, &AttentionMask) -> Vec<f32>,
+) {
+    for &(batch, heads, kv_heads, q_len, kv_len, d) in shapes {
+        let (q, k, v) = (
+            normal([batch, heads, q_len, d]),
+            normal([batch, kv_heads, kv_len, d]),
+            normal([batch, kv_heads, kv_len, d]),
+        );
+        for (name, mask) in attention_masks() {
+            let mask = AttentionMask::with_documents(mask, packed_documents(batch, kv_len));
+            let expected = reference_attention(&q, &k, &v, &mask);
+            let got = forward(&q, &k, &v, &mask);
+            assert!(got.iter().all(|x| x.is_finite()), "{name}: not finite");
+            let err = relative_l2(&got, &expected);
+            assert!(
+                err < tolerance,
+                "{name}, shape {:?}: relative error {err}",
+                (batch, heads, kv_heads, q_len, kv_len, d)
+            );
+        }
+    }
+}
+
+/// Checks `gradients([q, k, v, g], mask)` (`[dq, dk, dv]` of `Σ out ⊙ g`) against the
+/// dense reference like [`check_attention_forward`].
+pub fn check_attention_gradients(
+    shapes: &[AttentionCase],
+    tolerance: f32,
+    gradients: impl Fn([&TensorData; 4], &AttentionMask) -> [Vec<f32>; 3],
+) {
+    for &(batch, heads, kv_heads, q_len, kv_len, d) in shapes {
+        let data = [
+            normal([batch, heads, q_len, d]),
+            normal([batch, kv_heads, kv_len, d]),
+            normal([batch, kv_heads, kv_len, d]),
+            normal([batch, heads, q_len, d]),
+        ];
+        let data = [&data[0], &data[1], &data[2], &data[3]];
+        for (name, mask) in attention_masks() {
+            let mask = AttentionMask::with_documents(mask, packed_documents(batch, kv_len));
+            let expected = reference_attention_gradients(data, &mask);
+            let got = gradients(data, &mask);
+            for (what, (g, e)) in ["dq", "dk", "dv"].iter().zip(got.iter().zip(&expected)) {
+                assert!(g.iter().all(|x| x.is_finite()), "{name} {what}: not finite");
+                let err = relative_l2(g, e);
+                assert!(
+                    err < tolerance,
+                    "{name} {what}, shape {:?}: relative error {err}",
+                    (batch, heads, kv_heads, q_len, kv_len, d)
+                );
+            }
+        }
+    }
 }

@@ -438,7 +438,7 @@ fn forward_head<const FMA: bool>(
                 scores::<FMA>(
                     row_group(q, r0 + i, live, d),
                     live,
-                    &kt,
+                    kt,
                     scale,
                     cols,
                     partial,

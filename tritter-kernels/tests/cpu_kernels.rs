@@ -4,15 +4,15 @@
 //! against a longer cache; the squared-ReLU gate and its gradient.
 
 use burn::backend::{Autodiff, Flex};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor, TensorData};
 use tritter_kernels::check::{
-    attention_gradients, attention_masks, normal, packed_documents, reference_attention,
-    reference_attention_gradients, relative_l2, ATTENTION_SHAPES,
+    attention_gradients, check_attention_forward, check_attention_gradients, normal, relative_l2,
+    AttentionCase, ATTENTION_SHAPES,
 };
 use tritter_kernels::{reference, AttentionMask, MaskMod, TritterBackend};
 
 /// The shared shapes and two that span several tiles each way (the model's head size).
-fn shapes() -> Vec<(usize, usize, usize, usize, usize, usize)> {
+fn shapes() -> Vec<AttentionCase> {
     let mut shapes = ATTENTION_SHAPES.to_vec();
     shapes.extend([(2, 4, 2, 100, 130, 64), (1, 2, 2, 96, 96, 64)]);
     shapes
@@ -20,58 +20,17 @@ fn shapes() -> Vec<(usize, usize, usize, usize, usize, usize)> {
 
 #[test]
 fn attention_forward_matches_the_reference_for_every_mask() {
-    for (batch, heads, kv_heads, q_len, kv_len, d) in shapes() {
-        let (q, k, v) = (
-            normal([batch, heads, q_len, d]),
-            normal([batch, kv_heads, kv_len, d]),
-            normal([batch, kv_heads, kv_len, d]),
-        );
-        for (name, mask) in attention_masks() {
-            let mask = AttentionMask::with_documents(mask, packed_documents(batch, kv_len));
-            let expected = reference_attention(&q, &k, &v, &mask);
-            let t = |d: &burn::tensor::TensorData| {
-                Tensor::<Flex, 4>::from_data(d.clone(), &Default::default())
-            };
-            let got: Vec<f32> = Flex::flex_attention(t(&q), t(&k), t(&v), &mask)
-                .into_data()
-                .to_vec()
-                .unwrap();
-            assert!(got.iter().all(|x| x.is_finite()), "{name}: not finite");
-            let err = relative_l2(&got, &expected);
-            assert!(
-                err < 1e-5,
-                "{name}, shape {:?}: relative error {err}",
-                (batch, heads, kv_heads, q_len, kv_len, d)
-            );
-        }
-    }
+    check_attention_forward(&shapes(), 1e-5, |q, k, v, mask| {
+        let t = |d: &TensorData| Tensor::<Flex, 4>::from_data(d.clone(), &Default::default());
+        values(Flex::flex_attention(t(q), t(k), t(v), mask))
+    });
 }
 
 #[test]
 fn attention_gradients_match_the_reference_for_every_mask() {
-    for (batch, heads, kv_heads, q_len, kv_len, d) in shapes() {
-        let data = [
-            normal([batch, heads, q_len, d]),
-            normal([batch, kv_heads, kv_len, d]),
-            normal([batch, kv_heads, kv_len, d]),
-            normal([batch, heads, q_len, d]),
-        ];
-        let data = [&data[0], &data[1], &data[2], &data[3]];
-        for (name, mask) in attention_masks() {
-            let mask = AttentionMask::with_documents(mask, packed_documents(batch, kv_len));
-            let expected = reference_attention_gradients(data, &mask);
-            let got = attention_gradients::<Autodiff<Flex>>(data, &mask, &Default::default());
-            for (what, (g, e)) in ["dq", "dk", "dv"].iter().zip(got.iter().zip(&expected)) {
-                assert!(g.iter().all(|x| x.is_finite()), "{name} {what}: not finite");
-                let err = relative_l2(g, e);
-                assert!(
-                    err < 1e-5,
-                    "{name} {what}, shape {:?}: relative error {err}",
-                    (batch, heads, kv_heads, q_len, kv_len, d)
-                );
-            }
-        }
-    }
+    check_attention_gradients(&shapes(), 1e-5, |data, mask| {
+        attention_gradients::<Autodiff<Flex>>(data, mask, &Default::default())
+    });
 }
 
 /// The log-sum-exp the forward hands the backward is the dense one.
