@@ -508,7 +508,6 @@ pub fn attention_backward(
     mask: &AttentionMask,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let AttentionShape {
-        heads,
         kv_heads,
         q_len,
         kv_len,
@@ -548,7 +547,6 @@ pub fn attention_backward(
             };
             backward_heads_any(&head, shape, &seq, dq, dk, dv);
         });
-    let _ = heads;
     (dq, dk, dv)
 }
 
