@@ -757,36 +757,34 @@ fn abs_max(x: &[f32]) -> f32 {
 pub fn rms_norm_backward(x: &[f32], gamma: &[f32], eps: f64, grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     let mut dx = vec![0f32; x.len()];
-    let dg = dx
+    // Each task's partial `dg` is kept apart and they are summed in task order, so the
+    // result does not depend on how the tasks were scheduled (training is reproducible).
+    let partials: Vec<Vec<f32>> = dx
         .par_chunks_mut(d.max(1) * ROWS_PER_TASK)
         .zip(x.par_chunks(d.max(1) * ROWS_PER_TASK))
         .zip(grad.par_chunks(d.max(1) * ROWS_PER_TASK))
-        .fold(
-            || vec![0f32; d],
-            |mut dg, ((dx, x), grad)| {
-                for ((dx, x), dy) in dx
-                    .chunks_exact_mut(d)
-                    .zip(x.chunks_exact(d))
-                    .zip(grad.chunks_exact(d))
-                {
-                    let r = inv_rms(x, eps);
-                    let dot = lane_sum(d, |i| dy[i] * gamma[i] * x[i]);
-                    let c = r * r * r * dot / d as f32;
-                    for i in 0..d {
-                        dx[i] = r * gamma[i] * dy[i] - x[i] * c;
-                        dg[i] += dy[i] * x[i] * r;
-                    }
+        .map(|((dx, x), grad)| {
+            let mut dg = vec![0f32; d];
+            for ((dx, x), dy) in dx
+                .chunks_exact_mut(d)
+                .zip(x.chunks_exact(d))
+                .zip(grad.chunks_exact(d))
+            {
+                let r = inv_rms(x, eps);
+                let dot = lane_sum(d, |i| dy[i] * gamma[i] * x[i]);
+                let c = r * r * r * dot / d as f32;
+                for i in 0..d {
+                    dx[i] = r * gamma[i] * dy[i] - x[i] * c;
+                    dg[i] += dy[i] * x[i] * r;
                 }
-                dg
-            },
-        )
-        .reduce(
-            || vec![0f32; d],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            },
-        );
+            }
+            dg
+        })
+        .collect();
+    let mut dg = vec![0f32; d];
+    for partial in partials {
+        dg.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
+    }
     (dx, dg)
 }
 
