@@ -68,7 +68,7 @@ fn fma_available() -> bool {
     *AVAILABLE.get_or_init(|| {
         std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
-            && std::env::var_os("TRITTER_PORTABLE_KERNELS").is_none()
+            && !crate::packed::portable_kernels_forced()
     })
 }
 
@@ -735,23 +735,6 @@ fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     lanes.iter().sum::<f32>() + (whole..n).map(f).sum::<f32>()
 }
 
-/// `max_i |x_i|` in 16 independent lanes.
-#[inline(always)]
-fn abs_max(x: &[f32]) -> f32 {
-    let mut lanes = [0f32; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (lane, v) in lanes.iter_mut().zip(chunk) {
-            *lane = lane.max(v.abs());
-        }
-    }
-    chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(0f32, |m, v| m.max(v.abs()))
-}
-
 /// Gradients of [`rms_norm`] with `r = 1/sqrt(mean(x²) + ε)` per row:
 /// `dx = r·(g ⊙ dy) − x·r³·mean(g ⊙ dy ⊙ x)`, `dg = Σ_rows dy ⊙ x·r`.
 pub fn rms_norm_backward(x: &[f32], gamma: &[f32], eps: f64, grad: &[f32]) -> (Vec<f32>, Vec<f32>) {
@@ -832,17 +815,15 @@ pub fn rotary(x: &[f32], cos: &[f32], sin: &[f32], d: usize, transpose: bool) ->
 /// [`crate::reference::int8_quantize`] and [`crate::reference::ternary_quantize_scaled`]
 /// compute them.
 pub fn quantize_activations(x: &[f32], d_in: usize) -> Vec<f32> {
-    use crate::reference::{ACT_MAX, QUANT_EPS};
+    use crate::packed::{int8_code, int8_inv_scale};
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(d_in.max(1) * ROWS_PER_TASK)
         .zip(x.par_chunks(d_in.max(1) * ROWS_PER_TASK))
         .for_each(|(out, x)| {
             for (o, x) in out.chunks_exact_mut(d_in).zip(x.chunks_exact(d_in)) {
-                let absmax = abs_max(x);
-                let inv_scale = absmax.max(QUANT_EPS) / ACT_MAX;
+                let inv_scale = int8_inv_scale(x);
                 for (o, &v) in o.iter_mut().zip(x) {
-                    let q = crate::packed::round_clamped(v / inv_scale, -128.0, ACT_MAX);
-                    *o = q * inv_scale;
+                    *o = int8_code(v, inv_scale) * inv_scale;
                 }
             }
         });

@@ -177,6 +177,35 @@ pub(crate) fn round_clamped(v: f32, lo: f32, hi: f32) -> f32 {
     (v.clamp(lo, hi) + MAGIC) - MAGIC
 }
 
+/// `max_i |x_i|` in 16 independent lanes.
+#[inline(always)]
+fn abs_max(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(v.abs());
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(0f32, |m, v| m.max(v.abs()))
+}
+
+/// One token's `1/s = max(max|x|, ε) / 127`, as [`int8_quantize`] computes it.
+#[inline(always)]
+pub(crate) fn int8_inv_scale(row: &[f32]) -> f32 {
+    abs_max(row).max(QUANT_EPS) / ACT_MAX
+}
+
+/// The int8 code `clamp(round(v·s), −128, 127)` of a value of a token with `1/s`.
+#[inline(always)]
+pub(crate) fn int8_code(v: f32, inv_scale: f32) -> f32 {
+    round_clamped(v / inv_scale, -128.0, ACT_MAX)
+}
+
 /// Per-token int8 quantization of `x` `[tokens, d_in]`, as [`int8_quantize`] computes it.
 /// Rows are laid out `stride ≥ d_in` apart, zero-padded. Returns the codes, `1/s` per
 /// token, and the sum of each token's codes.
@@ -186,11 +215,10 @@ pub fn quantize_rows(x: &[f32], d_in: usize, stride: usize) -> (Vec<i8>, Vec<f32
     let mut inv_scales = Vec::with_capacity(tokens);
     let mut sums = Vec::with_capacity(tokens);
     for (row, out) in x.chunks_exact(d_in).zip(xq.chunks_exact_mut(stride)) {
-        let absmax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let inv_scale = absmax.max(QUANT_EPS) / ACT_MAX;
+        let inv_scale = int8_inv_scale(row);
         let mut sum = 0i32;
-        for (o, v) in out.iter_mut().zip(row) {
-            *o = round_clamped(v / inv_scale, -128.0, ACT_MAX) as i8;
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o = int8_code(v, inv_scale) as i8;
             sum += *o as i32;
         }
         inv_scales.push(inv_scale);
@@ -317,13 +345,17 @@ mod vnni {
     }
 }
 
+/// Whether `TRITTER_PORTABLE_KERNELS` asks for the portable kernels instead of the ones
+/// for the CPU's vector extensions (VNNI here, AVX2 + FMA in [`crate::cpu`]).
+pub(crate) fn portable_kernels_forced() -> bool {
+    std::env::var_os("TRITTER_PORTABLE_KERNELS").is_some()
+}
+
 fn use_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            vnni::available() && std::env::var_os("TRITTER_PORTABLE_KERNELS").is_none()
-        })
+        *AVAILABLE.get_or_init(|| vnni::available() && !portable_kernels_forced())
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
