@@ -34,6 +34,8 @@ fn matmul_gflops() -> f64 {
 }
 
 fn bench_train_step(c: &mut Criterion) {
+    // As `train` runs: freed step buffers stay in the heap.
+    tritter::memory::retain_freed_buffers();
     if std::env::var_os("TRITTER_BENCH_OPS").is_some() {
         op_breakdown();
     }

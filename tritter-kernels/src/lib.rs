@@ -9,6 +9,7 @@ mod autodiff;
 pub mod check;
 pub mod cpu;
 pub mod cube;
+pub mod int8;
 pub mod kv_int4;
 pub mod mask;
 pub mod packed;
@@ -234,8 +235,10 @@ pub trait TritterBackend: Backend {
 }
 
 /// The CPU backend computes packed products natively: bytes stay in host memory, each
-/// row is unpacked once per call and serves every token, accumulation in `i32`. Attention
-/// and the gate run the tiled kernels of [`cpu`].
+/// row is unpacked once per call and serves every token, accumulation in `i32`. BitLinear
+/// trains through the integer product of [`int8`] where the CPU has AVX-512 VNNI (the
+/// `f32` product of the dequantized operands elsewhere); attention, the norms, the rotary
+/// embedding and the gate run the kernels of [`cpu`].
 impl TritterBackend for burn::backend::Flex {
     fn bitlinear_forward(
         x: Tensor<Self, 2>,
@@ -244,17 +247,25 @@ impl TritterBackend for burn::backend::Flex {
     ) -> BitLinearForward<Self> {
         let [tokens, d_in] = x.dims();
         let w_dims = weight.dims();
+        let [_, d_out] = w_dims;
         let x = cpu::Host::new(x);
-        let xq = cpu::quantize_activations(x.slice(), d_in);
         // γ through Burn's own mean, as the reference and the export measure it, so that an
         // exported layer (γ fixed) computes exactly what the checkpoint's layer computes.
         let gamma = scale.unwrap_or_else(|| weight.clone().abs().mean().into_scalar());
-        let wq = cpu::quantize_weights(cpu::Host::new(weight).slice(), gamma);
-        let [_, d_out] = w_dims;
-        let output = cpu::matmul(
-            cpu::Matrix::new(&xq, tokens, d_in),
-            cpu::Matrix::new(&wq, d_in, d_out),
-        );
+        let weight = cpu::Host::new(weight);
+        let (output, xq, wq) = if int8::available() {
+            let (codes, xq) = int8::quantize_activations(x.slice(), d_in);
+            let (panels, wq) = int8::quantize_weights(weight.slice(), d_in, d_out, gamma);
+            (int8::matmul(&codes, tokens, &panels, gamma), xq, wq)
+        } else {
+            let xq = cpu::quantize_activations(x.slice(), d_in);
+            let wq = cpu::quantize_weights(weight.slice(), gamma);
+            let output = cpu::matmul(
+                cpu::Matrix::new(&xq, tokens, d_in),
+                cpu::Matrix::new(&wq, d_in, d_out),
+            );
+            (output, xq, wq)
+        };
         BitLinearForward {
             output: cpu::flex_tensor(output, [tokens, d_out]),
             x_quantized: cpu::flex_tensor(xq, [tokens, d_in]),

@@ -4,6 +4,7 @@
 pub mod device;
 pub mod export;
 pub mod infer;
+pub mod memory;
 pub mod model;
 pub mod tokenizer;
 pub mod train;

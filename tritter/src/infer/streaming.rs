@@ -525,7 +525,7 @@ impl<B: TritterBackend> StreamingEngine<B> {
         request: PlanRequest,
         device: B::Device,
     ) -> Result<Self> {
-        return_freed_buffers();
+        crate::memory::return_freed_buffers();
         let config = &file.config;
         let plan = plan(config, &request, B::ternary_scratch_bytes)
             .map_err(|e| anyhow!("{}: {e}", file.path.display()))?;
@@ -756,18 +756,6 @@ impl<B: TritterBackend> StreamingEngine<B> {
             logits: logits_out,
             stats,
         })
-    }
-}
-
-/// Serve every allocation of 256 KiB or more with its own mapping, so that a dropped
-/// layer group's buffers go back to the OS at once. glibc otherwise raises its mapping
-/// threshold after the first large free and keeps later buffers in heaps it may never
-/// trim, and the resident set would creep past the budget over many group swaps.
-fn return_freed_buffers() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning parameters.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
 }
 

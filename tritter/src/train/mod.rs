@@ -151,6 +151,7 @@ where
     B: AutodiffBackend + TritterBackend,
     B::InnerBackend: TritterBackend,
 {
+    crate::memory::retain_freed_buffers();
     let t = &recipe.train;
     let steps = options.steps.unwrap_or(t.steps);
     if steps == 0 {
