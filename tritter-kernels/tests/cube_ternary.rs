@@ -1,6 +1,8 @@
 //! The CubeCL ternary GEMM on `Wgpu` (lavapipe in CI: `WgpuDevice::Cpu`): exact against
 //! the integer reference, and equal to the CPU backend's packed product, on shapes that
-//! are not multiples of the kernel's tiles (16 outputs × 16 tokens, 16 inputs per word).
+//! are not multiples of the kernels' tiles: the GEMV (up to 8 tokens; 8 rows × 32 lanes)
+//! and the tiled GEMM (64 outputs × 64 tokens per cube, 4 weight words = 64 inputs per
+//! step, 16 inputs per word).
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::Flex;
@@ -9,15 +11,19 @@ use tritter_kernels::check::{random_ternary, relative_l2, SplitMix};
 use tritter_kernels::cube::ternary::integer_product;
 use tritter_kernels::TritterBackend;
 
-const SHAPES: [(usize, usize, usize); 8] = [
+const SHAPES: [(usize, usize, usize); 12] = [
     (1, 1, 1),
     (1, 33, 100),
     (3, 17, 257),
+    (5, 9, 1100),
     (8, 64, 64),
+    (9, 1, 17),
     (17, 15, 33),
     (40, 70, 300),
     (2, 5, 4096),
     (16, 16, 16),
+    (64, 64, 64),
+    (130, 129, 1000),
 ];
 
 #[test]

@@ -3,8 +3,11 @@
 //! Weights are the device layout of [`crate::PackedTernary`]: rows of 32-bit words, 16
 //! two-bit codes each (`q + 1`; padding codes are 1, i.e. 0). Activations are int8
 //! (quantized per token by Burn ops, exactly as the reference does) packed four to a
-//! word by [`pack_int8`], so a weight word meets four activation words. Each thread
-//! accumulates one output in `i32` — exact — and scales it once.
+//! word by [`pack_int8`], so a weight word meets four activation words. Accumulation is
+//! in `i32` — exact — and each output is scaled once. Up to [`GEMV_MAX_TOKENS`] tokens
+//! (decode) a GEMV kernel gives each weight row 32 threads reading consecutive words;
+//! beyond, a tiled GEMM stages weight and activation words in shared memory and has
+//! each thread compute 4 × 4 outputs, so every decoded code serves four tokens.
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
@@ -37,6 +40,106 @@ fn pack_int8_kernel<F: Float>(xq: &Tensor<F>, packed: &mut Tensor<i32>) {
     packed[t * words + word] = bits;
 }
 
+/// Tokens up to which the product runs as a GEMV (decode, small batches).
+pub const GEMV_MAX_TOKENS: usize = 8;
+/// GEMV: rows of weights per cube, threads per row.
+const GEMV_ROWS: u32 = 8;
+const GEMV_LANES: u32 = 32;
+// The lane reduction halves five times.
+const _: () = assert!(GEMV_LANES == 1 << 5);
+/// Tiled GEMM: threads per cube along outputs and tokens, each computing `REG × REG`
+/// outputs; weight words staged in shared memory per step.
+const GEMM_THREADS: u32 = 16;
+const REG: usize = 4;
+const GEMM_TILE: usize = GEMM_THREADS as usize * REG;
+const GEMM_WORDS: usize = 4;
+
+/// `Σ_{k<4} byte_k(xw) · (code_{4j+k}(ww) − 1)`: one activation word (four int8 values)
+/// against the four codes of weight word `ww` it meets at position `j`.
+#[cube]
+fn word_dot(ww: i32, xw: i32, j: u32) -> i32 {
+    let mut acc = 0i32;
+    #[unroll]
+    for k in 0..4u32 {
+        // Sign-extend byte k; decode code (q + 1) at bits 2·(4j + k).
+        let a = (xw << (24 - 8 * k) as i32) >> 24;
+        let code = (ww >> (2 * (4 * j + k)) as i32) & 3;
+        acc += a * (code - 1);
+    }
+    acc
+}
+
+/// Decode and small batches: `GEMV_LANES` threads share a weight row, reading consecutive
+/// words (coalesced), each accumulating every token in registers; the lanes' partial sums
+/// meet in shared memory.
+#[cube(launch)]
+fn ternary_gemv_kernel<F: Float>(
+    x: &Tensor<i32>,
+    w: &Tensor<i32>,
+    scale: &Tensor<F>,
+    out: &mut Tensor<F>,
+    #[comptime] max_tokens: usize,
+) {
+    let lane = UNIT_POS_X as usize;
+    let r = UNIT_POS_Y as usize;
+    let lanes = comptime!(GEMV_LANES as usize);
+    let o = CUBE_POS_X as usize * comptime!(GEMV_ROWS as usize) + r;
+    let d_out = out.shape(1);
+    let tokens = out.shape(0);
+    let kw = w.shape(1);
+    let mut acc = Array::<i32>::new(max_tokens);
+    #[unroll]
+    for t in 0..max_tokens {
+        acc[t] = 0;
+    }
+    if o < d_out {
+        let mut i = lane;
+        while i < kw {
+            let ww = w[o * kw + i];
+            #[unroll]
+            for t in 0..max_tokens {
+                if t < tokens {
+                    let base = t * kw * 4 + i * 4;
+                    acc[t] += word_dot(ww, x[base], 0)
+                        + word_dot(ww, x[base + 1], 1)
+                        + word_dot(ww, x[base + 2], 2)
+                        + word_dot(ww, x[base + 3], 3);
+                }
+            }
+            i += lanes;
+        }
+    }
+    let mut partial = SharedMemory::<i32>::new(comptime!(
+        GEMV_ROWS as usize * GEMV_LANES as usize * max_tokens
+    ));
+    let row = r * lanes * max_tokens;
+    #[unroll]
+    for t in 0..max_tokens {
+        partial[row + t * lanes + lane] = acc[t];
+    }
+    sync_cube();
+    // log2(GEMV_LANES) halvings.
+    #[unroll]
+    for level in 1..6usize {
+        let stride = lanes >> level;
+        if lane < stride {
+            #[unroll]
+            for t in 0..max_tokens {
+                let at = row + t * lanes + lane;
+                partial[at] += partial[at + stride];
+            }
+        }
+        sync_cube();
+    }
+    if o < d_out && lane < tokens {
+        out[lane * d_out + o] = F::cast_from(partial[row + lane * lanes]) * scale[lane];
+    }
+}
+
+/// Prefill and training: a cube computes `GEMM_TILE` outputs × `GEMM_TILE` tokens, staging
+/// `GEMM_WORDS` weight words of each row (and the activation words they meet) in shared
+/// memory; each thread decodes a weight word once for `REG` tokens and an activation
+/// word once for `REG` outputs.
 #[cube(launch)]
 fn ternary_gemm_kernel<F: Float>(
     x: &Tensor<i32>,
@@ -44,31 +147,80 @@ fn ternary_gemm_kernel<F: Float>(
     scale: &Tensor<F>,
     out: &mut Tensor<F>,
 ) {
-    let o = ABSOLUTE_POS_X as usize;
-    let t = ABSOLUTE_POS_Y as usize;
+    let tile = comptime!(GEMM_TILE);
+    let words = comptime!(GEMM_WORDS);
+    let threads = comptime!(GEMM_THREADS as usize);
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+    let o0 = CUBE_POS_X as usize * tile;
+    let t0 = CUBE_POS_Y as usize * tile;
     let d_out = out.shape(1);
-    if o >= d_out || t >= out.shape(0) {
-        terminate!();
-    }
+    let tokens = out.shape(0);
     let kw = w.shape(1);
-    let x_row = t * kw * 4;
-    let w_row = o * kw;
-    let mut acc = 0i32;
-    for i in 0..kw {
-        let word = w[w_row + i];
+    let lin = ty * threads + tx;
+    let mut ws = SharedMemory::<i32>::new(comptime!(GEMM_TILE * GEMM_WORDS));
+    let mut xs = SharedMemory::<i32>::new(comptime!(GEMM_TILE * GEMM_WORDS * 4));
+    let mut acc = Array::<i32>::new(comptime!(REG * REG));
+    #[unroll]
+    for i in 0..REG * REG {
+        acc[i] = 0;
+    }
+    // Padding beyond the matrix: weight words of sixteen codes 1 (q = 0), zero activations.
+    let steps = (kw + words - 1) / words;
+    for step in 0..steps {
+        let k0 = step * words;
+        // One weight word and four activation words per thread.
+        let o = o0 + lin / words;
+        let kk = k0 + lin % words;
+        let mut word = 0x5555_5555i32;
+        if o < d_out && kk < kw {
+            word = w[o * kw + kk];
+        }
+        ws[lin] = word;
         #[unroll]
-        for j in 0..4u32 {
-            let xw = x[x_row + i * 4 + j as usize];
+        for j in 0..4usize {
+            let at = lin + j * threads * threads;
+            let t = t0 + at / (words * 4);
+            let kk = k0 * 4 + at % (words * 4);
+            let mut word = 0i32;
+            if t < tokens && kk < kw * 4 {
+                word = x[t * kw * 4 + kk];
+            }
+            xs[at] = word;
+        }
+        sync_cube();
+        #[unroll]
+        for c in 0..GEMM_WORDS {
+            let mut ww = Array::<i32>::new(comptime!(REG));
             #[unroll]
-            for k in 0..4u32 {
-                // Sign-extend byte k; decode code (q + 1) at bits 2·(4j + k).
-                let a = (xw << (24 - 8 * k) as i32) >> 24;
-                let code = (word >> (2 * (4 * j + k)) as i32) & 3;
-                acc += a * (code - 1);
+            for a in 0..REG {
+                ww[a] = ws[(tx + a * threads) * words + c];
+            }
+            #[unroll]
+            for j in 0..4u32 {
+                #[unroll]
+                for b in 0..REG {
+                    let xw = xs[(ty + b * threads) * words * 4 + c * 4 + j as usize];
+                    #[unroll]
+                    for a in 0..REG {
+                        acc[a * REG + b] += word_dot(ww[a], xw, j);
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+    #[unroll]
+    for a in 0..REG {
+        #[unroll]
+        for b in 0..REG {
+            let o = o0 + tx + a * threads;
+            let t = t0 + ty + b * threads;
+            if o < d_out && t < tokens {
+                out[t * d_out + o] = F::cast_from(acc[a * REG + b]) * scale[t];
             }
         }
     }
-    out[t * d_out + o] = F::cast_from(acc) * scale[t];
 }
 
 fn dims(t: &CubeTensor<impl CubeRuntime>) -> [usize; 2] {
@@ -127,17 +279,36 @@ pub fn ternary_gemm<R: CubeRuntime, F: Float + CubeElement>(
     let shape = Shape::from(vec![tokens, d_out]);
     let buffer = x.client.empty(tokens * d_out * dtype.size());
     let out = CubeTensor::new_contiguous(x.client.clone(), x.device.clone(), shape, buffer, dtype);
-    let (count, dim) = cubes(d_out, tokens);
     let client = x.client.clone();
-    ternary_gemm_kernel::launch::<F, R>(
-        &client,
-        count,
-        dim,
-        x.into_tensor_arg(),
-        w.into_tensor_arg(),
-        scale.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-    );
+    if tokens <= GEMV_MAX_TOKENS {
+        let count = CubeCount::Static((d_out as u32).div_ceil(GEMV_ROWS), 1, 1);
+        ternary_gemv_kernel::launch::<F, R>(
+            &client,
+            count,
+            CubeDim::new_2d(GEMV_LANES, GEMV_ROWS),
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            scale.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            tokens.next_power_of_two(),
+        );
+    } else {
+        let tile = GEMM_TILE as u32;
+        let count = CubeCount::Static(
+            (d_out as u32).div_ceil(tile),
+            (tokens as u32).div_ceil(tile),
+            1,
+        );
+        ternary_gemm_kernel::launch::<F, R>(
+            &client,
+            count,
+            CubeDim::new_2d(GEMM_THREADS, GEMM_THREADS),
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            scale.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+        );
+    }
     out
 }
 
