@@ -166,6 +166,8 @@ fn ternary_gemm_kernel<F: Float>(
         acc[i] = 0;
     }
     // Padding beyond the matrix: weight words of sixteen codes 1 (q = 0), zero activations.
+    // `div_ceil` does not expand in a kernel.
+    #[allow(clippy::manual_div_ceil)]
     let steps = (kw + words - 1) / words;
     for step in 0..steps {
         let k0 = step * words;
