@@ -55,6 +55,20 @@ pub fn random_ternary(d_out: usize, d_in: usize, rng: &mut SplitMix) -> (Vec<u8>
     (bytes, q)
 }
 
+/// The integer reference of the ternary product: `Σ_c xq[t][c] · q[o][c]`, `[tokens,
+/// d_out]` as f32, for `xq` `[tokens, d_in]` and `q` `[d_out, d_in]`.
+pub fn ternary_product(xq: &[i32], q: &[i32], d_out: usize, d_in: usize) -> Vec<f32> {
+    let tokens = xq.len() / d_in.max(1);
+    let mut out = vec![0f32; tokens * d_out];
+    for t in 0..tokens {
+        for o in 0..d_out {
+            let acc: i32 = (0..d_in).map(|c| xq[t * d_in + c] * q[o * d_in + c]).sum();
+            out[t * d_out + o] = acc as f32;
+        }
+    }
+    out
+}
+
 /// Every mask kind and combination the attention kernels are checked on.
 pub fn attention_masks() -> Vec<(&'static str, MaskMod)> {
     vec![

@@ -27,13 +27,7 @@ const TASK_TOKENS: usize = 64;
 
 /// Whether the integer product runs on this CPU.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| vnni::available() && !crate::packed::portable_kernels_forced())
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    crate::packed::use_vnni()
 }
 
 /// Per-token int8 activations: codes in rows of `stride` (a multiple of 4, zero-padded,
@@ -122,8 +116,13 @@ impl Panels {
     }
 
     fn panel_bytes(&self) -> usize {
-        self.quads() * PANEL * 4
+        panel_bytes(self.d_in)
     }
+}
+
+/// Bytes of one panel of `d_in` inputs: 4 codes per output per group of four inputs.
+fn panel_bytes(d_in: usize) -> usize {
+    d_in.div_ceil(4) * PANEL * 4
 }
 
 /// Quantizes the latent `w` `[d_in, d_out]` with scale `γ` (floored at ε) into panels,
@@ -141,12 +140,7 @@ fn quantize_weights_with(
 ) -> (Panels, Vec<f32>) {
     assert_eq!(w.len(), d_in * d_out, "a {d_in}×{d_out} weight");
     let gamma = gamma.max(crate::reference::QUANT_EPS);
-    let mut panels = Panels {
-        codes: Vec::new(),
-        d_in,
-        d_out,
-    };
-    let panel_bytes = panels.panel_bytes();
+    let panel_bytes = panel_bytes(d_in);
     // Padding (inputs beyond `d_in`, outputs beyond `d_out`) is code 1 (q = 0).
     let mut codes = vec![1u8; d_out.div_ceil(PANEL) * panel_bytes];
     let mut dequantized = vec![0f32; w.len()];
@@ -182,8 +176,7 @@ fn quantize_weights_with(
                 }
             }
         });
-    panels.codes = codes;
-    (panels, dequantized)
+    (Panels { codes, d_in, d_out }, dequantized)
 }
 
 /// Groups of four weight rows per parallel task.
@@ -227,12 +220,6 @@ mod vnni {
     use super::{Activations, Panels, PANEL, TILE_TOKENS};
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
-
-    pub fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
 
     /// [`super::quantize_row`] 16 values at a time, with the same operations in the same
     /// order (divide, clamp, round by adding and removing 1.5·2²³, multiply back).

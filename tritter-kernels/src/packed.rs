@@ -351,7 +351,8 @@ pub(crate) fn portable_kernels_forced() -> bool {
     std::env::var_os("TRITTER_PORTABLE_KERNELS").is_some()
 }
 
-fn use_vnni() -> bool {
+/// Whether the AVX-512 VNNI kernels (here and in [`crate::int8`]) run on this CPU.
+pub(crate) fn use_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -7,7 +7,7 @@
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
-use tritter_kernels::check::{random_ternary, relative_l2, SplitMix};
+use tritter_kernels::check::{random_ternary, relative_l2, ternary_product, SplitMix};
 use tritter_kernels::cube::ternary::integer_product;
 use tritter_kernels::TritterBackend;
 
@@ -40,13 +40,7 @@ fn ternary_gemm_is_exact_against_the_integer_reference() {
                 _ => rng.below(256) as i32 - 128,
             })
             .collect();
-        let mut expected = vec![0f32; tokens * d_out];
-        for t in 0..tokens {
-            for o in 0..d_out {
-                let acc: i32 = (0..d_in).map(|c| xq[t * d_in + c] * q[o * d_in + c]).sum();
-                expected[t * d_out + o] = acc as f32;
-            }
-        }
+        let expected = ternary_product(&xq, &q, d_out, d_in);
         let w = <Wgpu as TritterBackend>::ternary_upload(&bytes, d_out, d_in, 1.0, &device);
         let x = Tensor::<Wgpu, 2>::from_data(
             TensorData::new(

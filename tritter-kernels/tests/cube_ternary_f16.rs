@@ -7,7 +7,7 @@
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
-use tritter_kernels::check::{random_ternary, relative_l2, SplitMix};
+use tritter_kernels::check::{random_ternary, relative_l2, ternary_product, SplitMix};
 use tritter_kernels::cube::ternary::integer_product;
 use tritter_kernels::TritterBackend;
 
@@ -24,13 +24,7 @@ fn ternary_gemm_writes_f16_on_an_f16_backend() {
         let xq: Vec<i32> = (0..tokens * d_in)
             .map(|_| rng.below(15) as i32 - 7)
             .collect();
-        let mut expected = vec![0f32; tokens * d_out];
-        for t in 0..tokens {
-            for o in 0..d_out {
-                let acc: i32 = (0..d_in).map(|c| xq[t * d_in + c] * q[o * d_in + c]).sum();
-                expected[t * d_out + o] = acc as f32;
-            }
-        }
+        let expected = ternary_product(&xq, &q, d_out, d_in);
         let w = <Half as TritterBackend>::ternary_upload(&bytes, d_out, d_in, 1.0, &device);
         let values: Vec<half::f16> = xq.iter().map(|&v| half::f16::from_f32(v as f32)).collect();
         let x = Tensor::<Half, 2>::from_data(TensorData::new(values, [tokens, d_in]), &device);
