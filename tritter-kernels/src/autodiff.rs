@@ -2,7 +2,7 @@
 //! dozen element-wise nodes the straight-through reference would record.
 
 use crate::mask::AttentionMask;
-use crate::TritterBackend;
+use crate::{QuantizedWeight, TritterBackend};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -18,8 +18,8 @@ use burn::tensor::{Bool, Tensor, TensorPrimitive};
 struct BitLinearBackward;
 
 impl<B: TritterBackend> Backward<B, 2> for BitLinearBackward {
-    /// The quantized operands (dequantized to f32): `Q_a(x)` and `Q_w(W)`.
-    type State = (FloatTensor<B>, FloatTensor<B>);
+    /// The quantized operands: `Q_a(x)` dequantized, and `Q_w(W)` as the forward left it.
+    type State = (FloatTensor<B>, QuantizedWeight<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_w] = ops.parents;
@@ -27,7 +27,7 @@ impl<B: TritterBackend> Backward<B, 2> for BitLinearBackward {
         let (xq, wq) = ops.state;
         let t = |x: FloatTensor<B>| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
         let (grad_x, grad_w) =
-            B::bitlinear_backward(t(xq), t(wq), t(grad), [node_x.is_some(), node_w.is_some()]);
+            B::bitlinear_backward(t(xq), wq, t(grad), [node_x.is_some(), node_w.is_some()]);
         for (node, g) in [(node_x, grad_x), (node_w, grad_w)] {
             if let (Some(node), Some(g)) = (node, g) {
                 grads.register::<B>(node.id, g.into_primitive().tensor());
@@ -60,7 +60,7 @@ pub fn bitlinear_matmul<B: TritterBackend, C: CheckpointStrategy>(
         OpsKind::Tracked(prep) => prep.finish(
             (
                 forward.x_quantized.into_primitive().tensor(),
-                forward.w_quantized.into_primitive().tensor(),
+                forward.w_quantized,
             ),
             output,
         ),

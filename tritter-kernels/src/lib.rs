@@ -21,7 +21,7 @@ pub use packed::{PackedStorage, PackedTernary};
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 
 /// BitLinear's forward: the product and the quantized operands it was computed from.
 #[derive(Debug, Clone)]
@@ -30,8 +30,35 @@ pub struct BitLinearForward<B: Backend> {
     pub output: Tensor<B, 2>,
     /// `Q_a(x)` dequantized: `xq / s` per token, `[tokens, in]`.
     pub x_quantized: Tensor<B, 2>,
-    /// `Q_w(W)` dequantized: `Wq · γ`, `[in, out]`.
-    pub w_quantized: Tensor<B, 2>,
+    /// `Q_w(W)`, as the backward to the input uses it.
+    pub w_quantized: QuantizedWeight<B>,
+}
+
+/// `Q_w(W)` as BitLinear's forward leaves it for the backward.
+#[derive(Debug, Clone)]
+pub enum QuantizedWeight<B: Backend> {
+    /// `Wq · γ` dequantized, `[in, out]`.
+    Dense(Tensor<B, 2>),
+    /// `Wq` packed 16 codes to a 32-bit word (the device layout of [`PackedTernary`]),
+    /// `[out, ceil(in / 16)]`, with `γ` `[1]` on the device: a sixteenth of the dense
+    /// matrix's memory, multiplied without unpacking.
+    Packed {
+        words: Tensor<B, 2, Int>,
+        gamma: Tensor<B, 1>,
+        d_in: usize,
+    },
+}
+
+impl<B: Backend> QuantizedWeight<B> {
+    /// `Wq · γ` `[in, out]`.
+    pub fn dense(self) -> Tensor<B, 2> {
+        match self {
+            Self::Dense(w) => w,
+            Self::Packed { words, gamma, d_in } => {
+                packed::unpack_words(words, d_in).transpose() * gamma.unsqueeze()
+            }
+        }
+    }
 }
 
 /// Ops with Tritter-specific kernels. Provided methods are the reference implementations.
@@ -62,12 +89,12 @@ pub trait TritterBackend: Backend {
     /// estimators): `dx = dy · Q_w(W)ᵀ` and `dW = Q_a(x)ᵀ · dy`, each when asked for.
     fn bitlinear_backward(
         x_quantized: Tensor<Self, 2>,
-        w_quantized: Tensor<Self, 2>,
+        w_quantized: QuantizedWeight<Self>,
         grad: Tensor<Self, 2>,
         [want_x, want_w]: [bool; 2],
     ) -> (Option<Tensor<Self, 2>>, Option<Tensor<Self, 2>>) {
         (
-            want_x.then(|| grad.clone().matmul(w_quantized.transpose())),
+            want_x.then(|| grad.clone().matmul(w_quantized.dense().transpose())),
             want_w.then(|| x_quantized.transpose().matmul(grad)),
         )
     }
@@ -269,16 +296,17 @@ impl TritterBackend for burn::backend::Flex {
         BitLinearForward {
             output: cpu::flex_tensor(output, [tokens, d_out]),
             x_quantized: cpu::flex_tensor(xq, [tokens, d_in]),
-            w_quantized: cpu::flex_tensor(wq, w_dims),
+            w_quantized: QuantizedWeight::Dense(cpu::flex_tensor(wq, w_dims)),
         }
     }
 
     fn bitlinear_backward(
         x_quantized: Tensor<Self, 2>,
-        w_quantized: Tensor<Self, 2>,
+        w_quantized: QuantizedWeight<Self>,
         grad: Tensor<Self, 2>,
         [want_x, want_w]: [bool; 2],
     ) -> (Option<Tensor<Self, 2>>, Option<Tensor<Self, 2>>) {
+        let w_quantized = w_quantized.dense();
         let ([tokens, d_in], [_, d_out]) = (x_quantized.dims(), w_quantized.dims());
         let [xq, wq, grad] = [x_quantized, w_quantized, grad].map(cpu::Host::new);
         let (xq, wq) = (
@@ -500,7 +528,9 @@ impl TritterBackend for burn::backend::Flex {
     }
 }
 /// Burn's CubeCL backends (`Wgpu`, `Cuda`: fusion over `CubeBackend`) run the CubeCL
-/// kernels of [`cube`].
+/// kernels of [`cube`]. BitLinear trains through the ternary kernels: the forward packs
+/// the latent weights on the device and multiplies them with int8 activations, and the
+/// backward to the input multiplies the gradient by the packed weights it kept.
 impl<R, F, I, BT> TritterBackend for cube::fusion::Fused<R, F, I, BT>
 where
     R: burn_cubecl::CubeRuntime,
@@ -508,6 +538,30 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
+    fn bitlinear_forward(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        scale: Option<f32>,
+    ) -> BitLinearForward<Self> {
+        cube::ternary::bitlinear_forward(x, weight, scale)
+    }
+
+    fn bitlinear_backward(
+        x_quantized: Tensor<Self, 2>,
+        w_quantized: QuantizedWeight<Self>,
+        grad: Tensor<Self, 2>,
+        [want_x, want_w]: [bool; 2],
+    ) -> (Option<Tensor<Self, 2>>, Option<Tensor<Self, 2>>) {
+        let grad_w = want_w.then(|| x_quantized.transpose().matmul(grad.clone()));
+        let grad_x = want_x.then(|| match w_quantized {
+            QuantizedWeight::Packed { words, gamma, d_in } => {
+                cube::ternary::transposed_product(grad, words, gamma, d_in)
+            }
+            dense => grad.matmul(dense.dense().transpose()),
+        });
+        (grad_x, grad_w)
+    }
+
     fn ternary_packed_matmul(x: Tensor<Self, 2>, w: &PackedTernary<Self>) -> Tensor<Self, 2> {
         cube::ternary::packed_matmul(x, w)
     }

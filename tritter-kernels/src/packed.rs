@@ -123,33 +123,36 @@ pub fn matmul_words<B: Backend>(x: Tensor<B, 2>, w: &PackedTernary<B>) -> Tensor
     let PackedStorage::Words(words) = &w.storage else {
         panic!("matmul_words needs device words");
     };
-    let device = x.device();
     let (xq, inv_scale) = int8_quantize(x);
-    let words_per_row = words.dims()[1];
-    let shifts = Tensor::<B, 1, Int>::from_data(
-        TensorData::new((0..16).map(|k| 2 * k).collect::<Vec<i32>>(), [16]),
-        &device,
-    )
-    .reshape([1, 1, 16]);
     let tile_rows = (UNPACK_TILE_WEIGHTS / w.d_in.max(1)).clamp(1, w.d_out.max(1));
     let mut outputs = Vec::new();
     let mut start = 0;
     while start < w.d_out {
         let rows = tile_rows.min(w.d_out - start);
-        let codes = words
-            .clone()
-            .narrow(0, start, rows)
-            .reshape([rows, words_per_row, 1])
-            .expand([rows, words_per_row, 16])
-            .bitwise_right_shift(shifts.clone().expand([rows, words_per_row, 16]))
-            .bitwise_and_scalar(B::IntElem::from_elem(3))
-            .reshape([rows, words_per_row * 16])
-            .narrow(1, 0, w.d_in);
-        let q = codes.float() - 1.0;
+        let q = unpack_words(words.clone().narrow(0, start, rows), w.d_in);
         outputs.push(xq.clone().matmul(q.transpose()));
         start += rows;
     }
     Tensor::cat(outputs, 1) * inv_scale * w.gamma
+}
+
+/// The ternary values `q` `[rows, d_in]` of word rows `[rows, ceil(d_in / 16)]`, unpacked
+/// with integer tensor ops.
+pub fn unpack_words<B: Backend>(words: Tensor<B, 2, Int>, d_in: usize) -> Tensor<B, 2> {
+    let [rows, words_per_row] = words.dims();
+    let shifts = Tensor::<B, 1, Int>::from_data(
+        TensorData::new((0..16).map(|k| 2 * k).collect::<Vec<i32>>(), [16]),
+        &words.device(),
+    )
+    .reshape([1, 1, 16]);
+    let codes = words
+        .reshape([rows, words_per_row, 1])
+        .expand([rows, words_per_row, 16])
+        .bitwise_right_shift(shifts.expand([rows, words_per_row, 16]))
+        .bitwise_and_scalar(B::IntElem::from_elem(3))
+        .reshape([rows, words_per_row * 16])
+        .narrow(1, 0, d_in);
+    codes.float() - 1.0
 }
 
 /// `LUT[b]`: the four codes of byte `b` as `i8` weights.

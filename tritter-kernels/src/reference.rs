@@ -29,12 +29,20 @@ pub fn ternary_quantize_scaled<B: Backend, const D: usize>(
     w: Tensor<B, D>,
     scale: Option<f32>,
 ) -> (Tensor<B, D>, Tensor<B, 1>) {
-    let gamma = match scale {
-        Some(gamma) => Tensor::from_floats([gamma.max(QUANT_EPS)], &w.device()),
-        None => w.clone().abs().mean().clamp_min(QUANT_EPS),
-    };
+    let gamma = absmean_scale(w.clone(), scale);
     let q = (w / gamma.clone().unsqueeze()).round().clamp(-1.0, 1.0);
     (q, gamma)
+}
+
+/// The ternary quantizer's `γ` `[1]`: `scale` where given, else `mean(|W|)`, at least ε.
+pub fn absmean_scale<B: Backend, const D: usize>(
+    w: Tensor<B, D>,
+    scale: Option<f32>,
+) -> Tensor<B, 1> {
+    match scale {
+        Some(gamma) => Tensor::from_floats([gamma.max(QUANT_EPS)], &w.device()),
+        None => w.abs().mean().clamp_min(QUANT_EPS),
+    }
 }
 
 /// Per-token absmax int8 quantization, no zero point:
@@ -85,7 +93,7 @@ pub fn bitlinear_forward<B: Backend>(
     crate::BitLinearForward {
         output: x_quantized.clone().matmul(w_quantized.clone()),
         x_quantized,
-        w_quantized,
+        w_quantized: crate::QuantizedWeight::Dense(w_quantized),
     }
 }
 

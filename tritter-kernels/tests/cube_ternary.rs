@@ -90,3 +90,75 @@ fn packed_matmul_on_wgpu_equals_the_cpu_backend() {
         assert!(gpu.iter().all(|v| v.is_finite()));
     }
 }
+
+/// Training through the kernels: the latent weights packed on the device, the forward by
+/// the ternary GEMM/GEMV, the backward to the input by the transposed ternary kernel,
+/// against the straight-through reference in Burn ops on the same device.
+#[test]
+fn bitlinear_trains_through_the_ternary_kernels() {
+    type A = burn::backend::Autodiff<Wgpu>;
+    let device = WgpuDevice::Cpu;
+    let mut rng = SplitMix(13);
+    let mut normal = |n: usize, std: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.below(20001) as f32 - 10000.0) / 10000.0 * std * 1.7)
+            .collect()
+    };
+    for (tokens, d_out, d_in) in SHAPES {
+        let x = normal(tokens * d_in, 1.0);
+        let w = normal(d_in * d_out, 0.05);
+        let g = normal(tokens * d_out, 1.0);
+        for scale in [None, Some(0.021)] {
+            let what = format!("tokens {tokens}, d_out {d_out}, d_in {d_in}, scale {scale:?}");
+            let run = |kernels: bool| {
+                let x =
+                    Tensor::<A, 2>::from_data(TensorData::new(x.clone(), [tokens, d_in]), &device)
+                        .require_grad();
+                let w =
+                    Tensor::<A, 2>::from_data(TensorData::new(w.clone(), [d_in, d_out]), &device)
+                        .require_grad();
+                let y = if kernels {
+                    A::bitlinear_matmul(x.clone(), w.clone(), scale)
+                } else {
+                    tritter_kernels::reference::bitlinear_matmul(x.clone(), w.clone(), scale)
+                };
+                let g =
+                    Tensor::<A, 2>::from_data(TensorData::new(g.clone(), [tokens, d_out]), &device);
+                let grads = (y.clone() * g).sum().backward();
+                [y.inner(), x.grad(&grads).unwrap(), w.grad(&grads).unwrap()]
+                    .map(|t| t.into_data().to_vec::<f32>().unwrap())
+            };
+            let got = run(true);
+            let want = run(false);
+            for (name, got, want) in [
+                ("y", &got[0], &want[0]),
+                ("dx", &got[1], &want[1]),
+                ("dW", &got[2], &want[2]),
+            ] {
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "{name} {what}: not finite"
+                );
+                let err = relative_l2(got, want);
+                assert!(err < 1e-5, "{name} {what}: relative difference {err}");
+            }
+            // The packed words the backward keeps are the reference's quantization, exactly.
+            let x =
+                Tensor::<Wgpu, 2>::from_data(TensorData::new(x.clone(), [tokens, d_in]), &device);
+            let w =
+                Tensor::<Wgpu, 2>::from_data(TensorData::new(w.clone(), [d_in, d_out]), &device);
+            let forward = Wgpu::bitlinear_forward(x.clone(), w.clone(), scale);
+            assert!(
+                matches!(
+                    forward.w_quantized,
+                    tritter_kernels::QuantizedWeight::Packed { .. }
+                ),
+                "{what}: the forward keeps packed words"
+            );
+            let reference = tritter_kernels::reference::bitlinear_forward(x, w, scale);
+            let packed: Vec<f32> = forward.w_quantized.dense().into_data().to_vec().unwrap();
+            let dense: Vec<f32> = reference.w_quantized.dense().into_data().to_vec().unwrap();
+            assert_eq!(packed, dense, "{what}: quantized weights");
+        }
+    }
+}

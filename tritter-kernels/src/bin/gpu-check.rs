@@ -103,11 +103,13 @@ fn check<R: CubeRuntime, BT: BoolElement>(
 ) -> Result<(), String> {
     println!("device: {device:?}");
     check_ternary::<R, BT>(&device, options)?;
+    check_bitlinear_training::<R, BT>(&device, options)?;
     check_attention::<R, BT>(&device, options)?;
     println!("correctness: all checks passed\n");
     let copy = copy_bandwidth::<R, BT>(&device, options);
     println!("device copy bandwidth: {copy:.0} GB/s\n");
     time_ternary::<R, BT>(&device, options, copy);
+    time_bitlinear_training::<R, BT>(&device, options);
     time_attention::<R, BT>(&device, options);
     println!("INT4 KV cache: decode attention runs on the host in this version (`tritter bench kv-cache`)");
     Ok(())
@@ -157,6 +159,60 @@ fn check_ternary<R: CubeRuntime, BT: BoolElement>(
             ));
         }
         println!("ternary GEMM {tokens:>4} × {d_in} → {d_out}: exact");
+    }
+    Ok(())
+}
+
+/// BitLinear's training forward and backward to the input through the kernels, against
+/// the straight-through reference on the CPU backend.
+fn check_bitlinear_training<R: CubeRuntime, BT: BoolElement>(
+    device: &R::Device,
+    options: &Options,
+) -> Result<(), String> {
+    let shapes: &[(usize, usize, usize)] = if options.quick {
+        &[(5, 33, 100), (70, 64, 257)]
+    } else {
+        &[(3, 1000, 1100), (512, 2048, 1000)]
+    };
+    let cpu = Default::default();
+    for &(tokens, d_out, d_in) in shapes {
+        let x = random::<Flex, 2>([tokens, d_in], &cpu).into_data();
+        let w = (random::<Flex, 2>([d_in, d_out], &cpu) * 0.05).into_data();
+        let g = random::<Flex, 2>([tokens, d_out], &cpu).into_data();
+        let want = {
+            let [x, w, g] = [&x, &w, &g].map(|t| Tensor::<Flex, 2>::from_data(t.clone(), &cpu));
+            let forward = tritter_kernels::reference::bitlinear_forward(x, w, None);
+            let dx = g.matmul(forward.w_quantized.dense().transpose());
+            [forward.output.into_data(), dx.into_data()]
+        };
+        let got = {
+            let [x, w, g] =
+                [&x, &w, &g].map(|t| Tensor::<Gpu<R, BT>, 2>::from_data(t.clone(), device));
+            let forward = Gpu::<R, BT>::bitlinear_forward(x, w, None);
+            let (dx, _) = Gpu::<R, BT>::bitlinear_backward(
+                forward.x_quantized,
+                forward.w_quantized,
+                g,
+                [true, false],
+            );
+            [
+                forward.output.into_data(),
+                dx.expect("asked for").into_data(),
+            ]
+        };
+        for (what, a, b) in [
+            ("forward", &got[0], &want[0]),
+            ("backward to the input", &got[1], &want[1]),
+        ] {
+            let (a, b): (Vec<f32>, Vec<f32>) = (a.to_vec().unwrap(), b.to_vec().unwrap());
+            let err = relative_l2(&a, &b);
+            if err.is_nan() || err >= 1e-5 {
+                return Err(format!(
+                    "BitLinear {what} {tokens}×{d_in} → {d_out}: relative error {err}"
+                ));
+            }
+        }
+        println!("BitLinear training {tokens:>4} × {d_in} → {d_out}: forward and dx within 1e-5");
     }
     Ok(())
 }
@@ -306,6 +362,56 @@ fn time_ternary<R: CubeRuntime, BT: BoolElement>(device: &R::Device, options: &O
             }
         }
     }
+    println!();
+}
+
+/// BitLinear's training step through the kernels (latent weights packed on the device,
+/// ternary product; `dx` from the packed words) against Burn's f32 ops on the dequantized
+/// operands (the reference forward, `dy · Wqᵀ` by matmul).
+fn time_bitlinear_training<R: CubeRuntime, BT: BoolElement>(device: &R::Device, options: &Options) {
+    let (tokens, d_out, d_in) = if options.quick {
+        (64, 256, 256)
+    } else {
+        (4096, 4096, 4096)
+    };
+    let runs = if options.quick { 2 } else { 10 };
+    let flop = 2.0 * (tokens * d_in * d_out) as f64;
+    let x = random::<Gpu<R, BT>, 2>([tokens, d_in], device);
+    let w = random::<Gpu<R, BT>, 2>([d_in, d_out], device) * 0.05;
+    let g = random::<Gpu<R, BT>, 2>([tokens, d_out], device);
+    println!(
+        "{:<40} {:>10} {:>10}",
+        format!("BitLinear training ({tokens} × {d_in} → {d_out})"),
+        "ms",
+        "TFLOP/s"
+    );
+    let row = |name: &str, t: f64| {
+        println!("{:<40} {:>10.3} {:>10.2}", name, t * 1e3, flop / t / 1e12);
+    };
+    let mut kept = None;
+    let t = time::<Gpu<R, BT>>(device, runs, || {
+        kept = Some(Gpu::<R, BT>::bitlinear_forward(x.clone(), w.clone(), None));
+    });
+    row("forward, ternary kernels", t);
+    let forward = kept.expect("ran");
+    let t = time::<Gpu<R, BT>>(device, runs, || {
+        let _ = tritter_kernels::reference::bitlinear_forward(x.clone(), w.clone(), None);
+    });
+    row("  forward, Burn f32 ops", t);
+    let t = time::<Gpu<R, BT>>(device, runs, || {
+        let _ = Gpu::<R, BT>::bitlinear_backward(
+            forward.x_quantized.clone(),
+            forward.w_quantized.clone(),
+            g.clone(),
+            [true, false],
+        );
+    });
+    row("dx = dy · Wqᵀ, packed words", t);
+    let dense = forward.w_quantized.clone().dense();
+    let t = time::<Gpu<R, BT>>(device, runs, || {
+        let _ = g.clone().matmul(dense.clone().transpose());
+    });
+    row("  dx, Burn f32 matmul", t);
     println!();
 }
 

@@ -50,15 +50,45 @@ where
     I: IntElement,
     BT: BoolElement,
 {
+    let handle = <Inner<R, F, I, BT> as BackendIr>::float_tensor_handle(t.clone());
+    let tensor = register::<R, F, I, BT>(&t, handle, device);
+    Tensor::from_primitive(TensorPrimitive::Float(tensor))
+}
+
+pub fn int_from_cube<R, F, I, BT, const D: usize>(
+    t: CubeTensor<R>,
+    device: &burn::tensor::Device<Fused<R, F, I, BT>>,
+) -> Tensor<Fused<R, F, I, BT>, D, Int>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let handle = <Inner<R, F, I, BT> as BackendIr>::int_tensor_handle(t.clone());
+    Tensor::from_primitive(register::<R, F, I, BT>(&t, handle, device))
+}
+
+/// Registers a kernel's output with the fusion client of `device`, as `from_data` does.
+fn register<R, F, I, BT>(
+    t: &CubeTensor<R>,
+    handle: <Inner<R, F, I, BT> as BackendIr>::Handle,
+    device: &burn::tensor::Device<Fused<R, F, I, BT>>,
+) -> burn::tensor::ops::FloatTensor<Fused<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
     let client = get_client::<Inner<R, F, I, BT>>(device);
-    let shape = t.meta.shape().clone();
-    let dtype = t.dtype;
-    let handle = <Inner<R, F, I, BT> as BackendIr>::float_tensor_handle(t);
-    let desc = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
+    let desc = InitOperationIr::create(t.meta.shape().clone(), t.dtype, || {
+        client.register_tensor_handle(handle)
+    });
     let mut outputs = client.register(
         OperationStreams::default(),
         OperationIr::Init(desc),
         NoOp::<Inner<R, F, I, BT>>::new(),
     );
-    Tensor::from_primitive(TensorPrimitive::Float(outputs.remove(0)))
+    outputs.remove(0)
 }

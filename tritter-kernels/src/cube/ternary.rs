@@ -225,6 +225,101 @@ fn ternary_gemm_kernel<F: Float>(
     }
 }
 
+/// Training's weight quantizer on the device: latent `weight` `[d_in, d_out]` to words
+/// `[d_out, ceil(d_in / 16)]` of codes `round(W / γ)` clamped to ±1, plus one (the
+/// reference's arithmetic; padding codes are 1). Threads along outputs read
+/// consecutive latent weights.
+#[cube(launch)]
+fn pack_ternary_kernel<F: Float>(weight: &Tensor<F>, gamma: &Tensor<F>, words: &mut Tensor<i32>) {
+    let o = ABSOLUTE_POS_X as usize;
+    let j = ABSOLUTE_POS_Y as usize;
+    let d_out = words.shape(0);
+    let kw = words.shape(1);
+    let d_in = weight.shape(0);
+    if o >= d_out || j >= kw {
+        terminate!();
+    }
+    let g = gamma[0];
+    let mut bits = 0i32;
+    #[unroll]
+    for k in 0..16u32 {
+        let c = j * 16 + k as usize;
+        let mut code = 1i32;
+        if c < d_in {
+            let q = F::clamp(
+                F::round(weight[c * d_out + o] / g),
+                F::new(-1.0),
+                F::new(1.0),
+            );
+            code = i32::cast_from(q) + 1;
+        }
+        bits |= code << (2 * k) as i32;
+    }
+    words[o * kw + j] = bits;
+}
+
+/// Tokens per thread of [`ternary_transposed_kernel`].
+const T_REG: usize = 4;
+
+/// BitLinear's backward to the input: `dx[t, c] = γ · Σ_o dy[t, o] · q[o, c]` in `f32`
+/// (the straight-through gradient is not quantized). A thread owns one weight word
+/// column (16 inputs) for `T_REG` tokens and walks every output row: neighbouring
+/// threads read neighbouring words of a row, and each gradient value is read once per
+/// row of threads and serves 16 inputs.
+#[cube(launch)]
+fn ternary_transposed_kernel<F: Float>(
+    dy: &Tensor<F>,
+    w: &Tensor<i32>,
+    gamma: &Tensor<F>,
+    dx: &mut Tensor<F>,
+) {
+    let j = ABSOLUTE_POS_X as usize;
+    let t0 = ABSOLUTE_POS_Y as usize * comptime!(T_REG);
+    let d_out = w.shape(0);
+    let kw = w.shape(1);
+    let tokens = dy.shape(0);
+    let d_in = dx.shape(1);
+    if j >= kw || t0 >= tokens {
+        terminate!();
+    }
+    let mut acc = Array::<F>::new(comptime!(T_REG * 16));
+    #[unroll]
+    for i in 0..T_REG * 16 {
+        acc[i] = F::new(0.0);
+    }
+    for o in 0..d_out {
+        let ww = w[o * kw + j];
+        let mut g = Array::<F>::new(comptime!(T_REG));
+        #[unroll]
+        for b in 0..T_REG {
+            let mut v = F::new(0.0);
+            if t0 + b < tokens {
+                v = dy[(t0 + b) * d_out + o];
+            }
+            g[b] = v;
+        }
+        #[unroll]
+        for k in 0..16u32 {
+            let q = F::cast_from(((ww >> (2 * k) as i32) & 3) - 1);
+            #[unroll]
+            for b in 0..T_REG {
+                acc[b * 16 + k as usize] += g[b] * q;
+            }
+        }
+    }
+    let scale = gamma[0];
+    #[unroll]
+    for b in 0..T_REG {
+        #[unroll]
+        for k in 0..16usize {
+            let c = j * 16 + k;
+            if t0 + b < tokens && c < d_in {
+                dx[(t0 + b) * d_in + c] = acc[b * 16 + k] * scale;
+            }
+        }
+    }
+}
+
 fn dims(t: &CubeTensor<impl CubeRuntime>) -> [usize; 2] {
     let shape = t.meta.shape();
     [shape[0], shape[1]]
@@ -314,10 +409,82 @@ pub fn ternary_gemm<R: CubeRuntime, F: Float + CubeElement>(
     out
 }
 
-use super::fusion::{float_from_cube, float_to_cube, int_to_cube, Fused};
+/// Words `[d_out, ceil(d_in / 16)]` of latent `weight` `[d_in, d_out]` quantized by
+/// `gamma` `[1]`.
+pub fn pack_ternary<R: CubeRuntime, F: Float + CubeElement>(
+    weight: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+) -> CubeTensor<R> {
+    let (weight, gamma) = (into_contiguous(weight), into_contiguous(gamma));
+    let [d_in, d_out] = dims(&weight);
+    let kw = d_in.div_ceil(16);
+    let buffer = weight.client.empty(d_out * kw * 4);
+    let words = CubeTensor::new_contiguous(
+        weight.client.clone(),
+        weight.device.clone(),
+        Shape::from(vec![d_out, kw]),
+        buffer,
+        DType::I32,
+    );
+    let (count, dim) = cubes(d_out, kw);
+    pack_ternary_kernel::launch::<F, R>(
+        &weight.client,
+        count,
+        dim,
+        weight.clone().into_tensor_arg(),
+        gamma.into_tensor_arg(),
+        words.clone().into_tensor_arg(),
+    );
+    words
+}
+
+/// `[tokens, d_in]` products `γ · dy · q` of `dy` `[tokens, d_out]` and the weight words
+/// `w` `[d_out, ceil(d_in / 16)]`.
+pub fn ternary_transposed<R: CubeRuntime, F: Float + CubeElement>(
+    dy: CubeTensor<R>,
+    w: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+    d_in: usize,
+) -> CubeTensor<R> {
+    let (dy, w, gamma) = (
+        into_contiguous(dy),
+        into_contiguous(w),
+        into_contiguous(gamma),
+    );
+    let [tokens, d_out] = dims(&dy);
+    let [w_rows, kw] = dims(&w);
+    assert_eq!(w_rows, d_out, "gradient width against the matrix's outputs");
+    assert_eq!(
+        kw,
+        d_in.div_ceil(16),
+        "weight words against the input width"
+    );
+    let buffer = dy.client.empty(tokens * d_in * dy.dtype.size());
+    let dx = CubeTensor::new_contiguous(
+        dy.client.clone(),
+        dy.device.clone(),
+        Shape::from(vec![tokens, d_in]),
+        buffer,
+        dy.dtype,
+    );
+    let (count, dim) = cubes(kw, tokens.div_ceil(T_REG));
+    ternary_transposed_kernel::launch::<F, R>(
+        &dy.client,
+        count,
+        dim,
+        dy.clone().into_tensor_arg(),
+        w.into_tensor_arg(),
+        gamma.into_tensor_arg(),
+        dx.clone().into_tensor_arg(),
+    );
+    dx
+}
+
+use super::fusion::{float_from_cube, float_to_cube, int_from_cube, int_to_cube, Fused};
 use crate::packed::{matmul_words, PackedStorage, PackedTernary};
-use crate::reference::int8_quantize;
-use burn::tensor::Tensor as BurnTensor;
+use crate::reference::{absmean_scale, int8_quantize};
+use crate::{BitLinearForward, QuantizedWeight};
+use burn::tensor::{Int, Tensor as BurnTensor};
 use burn_cubecl::{BoolElement, FloatElement, IntElement};
 
 /// BitLinear's packed inference product on a CubeCL device: activations quantized per
@@ -364,4 +531,67 @@ where
         F::dtype(),
     );
     float_from_cube(out, &device)
+}
+
+/// BitLinear's training forward on a CubeCL device: the latent weights quantized into
+/// packed words by [`pack_ternary`], activations quantized per token by Burn ops (the
+/// reference's arithmetic), and the product by the ternary kernel — exact in `i32`,
+/// scaled once by `γ / s`. The packed words are what the backward keeps.
+pub fn bitlinear_forward<R, F, I, BT>(
+    x: BurnTensor<Fused<R, F, I, BT>, 2>,
+    weight: BurnTensor<Fused<R, F, I, BT>, 2>,
+    scale: Option<f32>,
+) -> BitLinearForward<Fused<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [tokens, d_in] = x.dims();
+    assert_eq!(
+        weight.dims()[0],
+        d_in,
+        "input width against the weight's rows"
+    );
+    let device = x.device();
+    let gamma = absmean_scale(weight.clone(), scale);
+    let words = pack_ternary::<R, F>(float_to_cube(weight), float_to_cube(gamma.clone()));
+    let (xq, inv_scale) = int8_quantize(x);
+    let packed = pack_int8::<R, F>(float_to_cube(xq.clone()));
+    let row_scale = inv_scale.clone().reshape([tokens]) * gamma.clone();
+    let out = ternary_gemm::<R, F>(packed, words.clone(), float_to_cube(row_scale), F::dtype());
+    BitLinearForward {
+        output: float_from_cube(out, &device),
+        x_quantized: xq * inv_scale,
+        w_quantized: QuantizedWeight::Packed {
+            words: int_from_cube(words, &device),
+            gamma,
+            d_in,
+        },
+    }
+}
+
+/// BitLinear's backward to the input from the packed words its forward kept:
+/// `dx = γ · dy · Wqᵀ`, `[tokens, d_in]`.
+pub fn transposed_product<R, F, I, BT>(
+    grad: BurnTensor<Fused<R, F, I, BT>, 2>,
+    words: BurnTensor<Fused<R, F, I, BT>, 2, Int>,
+    gamma: BurnTensor<Fused<R, F, I, BT>, 1>,
+    d_in: usize,
+) -> BurnTensor<Fused<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let device = grad.device();
+    let dx = ternary_transposed::<R, F>(
+        float_to_cube(grad),
+        int_to_cube(words),
+        float_to_cube(gamma),
+        d_in,
+    );
+    float_from_cube(dx, &device)
 }
