@@ -108,13 +108,17 @@ pub fn packed_documents(batch: usize, kv_len: usize) -> Vec<i32> {
 }
 
 /// Attention shapes `(batch, heads, kv_heads, q_len, kv_len, d)`: lengths that are not
-/// multiples of the 32-row tiles, GQA ratios 1, 2, 4, decode against a longer cache.
-pub const ATTENTION_SHAPES: [AttentionCase; 5] = [
+/// multiples of the 32-row tiles, GQA ratios 1, 2, 4, decode against a longer cache,
+/// head_dim 128 (the 3B-and-larger presets') over many key tiles.
+pub const ATTENTION_SHAPES: [AttentionCase; 8] = [
     (1, 2, 2, 45, 45, 16),
     (2, 4, 2, 33, 70, 8),
     (1, 4, 1, 1, 70, 32),
     (2, 2, 1, 7, 7, 64),
     (1, 3, 3, 65, 65, 8),
+    (1, 8, 2, 1, 300, 128),
+    (1, 2, 1, 40, 300, 128),
+    (1, 4, 2, 1, 511, 64),
 ];
 
 /// Standard normal values of `shape` (Burn's generator on the CPU backend).

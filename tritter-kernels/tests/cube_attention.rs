@@ -2,6 +2,10 @@
 //! the CPU backend: every mask kind and combination, GQA ratios, lengths that are not multiples
 //! of the 32-row tiles, decode against a longer cache; forward outputs and, through
 //! autodiff, the gradients of queries, keys and values within 1e-3 relative error.
+//!
+//! Lavapipe ends a shader invocation's loops once they have run 65,535 iterations in all
+//! (llvmpipe's `LP_MAX_TGSI_LOOP_ITERATIONS`), so the lengths here stay within what one
+//! query row's tiles take under that limit; `gpu-check` runs long sequences on CUDA.
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::Autodiff;

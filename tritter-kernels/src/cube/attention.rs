@@ -139,17 +139,22 @@ fn flash_forward_kernel<F: Float>(
                     let m_new = F::max(m, tile_max);
                     let correction = F::exp(m - m_new);
                     l *= correction;
-                    for c in 0..d {
-                        acc[c] *= correction;
-                    }
+                    // Probabilities first, then one pass per channel, whose key loop has
+                    // a constant trip count (unrolled where the compiler can).
                     for j in 0..bk {
+                        let mut p = F::new(0.0);
                         if s[j] > F::new(MASKED * 0.5) {
-                            let p = F::exp(s[j] - m_new);
-                            l += p;
-                            for c in 0..d {
-                                acc[c] += p * vs[j * d + c];
-                            }
+                            p = F::exp(s[j] - m_new);
                         }
+                        s[j] = p;
+                        l += p;
+                    }
+                    for c in 0..d {
+                        let mut a = acc[c] * correction;
+                        for j in 0..bk {
+                            a += s[j] * vs[j * d + c];
+                        }
+                        acc[c] = a;
                     }
                     m = m_new;
                 }
@@ -217,6 +222,9 @@ fn flash_backward_dq_kernel<F: Float>(
     for c in 0..d {
         dq[c] = F::new(0.0);
     }
+    // Each tile's `ds` first, then one pass per channel whose key loop has a constant
+    // trip count; keys beyond the end are clamped and weighted zero.
+    let mut ds = Array::<F>::new(bk);
     for kb in 0..kv_blocks {
         let tile = tiles[(b * q_blocks + qb) * kv_blocks + kb];
         if tile != 0 {
@@ -226,19 +234,34 @@ fn flash_backward_dq_kernel<F: Float>(
                 if ok && tile == 2 {
                     ok = allowed(terms, docs, doc_row, pos, kv);
                 }
-                if ok {
-                    let mut score = F::new(0.0);
-                    let mut dp = F::new(0.0);
-                    for c in 0..d {
-                        score += q[q_base + c] * k[kv_base + kv * d + c];
-                        dp += grad_out[q_base + c] * v[kv_base + kv * d + c];
-                    }
-                    let p = F::exp(score * scale - row_lse);
-                    let ds = p * (dp - row_delta) * scale;
-                    for c in 0..d {
-                        dq[c] += ds * k[kv_base + kv * d + c];
-                    }
+                let mut kvc = kv;
+                if kvc >= kv_len {
+                    kvc = kv_len - 1;
                 }
+                let mut sums = Array::<F>::new(2usize);
+                sums[0] = F::new(0.0);
+                sums[1] = F::new(0.0);
+                for c in 0..d {
+                    sums[0] += q[q_base + c] * k[kv_base + kvc * d + c];
+                    sums[1] += grad_out[q_base + c] * v[kv_base + kvc * d + c];
+                }
+                let mut x = F::new(0.0);
+                if ok {
+                    let p = F::exp(sums[0] * scale - row_lse);
+                    x = p * (sums[1] - row_delta) * scale;
+                }
+                ds[j] = x;
+            }
+            for c in 0..d {
+                let mut a = dq[c];
+                for j in 0..bk {
+                    let mut kv = kb * bk + j;
+                    if kv >= kv_len {
+                        kv = kv_len - 1;
+                    }
+                    a += ds[j] * k[kv_base + kv * d + c];
+                }
+                dq[c] = a;
             }
         }
     }
@@ -294,30 +317,39 @@ fn flash_backward_dkv_kernel<F: Float>(
         let tile = tiles[(b * q_blocks + qb) * kv_blocks + kb];
         if tile != 0 {
             for i in 0..bq {
+                // Rows beyond the end are clamped and weighted zero (no branch around
+                // the channel loops).
                 let row = qb * bq + i;
-                if row < q_len {
-                    let pos = row + kv_len - q_len;
-                    let mut ok = true;
-                    if tile == 2 {
-                        ok = allowed(terms, docs, doc_row, pos, kv);
+                let mut ok = row < q_len;
+                let mut rowc = row;
+                if !ok {
+                    rowc = q_len - 1;
+                }
+                let pos = rowc + kv_len - q_len;
+                if ok && tile == 2 {
+                    ok = allowed(terms, docs, doc_row, pos, kv);
+                }
+                for hh in 0..group {
+                    let bh = b * heads + g * group + hh;
+                    let q_base = (bh * q_len + rowc) * d;
+                    let mut sums = Array::<F>::new(2usize);
+                    sums[0] = F::new(0.0);
+                    sums[1] = F::new(0.0);
+                    for c in 0..d {
+                        sums[0] += q[q_base + c] * k[kv_row + c];
+                        sums[1] += grad_out[q_base + c] * v[kv_row + c];
                     }
+                    let mut w = Array::<F>::new(2usize);
+                    w[0] = F::new(0.0);
+                    w[1] = F::new(0.0);
                     if ok {
-                        for hh in 0..group {
-                            let bh = b * heads + g * group + hh;
-                            let q_base = (bh * q_len + row) * d;
-                            let mut score = F::new(0.0);
-                            let mut dp = F::new(0.0);
-                            for c in 0..d {
-                                score += q[q_base + c] * k[kv_row + c];
-                                dp += grad_out[q_base + c] * v[kv_row + c];
-                            }
-                            let p = F::exp(score * scale - lse[bh * q_len + row]);
-                            let ds = p * (dp - delta[bh * q_len + row]) * scale;
-                            for c in 0..d {
-                                dv[c] += p * grad_out[q_base + c];
-                                dk[c] += ds * q[q_base + c];
-                            }
-                        }
+                        let p = F::exp(sums[0] * scale - lse[bh * q_len + rowc]);
+                        w[0] = p;
+                        w[1] = p * (sums[1] - delta[bh * q_len + rowc]) * scale;
+                    }
+                    for c in 0..d {
+                        dv[c] += w[0] * grad_out[q_base + c];
+                        dk[c] += w[1] * q[q_base + c];
                     }
                 }
             }
