@@ -234,3 +234,22 @@ pub fn check_attention_gradients(
         }
     }
 }
+
+/// Softmax attention of one query `[d]` to `[len, d]` keys and values, scaled by `1/√d`,
+/// in plain `f32`: the yardstick of the INT4 caches' decode attention.
+pub fn one_query_attention(q: &[f32], keys: &[f32], values: &[f32], d: usize) -> Vec<f32> {
+    let scores: Vec<f32> = keys
+        .chunks(d)
+        .map(|k| k.iter().zip(q).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt())
+        .collect();
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+    let total: f32 = e.iter().sum();
+    let mut out = vec![0f32; d];
+    for (p, v) in e.iter().zip(values.chunks(d)) {
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += p / total * x;
+        }
+    }
+    out
+}

@@ -14,8 +14,42 @@
 //! second sum computed once per group; values are accumulated as
 //! `Σ_t p_t·scale_t·code_tc + Σ_t p_t·zero_t`.
 
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
 use half::f16;
 use rayon::prelude::*;
+
+/// The INT4 cache of one layer of one sequence held in a device's memory (the CubeCL
+/// backends' [`crate::cube::kv_int4::DeviceInt4KvCache`]): the host cache's layout and
+/// numbers, appended and attended to by kernels. Keys and values are
+/// `[kv_heads, tokens, head_dim]`.
+pub trait DeviceKvCache<B: Backend>: std::fmt::Debug + Send + Sync {
+    /// Appends new keys and values, quantizing the oldest recent tokens a group at a time
+    /// as [`Int4KvCache::append`] does.
+    fn append(&mut self, keys: Tensor<B, 3>, values: Tensor<B, 3>);
+    /// Tokens cached.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Tokens held as 4-bit codes.
+    fn quantized_len(&self) -> usize;
+    /// Device bytes held, the buffers' spare room included.
+    fn bytes(&self) -> usize;
+    /// Every cached key and value as floats.
+    fn dequantize(&self) -> (Tensor<B, 3>, Tensor<B, 3>);
+    /// Attention of one position's queries `[num_heads, head_dim]` to every cached token
+    /// (or the last `window`), scaled by `1/√head_dim`, the codes dequantized inside the
+    /// kernel. Returns `[num_heads, head_dim]`.
+    fn decode_attention(&self, queries: Tensor<B, 2>, window: Option<usize>) -> Tensor<B, 2>;
+    fn boxed_clone(&self) -> Box<dyn DeviceKvCache<B>>;
+}
+
+impl<B: Backend> Clone for Box<dyn DeviceKvCache<B>> {
+    fn clone(&self) -> Self {
+        self.boxed_clone()
+    }
+}
 
 /// Tokens per key group and channels per value group (KIVI's G).
 pub const DEFAULT_GROUP: usize = 32;
@@ -425,35 +459,12 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::check::{one_query_attention as attention, relative_l2 as rel_l2};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
     fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-    }
-
-    /// Softmax attention of one query against `[len][d]` keys and values.
-    fn attention(q: &[f32], keys: &[f32], values: &[f32], d: usize) -> Vec<f32> {
-        let scores: Vec<f32> = keys
-            .chunks(d)
-            .map(|k| k.iter().zip(q).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt())
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-        let total: f32 = e.iter().sum();
-        let mut out = vec![0f32; d];
-        for (p, v) in e.iter().zip(values.chunks(d)) {
-            for (o, x) in out.iter_mut().zip(v) {
-                *o += p / total * x;
-            }
-        }
-        out
-    }
-
-    fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
-        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
-        let den: f32 = b.iter().map(|y| y * y).sum();
-        (num / den.max(1e-30)).sqrt()
     }
 
     #[test]

@@ -259,6 +259,20 @@ pub trait TritterBackend: Backend {
     fn host_f16_kv_cache() -> bool {
         false
     }
+
+    /// An empty INT4 cache of one layer of one sequence in device memory, where this
+    /// backend has the kernels for it and they serve the shape; `None` keeps the INT4
+    /// cache in host memory ([`kv_int4::Int4KvCache`]).
+    fn device_int4_kv_cache(
+        kv_heads: usize,
+        head_dim: usize,
+        group: usize,
+        recent: usize,
+        device: &Self::Device,
+    ) -> Option<Box<dyn kv_int4::DeviceKvCache<Self>>> {
+        let _ = (kv_heads, head_dim, group, recent, device);
+        None
+    }
 }
 
 /// The CPU backend computes packed products natively: bytes stay in host memory, each
@@ -596,6 +610,21 @@ where
         // Packed activations are per call and proportional to the activations.
         let _ = (d_out, d_in);
         0
+    }
+
+    fn device_int4_kv_cache(
+        kv_heads: usize,
+        head_dim: usize,
+        group: usize,
+        recent: usize,
+        device: &Self::Device,
+    ) -> Option<Box<dyn kv_int4::DeviceKvCache<Self>>> {
+        use cube::kv_int4::DeviceInt4KvCache;
+        DeviceInt4KvCache::<R, F, I, BT>::supports(head_dim, group, recent).then(|| {
+            Box::new(DeviceInt4KvCache::<R, F, I, BT>::new(
+                kv_heads, head_dim, group, recent, device,
+            )) as Box<dyn kv_int4::DeviceKvCache<Self>>
+        })
     }
 }
 impl<B: TritterBackend, C: CheckpointStrategy> TritterBackend for Autodiff<B, C> {

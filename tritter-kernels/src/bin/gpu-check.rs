@@ -9,8 +9,8 @@
 //! and f16 matmul, with effective GB/s counting packed weight bytes and TFLOP/s; flash
 //! attention forward and backward (2K, 8K, 32K; causal and sliding window 4096) against
 //! Burn's attention op, with TFLOP/s and the device memory reserved; the device's copy
-//! bandwidth as the yardstick. The INT4 KV cache runs on the host in this version
-//! (`tritter bench kv-cache`).
+//! bandwidth as the yardstick; INT4 decode attention from the device cache against the
+//! flash kernel over an f16 cache (32K and 128K tokens), with its error.
 
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
@@ -111,7 +111,7 @@ fn check<R: CubeRuntime, BT: BoolElement>(
     time_ternary::<R, BT>(&device, options, copy);
     time_bitlinear_training::<R, BT>(&device, options);
     time_attention::<R, BT>(&device, options);
-    println!("INT4 KV cache: decode attention runs on the host in this version (`tritter bench kv-cache`)");
+    time_kv_cache::<R, BT>(&device, options);
     Ok(())
 }
 
@@ -412,6 +412,98 @@ fn time_bitlinear_training<R: CubeRuntime, BT: BoolElement>(device: &R::Device, 
         let _ = g.clone().matmul(dense.clone().transpose());
     });
     row("  dx, Burn f32 matmul", t);
+    println!();
+}
+
+/// One layer's decode attention (32 query heads, 8 key/value heads, head_dim 128) from the
+/// device INT4 cache against the flash kernel over an f16 cache, and its error against
+/// f32 attention over the same keys and values.
+fn time_kv_cache<R: CubeRuntime, BT: BoolElement>(device: &R::Device, options: &Options) {
+    let (nh, kv, d) = (32, 8, 128);
+    // Quick runs stay short: lavapipe ends any shader's loops after 65,535 iterations in
+    // all, which the f32 reference (the flash kernel) would pass at long lengths.
+    let lengths: &[usize] = if options.quick {
+        &[256, 400]
+    } else {
+        &[32768, 131072]
+    };
+    let runs = if options.quick { 2 } else { 10 };
+    println!(
+        "{:<40} {:>10} {:>10} {:>12} {:>10}",
+        format!("decode attention ({nh}/{kv} heads, d {d})"),
+        "ms",
+        "GB/s",
+        "cache MiB",
+        "error"
+    );
+    for &n in lengths {
+        let mut cache = Gpu::<R, BT>::device_int4_kv_cache(kv, d, 32, 128, device)
+            .expect("CubeCL devices keep INT4 caches on the device");
+        let k = random::<Gpu<R, BT>, 3>([kv, n, d], device);
+        let v = random::<Gpu<R, BT>, 3>([kv, n, d], device);
+        let start = Instant::now();
+        let step = 8192.min(n);
+        for at in (0..n).step_by(step) {
+            let take = step.min(n - at);
+            cache.append(k.clone().narrow(1, at, take), v.clone().narrow(1, at, take));
+        }
+        Gpu::<R, BT>::sync(device).expect("device sync");
+        let append = start.elapsed().as_secs_f64();
+        let q = random::<Gpu<R, BT>, 2>([nh, d], device);
+        let mut out = None;
+        let t = time::<Gpu<R, BT>>(device, runs, || {
+            out = Some(cache.decode_attention(q.clone(), None));
+        });
+        let int4: Vec<f32> = out.expect("ran").into_data().to_vec().unwrap();
+        let mask = AttentionMask::new(MaskMod::causal());
+        let (q4, k4, v4) = (
+            q.clone().reshape([1, nh, 1, d]),
+            k.clone().unsqueeze::<4>(),
+            v.clone().unsqueeze::<4>(),
+        );
+        let exact: Vec<f32> =
+            Gpu::<R, BT>::flex_attention_forward(q4.clone(), k4.clone(), v4.clone(), &mask)
+                .0
+                .into_data()
+                .to_vec()
+                .unwrap();
+        let bytes = cache.bytes() as f64;
+        println!(
+            "{:<40} {:>10.3} {:>10.1} {:>12.0} {:>10.4}",
+            format!("INT4 cache, {n} tokens"),
+            t * 1e3,
+            bytes / t / 1e9,
+            bytes / (1 << 20) as f64,
+            relative_l2(&int4, &exact)
+        );
+        println!(
+            "{:<40} {:>10.1}",
+            format!("  append, {n} tokens (tokens/ms)"),
+            n as f64 / append / 1e3
+        );
+        if options.f16 {
+            let half = |t: Tensor<Gpu<R, BT>, 4>| {
+                Tensor::<GpuHalf<R, BT>, 4>::from_data(t.into_data().convert::<half::f16>(), device)
+            };
+            let (q16, k16, v16) = (half(q4), half(k4), half(v4));
+            let t = time::<GpuHalf<R, BT>>(device, runs, || {
+                let _ = GpuHalf::<R, BT>::flex_attention_forward(
+                    q16.clone(),
+                    k16.clone(),
+                    v16.clone(),
+                    &mask,
+                );
+            });
+            let bytes = (2 * 2 * kv * n * d) as f64;
+            println!(
+                "{:<40} {:>10.3} {:>10.1} {:>12.0}",
+                format!("  f16 cache, flash kernel, {n} tokens"),
+                t * 1e3,
+                bytes / t / 1e9,
+                bytes / (1 << 20) as f64
+            );
+        }
+    }
     println!();
 }
 

@@ -418,7 +418,7 @@ fn mask_tensors<R: CubeRuntime>(
     }
 }
 
-fn empty_like<R: CubeRuntime>(
+pub(super) fn empty_like<R: CubeRuntime>(
     like: &CubeTensor<R>,
     shape: Vec<usize>,
     dtype: DType,

@@ -1,13 +1,14 @@
 //! The key/value cache of incremental decoding: per layer, the post-RoPE keys and the
 //! values of every position seen so far, `[batch, kv_heads, len, head_dim]` on the
-//! device in f32 or f16, or, for one sequence, in host memory
-//! ([`tritter_kernels::kv_int4`]): KIVI INT4 codes, or f16 where the backend is the CPU,
+//! device in f32 or f16; or, for one sequence, KIVI INT4 codes — in device memory where
+//! the backend has the kernels (`TritterBackend::device_int4_kv_cache`: CUDA, wgpu), in
+//! host memory ([`tritter_kernels::kv_int4`]) elsewhere, as is the f16 cache on the CPU —
 //! with decode attention that reads them directly.
 
 use super::budget::{KvCacheType, INT4_GROUP, INT4_RECENT_WINDOW};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
-use tritter_kernels::kv_int4::Int4KvCache;
+use tritter_kernels::kv_int4::{DeviceKvCache, Int4KvCache};
 use tritter_kernels::TritterBackend;
 
 #[derive(Debug, Clone)]
@@ -15,6 +16,7 @@ enum Stored<B: Backend> {
     Empty,
     Dense(Tensor<B, 4>, Tensor<B, 4>),
     Host(Int4KvCache, B::Device),
+    Device(Box<dyn DeviceKvCache<B>>),
 }
 
 /// One layer's cached keys and values.
@@ -45,6 +47,22 @@ impl<B: TritterBackend> LayerCache<B> {
         let host_f16 = self.kind == KvCacheType::F16 && B::host_f16_kv_cache() && batch == 1;
         if self.kind == KvCacheType::Int4 || host_f16 {
             assert_eq!(batch, 1, "the INT4 KV cache holds one sequence");
+            if matches!(self.stored, Stored::Empty) && !host_f16 {
+                if let Some(cache) = B::device_int4_kv_cache(
+                    kv_heads,
+                    head_dim,
+                    INT4_GROUP,
+                    INT4_RECENT_WINDOW,
+                    &k.device(),
+                ) {
+                    self.stored = Stored::Device(cache);
+                }
+            }
+            if let Stored::Device(cache) = &mut self.stored {
+                let shape = [kv_heads, new, head_dim];
+                cache.append(k.reshape(shape), v.reshape(shape));
+                return;
+            }
             if matches!(self.stored, Stored::Empty) {
                 let cache = if host_f16 {
                     Int4KvCache::f16_only(kv_heads, head_dim)
@@ -86,21 +104,45 @@ impl<B: TritterBackend> LayerCache<B> {
                 let tensor = |x: Vec<f32>| Tensor::from_data(TensorData::new(x, shape), device);
                 (tensor(keys), tensor(values))
             }
+            Stored::Device(cache) => {
+                let (keys, values) = cache.dequantize();
+                (keys.unsqueeze(), values.unsqueeze())
+            }
         }
     }
 
-    /// Appends new keys and values and returns all of them (in f32).
-    pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        self.push(k, v);
-        self.keys_values()
-    }
-
-    /// The host cache (INT4, or f16 on the CPU), when this layer has one.
-    pub fn host(&self) -> Option<&Int4KvCache> {
+    /// Decode attention of one position's queries `[num_heads, head_dim]` read straight
+    /// from an INT4 cache (or the CPU's host f16 cache), to every cached token or the
+    /// last `window`: `[num_heads, head_dim]`. `None` for a dense cache, which the
+    /// model's attention reads instead.
+    pub fn decode_attention(
+        &self,
+        queries: Tensor<B, 2>,
+        window: Option<usize>,
+    ) -> Option<Tensor<B, 2>> {
         match &self.stored {
-            Stored::Host(cache, _) => Some(cache),
+            Stored::Host(cache, device) => {
+                let [heads, head_dim] = queries.dims();
+                let q: Vec<f32> = queries
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec()
+                    .expect("f32 queries");
+                let out = cache.decode_attention(&q, heads, window);
+                Some(Tensor::from_data(
+                    TensorData::new(out, [heads, head_dim]),
+                    device,
+                ))
+            }
+            Stored::Device(cache) => Some(cache.decode_attention(queries, window)),
             _ => None,
         }
+    }
+
+    /// Whether the keys and values live in the device's memory: a dense cache, or INT4
+    /// codes with the device's kernels (not the host-memory INT4 or f16 cache).
+    pub fn on_device(&self) -> bool {
+        matches!(self.stored, Stored::Dense(..) | Stored::Device(_))
     }
 
     /// Bytes held.
@@ -112,6 +154,7 @@ impl<B: TritterBackend> LayerCache<B> {
                 per * (k.shape().num_elements() + v.shape().num_elements())
             }
             Stored::Host(cache, _) => cache.bytes(),
+            Stored::Device(cache) => cache.bytes(),
         }
     }
 }

@@ -171,18 +171,16 @@ impl<B: TritterBackend> LayerWeights<B> {
                 contiguous(t.clone().narrow(0, offset, len).swap_dims(0, 1)).unsqueeze::<4>()
             };
             cache.push(heads_first(&k), heads_first(&v));
-            let a = if let (1, Some(host)) = (len, cache.host()) {
-                // Decode against the host cache (INT4 codes dequantized inside the
-                // attention, or f16).
-                let q: Vec<f32> = q
-                    .clone()
-                    .narrow(0, offset, 1)
-                    .into_data()
-                    .convert::<f32>()
-                    .to_vec()
-                    .expect("f32 queries");
-                let out = host.decode_attention(&q, nh, heads.sliding_window);
-                Tensor::from_data(TensorData::new(out, [1, nh * hd]), &device)
+            // Decode against an INT4 cache (codes dequantized inside the attention) or
+            // the CPU's host f16 cache.
+            let decoded = (len == 1)
+                .then(|| {
+                    let q = q.clone().narrow(0, offset, 1).reshape([nh, hd]);
+                    cache.decode_attention(q, heads.sliding_window)
+                })
+                .flatten();
+            let a = if let Some(out) = decoded {
+                out.reshape([1, nh * hd])
             } else if len == 1 {
                 let (k, v) = cache.keys_values();
                 let kv_len = k.dims()[2];

@@ -102,7 +102,18 @@ pub fn attend<B: TritterBackend>(
     let k = rope.k.apply(rms_norm(k_norm, split(nh, nkv)));
     let v = split(nh + nkv, nkv);
     let (k, v) = match cache {
-        Some(cache) => cache.append(k, v),
+        Some(cache) => {
+            cache.push(k, v);
+            // One position of one sequence: an INT4 cache (or the CPU's f16 cache) is
+            // read by its own decode attention, codes dequantized inside the kernel.
+            if q.dims()[0] * seq == 1 && rope.documents.is_none() {
+                let queries = q.clone().reshape([nh, hd]);
+                if let Some(out) = cache.decode_attention(queries, heads.sliding_window) {
+                    return B::merge_heads(out.reshape([1, nh, 1, hd]), nh * hd, 0);
+                }
+            }
+            cache.keys_values()
+        }
         None => (k, v),
     };
     let kv_len = k.dims()[2];
