@@ -55,6 +55,27 @@ pub fn random_ternary(d_out: usize, d_in: usize, rng: &mut SplitMix) -> (Vec<u8>
     (bytes, q)
 }
 
+/// The CPU backend's packed product of `x` `[tokens, d_in]` and the export's bytes of a
+/// `[d_out, d_in]` matrix with scale `gamma`: the yardstick of the device products.
+pub fn cpu_packed_matmul(
+    x: &[f32],
+    tokens: usize,
+    bytes: &[u8],
+    d_out: usize,
+    d_in: usize,
+    gamma: f32,
+) -> Vec<f32> {
+    use crate::TritterBackend;
+    let device = Default::default();
+    Flex::ternary_packed_matmul(
+        Tensor::from_data(TensorData::new(x.to_vec(), [tokens, d_in]), &device),
+        &Flex::ternary_upload(bytes, d_out, d_in, gamma, &device),
+    )
+    .into_data()
+    .to_vec()
+    .expect("f32 products")
+}
+
 /// The integer reference of the ternary product: `Σ_c xq[t][c] · q[o][c]`, `[tokens,
 /// d_out]` as f32, for `xq` `[tokens, d_in]` and `q` `[d_out, d_in]`.
 pub fn ternary_product(xq: &[i32], q: &[i32], d_out: usize, d_in: usize) -> Vec<f32> {

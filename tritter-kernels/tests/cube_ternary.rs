@@ -5,9 +5,10 @@
 //! step, 16 inputs per word).
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
-use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
-use tritter_kernels::check::{random_ternary, relative_l2, ternary_product, SplitMix};
+use tritter_kernels::check::{
+    cpu_packed_matmul, random_ternary, relative_l2, ternary_product, SplitMix,
+};
 use tritter_kernels::cube::ternary::integer_product;
 use tritter_kernels::TritterBackend;
 
@@ -69,18 +70,11 @@ fn packed_matmul_on_wgpu_equals_the_cpu_backend() {
             x[d_in..2 * d_in].fill(0.0);
         }
         let gamma = 0.37;
-        let cpu = Flex::ternary_packed_matmul(
-            Tensor::from_data(
-                TensorData::new(x.clone(), [tokens, d_in]),
-                &Default::default(),
-            ),
-            &Flex::ternary_upload(&bytes, d_out, d_in, gamma, &Default::default()),
-        );
+        let cpu = cpu_packed_matmul(&x, tokens, &bytes, d_out, d_in, gamma);
         let gpu = <Wgpu as TritterBackend>::ternary_packed_matmul(
             Tensor::from_data(TensorData::new(x, [tokens, d_in]), &device),
             &<Wgpu as TritterBackend>::ternary_upload(&bytes, d_out, d_in, gamma, &device),
         );
-        let cpu: Vec<f32> = cpu.into_data().to_vec().unwrap();
         let gpu: Vec<f32> = gpu.into_data().to_vec().unwrap();
         let err = relative_l2(&gpu, &cpu);
         assert!(

@@ -5,9 +5,10 @@
 //! device per process is what the engine uses.
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
-use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
-use tritter_kernels::check::{random_ternary, relative_l2, ternary_product, SplitMix};
+use tritter_kernels::check::{
+    cpu_packed_matmul, random_ternary, relative_l2, ternary_product, SplitMix,
+};
 use tritter_kernels::cube::ternary::integer_product;
 use tritter_kernels::TritterBackend;
 
@@ -43,19 +44,12 @@ fn ternary_gemm_writes_f16_on_an_f16_backend() {
             .map(|_| (rng.below(20001) as f32 - 10000.0) / 3000.0)
             .collect();
         let gamma = 0.37;
-        let cpu = Flex::ternary_packed_matmul(
-            Tensor::from_data(
-                TensorData::new(x.clone(), [tokens, d_in]),
-                &Default::default(),
-            ),
-            &Flex::ternary_upload(&bytes, d_out, d_in, gamma, &Default::default()),
-        );
+        let cpu = cpu_packed_matmul(&x, tokens, &bytes, d_out, d_in, gamma);
         let halves: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
         let gpu = <Half as TritterBackend>::ternary_packed_matmul(
             Tensor::from_data(TensorData::new(halves, [tokens, d_in]), &device),
             &<Half as TritterBackend>::ternary_upload(&bytes, d_out, d_in, gamma, &device),
         );
-        let cpu: Vec<f32> = cpu.into_data().to_vec().unwrap();
         let gpu: Vec<f32> = gpu.into_data().convert::<f32>().to_vec().unwrap();
         let err = relative_l2(&gpu, &cpu);
         assert!(err < 1e-2, "f16 product: relative difference {err}");

@@ -24,18 +24,7 @@ type Gpu = Autodiff<Wgpu>;
 fn test_preset_logits_and_gradients_match_the_cpu_backend() {
     let config = TritterConfig::preset("test", 264).unwrap();
     let (cpu, gpu) = (Default::default(), WgpuDevice::Cpu);
-    // Both models load the same bytes (a fresh model's lazily initialized parameters
-    // would initialize again in a clone).
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let bytes = recorder
-        .record(config.init::<Cpu>(&cpu).into_record(), ())
-        .unwrap();
-    let cpu_model: TritterModel<Cpu> = config
-        .init::<Cpu>(&cpu)
-        .load_record(recorder.load(bytes.clone(), &cpu).unwrap());
-    let gpu_model: TritterModel<Gpu> = config
-        .init::<Gpu>(&gpu)
-        .load_record(recorder.load(bytes, &gpu).unwrap());
+    let (cpu_model, gpu_model) = twin_models::<Cpu, Gpu>(&config, &cpu, &gpu);
 
     let (batch, seq) = (2, 96);
     let ids: Vec<i64> = (0..batch * seq)
@@ -127,16 +116,7 @@ fn int4_cache_decodes_on_the_device_like_the_cpu_backend() {
     use tritter::infer::kv_cache::KvCache;
     let config = TritterConfig::preset("test", 264).unwrap();
     let (cpu, gpu) = (Default::default(), WgpuDevice::Cpu);
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let bytes = recorder
-        .record(config.init::<Flex>(&cpu).into_record(), ())
-        .unwrap();
-    let cpu_model: TritterModel<Flex> = config
-        .init::<Flex>(&cpu)
-        .load_record(recorder.load(bytes.clone(), &cpu).unwrap());
-    let gpu_model: TritterModel<Wgpu> = config
-        .init::<Wgpu>(&gpu)
-        .load_record(recorder.load(bytes, &gpu).unwrap());
+    let (cpu_model, gpu_model) = twin_models::<Flex, Wgpu>(&config, &cpu, &gpu);
     let mut cpu_cache = KvCache::with_storage(config.num_layers, KvCacheType::Int4);
     let mut gpu_cache = KvCache::with_storage(config.num_layers, KvCacheType::Int4);
     // A 200-token prompt quantizes a group of 32 (128–159 recent tokens stay in f16),
@@ -177,4 +157,25 @@ fn last_logits<B: tritter_kernels::TritterBackend>(
         .into_data()
         .to_vec()
         .unwrap()
+}
+
+/// The same fresh model on two backends: both load the same bytes (a fresh model's lazily
+/// initialized parameters would initialize again in a clone).
+fn twin_models<C: Backend, G: Backend>(
+    config: &TritterConfig,
+    cpu: &C::Device,
+    gpu: &G::Device,
+) -> (TritterModel<C>, TritterModel<G>) {
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let bytes = recorder
+        .record(config.init::<C>(cpu).into_record(), ())
+        .unwrap();
+    (
+        config
+            .init::<C>(cpu)
+            .load_record(recorder.load(bytes.clone(), cpu).unwrap()),
+        config
+            .init::<G>(gpu)
+            .load_record(recorder.load(bytes, gpu).unwrap()),
+    )
 }

@@ -19,7 +19,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use burn_cubecl::{BoolElement, CubeRuntime};
 use std::time::Instant;
-use tritter_kernels::check::{random_ternary, relative_l2, SplitMix};
+use tritter_kernels::check::{random_ternary, relative_l2, ternary_product, SplitMix};
 use tritter_kernels::cube::fusion::Fused;
 use tritter_kernels::cube::ternary::integer_product;
 use tritter_kernels::{AttentionMask, MaskMod, TritterBackend};
@@ -130,16 +130,7 @@ fn check_ternary<R: CubeRuntime, BT: BoolElement>(
         let xq: Vec<i32> = (0..tokens * d_in)
             .map(|_| rng.below(256) as i32 - 128)
             .collect();
-        let expected: Vec<f32> = (0..tokens)
-            .flat_map(|t| {
-                let (xq, q) = (&xq, &q);
-                (0..d_out).map(move |o| {
-                    (0..d_in)
-                        .map(|c| xq[t * d_in + c] * q[o * d_in + c])
-                        .sum::<i32>() as f32
-                })
-            })
-            .collect();
+        let expected = ternary_product(&xq, &q, d_out, d_in);
         let w = Gpu::<R, BT>::ternary_upload(&bytes, d_out, d_in, 1.0, device);
         let x = Tensor::<Gpu<R, BT>, 2>::from_data(
             TensorData::new(
@@ -200,19 +191,23 @@ fn check_bitlinear_training<R: CubeRuntime, BT: BoolElement>(
                 dx.expect("asked for").into_data(),
             ]
         };
-        for (what, a, b) in [
-            ("forward", &got[0], &want[0]),
-            ("backward to the input", &got[1], &want[1]),
-        ] {
-            let (a, b): (Vec<f32>, Vec<f32>) = (a.to_vec().unwrap(), b.to_vec().unwrap());
-            let err = relative_l2(&a, &b);
-            if err.is_nan() || err >= 1e-5 {
-                return Err(format!(
-                    "BitLinear {what} {tokens}×{d_in} → {d_out}: relative error {err}"
-                ));
-            }
-        }
+        let [got_y, got_dx] = got;
+        let [want_y, want_dx] = want;
+        let what = |part: &str| format!("BitLinear {part} {tokens}×{d_in} → {d_out}");
+        within(&what("forward"), got_y, want_y, 1e-5)?;
+        within(&what("backward to the input"), got_dx, want_dx, 1e-5)?;
         println!("BitLinear training {tokens:>4} × {d_in} → {d_out}: forward and dx within 1e-5");
+    }
+    Ok(())
+}
+
+/// `got` against `want` (as f32): an error naming `what` unless finite and within
+/// `tolerance` relative L2.
+fn within(what: &str, got: TensorData, want: TensorData, tolerance: f32) -> Result<(), String> {
+    let (got, want): (Vec<f32>, Vec<f32>) = (got.to_vec().unwrap(), want.to_vec().unwrap());
+    let err = relative_l2(&got, &want);
+    if err.is_nan() || err >= tolerance {
+        return Err(format!("{what}: relative error {err}"));
     }
     Ok(())
 }
@@ -269,13 +264,7 @@ fn check_attention<R: CubeRuntime, BT: BoolElement>(
             ("dv", got.2.into_data(), want.2.into_data()),
         ];
         for (what, a, b) in pairs {
-            let (a, b): (Vec<f32>, Vec<f32>) = (a.to_vec().unwrap(), b.to_vec().unwrap());
-            let err = relative_l2(&a, &b);
-            if err.is_nan() || err >= 1e-3 {
-                return Err(format!(
-                    "flash attention {what} under {name}: relative error {err}"
-                ));
-            }
+            within(&format!("flash attention {what} under {name}"), a, b, 1e-3)?;
         }
         println!("flash attention {name:<22} forward and backward within 1e-3 of the reference");
     }

@@ -20,6 +20,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubecl::{CubeCount, CubeDim};
 
+use super::empty_like;
+
 /// Query rows per cube (one unit each) and keys per shared-memory tile.
 pub const BLOCK_Q: usize = 32;
 pub const BLOCK_KV: usize = 32;
@@ -416,22 +418,6 @@ fn mask_tensors<R: CubeRuntime>(
             vec![batch, blocks.q_blocks, blocks.kv_blocks],
         ),
     }
-}
-
-pub(super) fn empty_like<R: CubeRuntime>(
-    like: &CubeTensor<R>,
-    shape: Vec<usize>,
-    dtype: DType,
-) -> CubeTensor<R> {
-    let n: usize = shape.iter().product();
-    let buffer = like.client.empty(n.max(1) * dtype.size());
-    CubeTensor::new_contiguous(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::from(shape),
-        buffer,
-        dtype,
-    )
 }
 
 fn dims4<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 4] {

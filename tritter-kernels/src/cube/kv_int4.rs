@@ -17,7 +17,7 @@
 // `div_ceil` does not expand in a kernel.
 #![allow(clippy::manual_div_ceil)]
 
-use super::attention::empty_like as empty;
+use super::empty_like as empty;
 use super::fusion::{float_from_cube, float_to_cube, int_from_cube, int_to_cube, Fused};
 use crate::kv_int4::DeviceKvCache;
 use burn::tensor::{DType, Int, Tensor as BurnTensor};
@@ -69,6 +69,13 @@ fn from_f16_bits(h: u32) -> f32 {
         magnitude = u32::reinterpret(f32::cast_from(m) * 5.960_464_5e-8);
     }
     f32::reinterpret(sign | magnitude)
+}
+
+/// The parameter word of values in `[lo, hi]`: scale `(hi − lo) / 15` and zero point
+/// `lo`, each rounded to f16, the scale in the low half.
+#[cube]
+fn pack_params(lo: f32, hi: f32) -> i32 {
+    i32::reinterpret(f16_bits((hi - lo) / 15.0) | (f16_bits(lo) << 16))
 }
 
 /// The scale of a packed parameter word (its low half).
@@ -141,11 +148,10 @@ fn quantize_keys_kernel<F: Float>(
                 range[0] = f32::min(range[0], x);
                 range[1] = f32::max(range[1], x);
             }
-            let sb = f16_bits((range[1] - range[0]) / 15.0);
-            let zb = f16_bits(range[0]);
-            params_out[hg * d + c] = i32::reinterpret(sb | (zb << 16));
-            scale[k] = from_f16_bits(sb);
-            zero[k] = from_f16_bits(zb);
+            let p = pack_params(range[0], range[1]);
+            params_out[hg * d + c] = p;
+            scale[k] = scale_of(p);
+            zero[k] = zero_of(p);
         }
     }
     for t in 0..group {
@@ -191,11 +197,10 @@ fn quantize_values_kernel<F: Float>(
             range[1] = f32::max(range[1], x);
         }
     }
-    let sb = f16_bits((range[1] - range[0]) / 15.0);
-    let zb = f16_bits(range[0]);
-    params_out[row * cg + k] = i32::reinterpret(sb | (zb << 16));
-    let scale = from_f16_bits(sb);
-    let zero = from_f16_bits(zb);
+    let p = pack_params(range[0], range[1]);
+    params_out[row * cg + k] = p;
+    let scale = scale_of(p);
+    let zero = zero_of(p);
     #[unroll]
     for w in 0..group / WORD_CODES {
         let j = c0 / WORD_CODES + w;

@@ -12,3 +12,25 @@ pub mod attention;
 pub mod fusion;
 pub mod kv_int4;
 pub mod ternary;
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
+
+/// An uninitialized contiguous tensor of `shape` and `dtype` on `like`'s device: a
+/// kernel's output.
+pub(crate) fn empty_like<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    shape: Vec<usize>,
+    dtype: DType,
+) -> CubeTensor<R> {
+    let n: usize = shape.iter().product();
+    let buffer = like.client.empty(n.max(1) * dtype.size());
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape),
+        buffer,
+        dtype,
+    )
+}

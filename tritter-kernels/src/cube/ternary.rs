@@ -9,7 +9,8 @@
 //! beyond, a tiled GEMM stages weight and activation words in shared memory and has
 //! each thread compute 4 × 4 outputs, so every decoded code serves four tokens.
 
-use burn::tensor::{DType, Shape};
+use super::empty_like;
+use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
@@ -337,15 +338,7 @@ pub fn pack_int8<R: CubeRuntime, F: Float + CubeElement>(xq: CubeTensor<R>) -> C
     let xq = into_contiguous(xq);
     let [tokens, d_in] = dims(&xq);
     let words = d_in.div_ceil(16) * 4;
-    let shape = Shape::from(vec![tokens, words]);
-    let buffer = xq.client.empty(tokens * words * 4);
-    let packed = CubeTensor::new_contiguous(
-        xq.client.clone(),
-        xq.device.clone(),
-        shape,
-        buffer,
-        DType::I32,
-    );
+    let packed = empty_like(&xq, vec![tokens, words], DType::I32);
     let (count, dim) = cubes(words, tokens);
     pack_int8_kernel::launch::<F, R>(
         &xq.client,
@@ -373,9 +366,7 @@ pub fn ternary_gemm<R: CubeRuntime, F: Float + CubeElement>(
     let [tokens, x_words] = dims(&x);
     let [d_out, w_words] = dims(&w);
     assert_eq!(x_words, 4 * w_words, "activation and weight words disagree");
-    let shape = Shape::from(vec![tokens, d_out]);
-    let buffer = x.client.empty(tokens * d_out * dtype.size());
-    let out = CubeTensor::new_contiguous(x.client.clone(), x.device.clone(), shape, buffer, dtype);
+    let out = empty_like(&x, vec![tokens, d_out], dtype);
     let client = x.client.clone();
     if tokens <= GEMV_MAX_TOKENS {
         let count = CubeCount::Static((d_out as u32).div_ceil(GEMV_ROWS), 1, 1);
@@ -418,14 +409,7 @@ pub fn pack_ternary<R: CubeRuntime, F: Float + CubeElement>(
     let (weight, gamma) = (into_contiguous(weight), into_contiguous(gamma));
     let [d_in, d_out] = dims(&weight);
     let kw = d_in.div_ceil(16);
-    let buffer = weight.client.empty(d_out * kw * 4);
-    let words = CubeTensor::new_contiguous(
-        weight.client.clone(),
-        weight.device.clone(),
-        Shape::from(vec![d_out, kw]),
-        buffer,
-        DType::I32,
-    );
+    let words = empty_like(&weight, vec![d_out, kw], DType::I32);
     let (count, dim) = cubes(d_out, kw);
     pack_ternary_kernel::launch::<F, R>(
         &weight.client,
@@ -459,14 +443,7 @@ pub fn ternary_transposed<R: CubeRuntime, F: Float + CubeElement>(
         d_in.div_ceil(16),
         "weight words against the input width"
     );
-    let buffer = dy.client.empty(tokens * d_in * dy.dtype.size());
-    let dx = CubeTensor::new_contiguous(
-        dy.client.clone(),
-        dy.device.clone(),
-        Shape::from(vec![tokens, d_in]),
-        buffer,
-        dy.dtype,
-    );
+    let dx = empty_like(&dy, vec![tokens, d_in], dy.dtype);
     let (count, dim) = cubes(kw, tokens.div_ceil(T_REG));
     ternary_transposed_kernel::launch::<F, R>(
         &dy.client,
