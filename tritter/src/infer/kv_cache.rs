@@ -47,32 +47,37 @@ impl<B: TritterBackend> LayerCache<B> {
         let host_f16 = self.kind == KvCacheType::F16 && B::host_f16_kv_cache() && batch == 1;
         if self.kind == KvCacheType::Int4 || host_f16 {
             assert_eq!(batch, 1, "the INT4 KV cache holds one sequence");
-            if matches!(self.stored, Stored::Empty) && !host_f16 {
-                if let Some(cache) = B::device_int4_kv_cache(
-                    kv_heads,
-                    head_dim,
-                    INT4_GROUP,
-                    INT4_RECENT_WINDOW,
-                    &k.device(),
-                ) {
-                    self.stored = Stored::Device(cache);
-                }
-            }
-            if let Stored::Device(cache) = &mut self.stored {
-                let shape = [kv_heads, new, head_dim];
-                cache.append(k.reshape(shape), v.reshape(shape));
-                return;
-            }
             if matches!(self.stored, Stored::Empty) {
-                let cache = if host_f16 {
-                    Int4KvCache::f16_only(kv_heads, head_dim)
-                } else {
-                    Int4KvCache::new(kv_heads, head_dim, INT4_GROUP, INT4_RECENT_WINDOW)
+                // INT4 codes on the device where it has the kernels, else in host memory.
+                let device = (!host_f16)
+                    .then(|| {
+                        B::device_int4_kv_cache(
+                            kv_heads,
+                            head_dim,
+                            INT4_GROUP,
+                            INT4_RECENT_WINDOW,
+                            &k.device(),
+                        )
+                    })
+                    .flatten();
+                self.stored = match device {
+                    Some(cache) => Stored::Device(cache),
+                    None if host_f16 => {
+                        Stored::Host(Int4KvCache::f16_only(kv_heads, head_dim), k.device())
+                    }
+                    None => Stored::Host(
+                        Int4KvCache::new(kv_heads, head_dim, INT4_GROUP, INT4_RECENT_WINDOW),
+                        k.device(),
+                    ),
                 };
-                self.stored = Stored::Host(cache, k.device());
             }
-            if let Stored::Host(cache, _) = &mut self.stored {
-                cache.append(&host(k), &host(v), new);
+            match &mut self.stored {
+                Stored::Device(cache) => {
+                    let shape = [kv_heads, new, head_dim];
+                    cache.append(k.reshape(shape), v.reshape(shape));
+                }
+                Stored::Host(cache, _) => cache.append(&host(k), &host(v), new),
+                _ => unreachable!("an INT4 or host f16 layer holds its cache"),
             }
             return;
         }
