@@ -715,6 +715,62 @@ pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f64) -> Vec<f32> {
     out
 }
 
+/// [`crate::TritterBackend::qk_norm_rotary`] on host rows: each query and key head
+/// normalized as [`rms_norm`] does and rotated as [`rotary`] does, in one pass.
+pub fn qk_norm_rotary(
+    qkv: &[f32],
+    [q_gamma, k_gamma]: [&[f32]; 2],
+    eps: f64,
+    cos: &[f32],
+    sin: &[f32],
+    heads: usize,
+    kv_heads: usize,
+) -> [Vec<f32>; 3] {
+    let d = q_gamma.len();
+    let half = d / 2;
+    let width = (heads + 2 * kv_heads) * d;
+    let rows = qkv.len() / width.max(1);
+    assert_eq!(qkv.len(), rows * width, "rows of {width} projections");
+    assert!(
+        cos.len() == rows * d && sin.len() == rows * d,
+        "one table row per row"
+    );
+    let mut q = vec![0f32; rows * heads * d];
+    let mut k = vec![0f32; rows * kv_heads * d];
+    let mut v = vec![0f32; rows * kv_heads * d];
+    q.par_chunks_mut(heads * d * ROWS_PER_TASK)
+        .zip(k.par_chunks_mut(kv_heads * d * ROWS_PER_TASK))
+        .zip(v.par_chunks_mut(kv_heads * d * ROWS_PER_TASK))
+        .enumerate()
+        .for_each(|(task, ((q, k), v))| {
+            let first = task * ROWS_PER_TASK;
+            for (r, ((q, k), v)) in q
+                .chunks_exact_mut(heads * d)
+                .zip(k.chunks_exact_mut(kv_heads * d))
+                .zip(v.chunks_exact_mut(kv_heads * d))
+                .enumerate()
+            {
+                let row = &qkv[(first + r) * width..(first + r + 1) * width];
+                let (c, s) = (&cos[(first + r) * d..][..d], &sin[(first + r) * d..][..d]);
+                let (q_in, rest) = row.split_at(heads * d);
+                let (k_in, v_in) = rest.split_at(kv_heads * d);
+                for (input, out, gamma) in [(q_in, q, q_gamma), (k_in, k, k_gamma)] {
+                    for (x, o) in input.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                        let inv = inv_rms(x, eps);
+                        for i in 0..half {
+                            let a = x[i] * inv * gamma[i];
+                            let b = x[i + half] * inv * gamma[i + half];
+                            o[i] = a * c[i] + b * s[i];
+                            o[i + half] = b * c[i + half] + a * s[i + half];
+                        }
+                    }
+                }
+                v.copy_from_slice(v_in);
+            }
+        });
+    [q, k, v]
+}
+
 #[inline(always)]
 fn inv_rms(x: &[f32], eps: f64) -> f32 {
     let sum = lane_sum(x.len(), |i| x[i] * x[i]);

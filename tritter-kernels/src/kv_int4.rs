@@ -17,6 +17,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// The INT4 cache of one layer of one sequence held in a device's memory (the CubeCL
@@ -109,9 +110,8 @@ impl Head {
 /// The `k`-th `[d]` row of an f16 window, as f32.
 fn recent_row(window: &[f16], k: usize, row: &mut [f32]) {
     let d = row.len();
-    for (x, v) in row.iter_mut().zip(&window[k * d..(k + 1) * d]) {
-        *x = v.to_f32();
-    }
+    // Eight at a time with the CPU's conversion instructions where it has them.
+    window[k * d..(k + 1) * d].convert_to_f32_slice(row);
 }
 
 /// One layer's INT4 cache for one sequence: `kv_heads` heads of `head_dim` channels.
@@ -222,10 +222,14 @@ impl Int4KvCache {
         assert_eq!(values.len(), self.kv_heads * tokens * d, "values");
         for (h, head) in self.heads.iter_mut().enumerate() {
             let span = h * tokens * d..(h + 1) * tokens * d;
-            head.recent_keys
-                .extend(keys[span.clone()].iter().map(|&x| f16::from_f32(x)));
-            head.recent_values
-                .extend(values[span].iter().map(|&x| f16::from_f32(x)));
+            for (window, new) in [
+                (&mut head.recent_keys, &keys[span.clone()]),
+                (&mut head.recent_values, &values[span]),
+            ] {
+                let at = window.len();
+                window.resize(at + new.len(), f16::ZERO);
+                window[at..].convert_from_f32_slice(new);
+            }
         }
         self.in_recent += tokens;
         if self.in_recent >= self.recent.saturating_add(self.group) {

@@ -208,6 +208,25 @@ pub trait TritterBackend: Backend {
         reference::squared_relu_gate(gate_up, ffn)
     }
 
+    /// Inference's attention inputs from the fused projection `qkv`
+    /// `[rows, (heads + 2·kv_heads)·d]`: queries `[rows, heads, d]` and keys
+    /// `[rows, kv_heads, d]`, each head RMS-normalized with its gain (QK-norm, `ε = eps`)
+    /// and rotated by its row's tables `cos`, `sin` `[rows, d]` (rotate-half, `sin`
+    /// holding `[−sin, sin]`), and values `[rows, kv_heads, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rotary(
+        qkv: Tensor<Self, 2>,
+        q_gamma: Tensor<Self, 1>,
+        k_gamma: Tensor<Self, 1>,
+        eps: f64,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        heads: usize,
+        kv_heads: usize,
+    ) -> [Tensor<Self, 3>; 3] {
+        reference::qk_norm_rotary(qkv, q_gamma, k_gamma, eps, cos, sin, heads, kv_heads)
+    }
+
     /// The gradient of [`TritterBackend::squared_relu_gate`] with respect to `gate_up`,
     /// from the output's gradient.
     fn squared_relu_gate_backward(
@@ -376,6 +395,35 @@ impl TritterBackend for burn::backend::Flex {
         )
     }
 
+    fn qk_norm_rotary(
+        qkv: Tensor<Self, 2>,
+        q_gamma: Tensor<Self, 1>,
+        k_gamma: Tensor<Self, 1>,
+        eps: f64,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        heads: usize,
+        kv_heads: usize,
+    ) -> [Tensor<Self, 3>; 3] {
+        let [rows, d] = cos.dims();
+        let [qkv, cos, sin] = [qkv, cos, sin].map(cpu::Host::new);
+        let [q_gamma, k_gamma] = [q_gamma, k_gamma].map(cpu::Host::new);
+        let [q, k, v] = cpu::qk_norm_rotary(
+            qkv.slice(),
+            [q_gamma.slice(), k_gamma.slice()],
+            eps,
+            cos.slice(),
+            sin.slice(),
+            heads,
+            kv_heads,
+        );
+        [
+            cpu::flex_tensor(q, [rows, heads, d]),
+            cpu::flex_tensor(k, [rows, kv_heads, d]),
+            cpu::flex_tensor(v, [rows, kv_heads, d]),
+        ]
+    }
+
     fn rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 4>, sin: Tensor<Self, 4>) -> Tensor<Self, 4> {
         let dims = x.dims();
         let [x, cos, sin] = [x, cos, sin].map(cpu::Host::new);
@@ -492,26 +540,17 @@ impl TritterBackend for burn::backend::Flex {
         gamma: f32,
         device: &Self::Device,
     ) -> PackedTernary<Self> {
+        // The previous matrix's memory is this backend's device memory: refill it.
+        let previous = match packed::refill_host(previous, bytes, gamma) {
+            Ok(refilled) => return refilled,
+            Err(previous) => previous,
+        };
         let (d_out, d_in) = (previous.d_out, previous.d_in);
-        // The previous matrix's bytes are this backend's device memory: refill them.
-        if let PackedStorage::Host(mut buffer) = previous.storage {
-            if let Some(buffer_bytes) = std::sync::Arc::get_mut(&mut buffer) {
-                if buffer_bytes.len() == bytes.len() {
-                    buffer_bytes.copy_from_slice(bytes);
-                    return PackedTernary {
-                        d_in,
-                        d_out,
-                        gamma,
-                        storage: PackedStorage::Host(buffer),
-                    };
-                }
-            }
-        }
         Self::ternary_upload(bytes, d_out, d_in, gamma, device)
     }
 
     fn ternary_packed_matmul(x: Tensor<Self, 2>, w: &PackedTernary<Self>) -> Tensor<Self, 2> {
-        let PackedStorage::Host(bytes) = &w.storage else {
+        let PackedStorage::Host(words) = &w.storage else {
             return packed::matmul_words(x, w);
         };
         let [tokens, d_in] = x.dims();
@@ -526,15 +565,15 @@ impl TritterBackend for burn::backend::Flex {
             .convert::<f32>()
             .into_vec()
             .expect("f32 activations");
-        let y = packed::ternary_gemm(&values, tokens, bytes, w.d_out, d_in, w.gamma);
+        let y = packed::panel_gemm(&values, tokens, words, w.d_out, d_in, w.gamma);
         Tensor::from_data(TensorData::new(y, [tokens, w.d_out]), &device)
     }
 
     fn ternary_scratch_bytes(d_out: usize, d_in: usize) -> usize {
-        // Quantized activations and i32 accumulators are per call and proportional to
-        // the activations; one unpacked row per thread.
-        let _ = d_out;
-        d_in.div_ceil(4) * 4 * rayon::current_num_threads()
+        // The int8 activations (rows, then tiles) are per call and proportional to the
+        // activations; the accumulators live in registers.
+        let _ = (d_out, d_in);
+        0
     }
 
     fn host_f16_kv_cache() -> bool {

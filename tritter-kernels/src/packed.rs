@@ -6,6 +6,14 @@
 //! 2 → +1). The product is `y[t, o] = (Σ_c xq[t, c]·q[o, c]) · γ / s_t` with `xq`, `s_t`
 //! from [`crate::reference::int8_quantize`]: the same numbers as the latent-weight path,
 //! summed exactly in integers.
+//!
+//! CPU layout: the host keeps the same codes, 2 bits per weight, rearranged as they are
+//! loaded ([`interleave`]): for each panel of [`PANEL_ROWS`] rows and each column of 16
+//! inputs, 16 consecutive 32-bit words, word `r` holding row `r`'s 16 codes. One 64-byte
+//! load then gives 16 rows × 16 inputs, and each group of four inputs becomes one vector
+//! of 16 rows × 4 codes with two instructions (a multishift and a mask), which serves
+//! every token of a tile by a broadcast multiply-add. A weight is unpacked once per tile
+//! of up to [`TILE_TOKENS`] tokens.
 
 use crate::reference::{int8_quantize, ACT_MAX, QUANT_EPS};
 use burn::tensor::backend::Backend;
@@ -25,8 +33,9 @@ pub struct PackedTernary<B: Backend> {
 
 #[derive(Debug, Clone)]
 pub enum PackedStorage<B: Backend> {
-    /// The export's bytes in host memory (the CPU backend's device memory).
-    Host(Arc<[u8]>),
+    /// The codes in host memory (the CPU backend's device memory), in the CPU layout
+    /// ([`interleave`]).
+    Host(Arc<HostWords>),
     /// Rows of 32-bit words, 16 codes per word, `[d_out, ceil(d_in / 16)]`, on the device.
     Words(Tensor<B, 2, Int>),
 }
@@ -35,9 +44,45 @@ impl<B: Backend> PackedTernary<B> {
     /// Bytes this matrix occupies where it is stored.
     pub fn stored_bytes(&self) -> usize {
         match &self.storage {
-            PackedStorage::Host(bytes) => bytes.len(),
+            PackedStorage::Host(words) => 4 * words.len(),
             PackedStorage::Words(_) => self.d_out * self.d_in.div_ceil(16) * 4,
         }
+    }
+}
+
+/// 32-bit words in host memory, aligned to 64-byte cache lines (so that [`interleave`]
+/// writes them with streaming stores).
+#[derive(Debug, Clone)]
+pub struct HostWords {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u32; 16]);
+
+impl HostWords {
+    pub fn zeroed(len: usize) -> Self {
+        Self {
+            lines: vec![Line([0; 16]); len.div_ceil(16)],
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for HostWords {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        // SAFETY: `lines` holds at least `len` initialized `u32`s, contiguous.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for HostWords {
+    fn deref_mut(&mut self) -> &mut [u32] {
+        // SAFETY: as for `deref`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
     }
 }
 
@@ -61,19 +106,141 @@ pub fn validate_codes(bytes: &[u8], d_out: usize, d_in: usize) -> Result<(), Str
     Ok(())
 }
 
-/// Keeps the export's bytes in host memory.
+/// Keeps the export's codes in host memory, in the CPU layout.
 pub fn upload_host<B: Backend>(
     bytes: &[u8],
     d_out: usize,
     d_in: usize,
     gamma: f32,
 ) -> PackedTernary<B> {
+    let mut words = HostWords::zeroed(panel_words(d_out, d_in));
+    interleave(bytes, d_out, d_in, &mut words);
     PackedTernary {
         d_in,
         d_out,
         gamma,
-        storage: PackedStorage::Host(Arc::from(bytes)),
+        storage: PackedStorage::Host(Arc::new(words)),
     }
+}
+
+/// [`upload_host`] into `previous`'s memory when nothing else holds it and the shapes
+/// agree; `Err(previous)` otherwise.
+pub fn refill_host<B: Backend>(
+    previous: PackedTernary<B>,
+    bytes: &[u8],
+    gamma: f32,
+) -> Result<PackedTernary<B>, PackedTernary<B>> {
+    let (d_out, d_in) = (previous.d_out, previous.d_in);
+    match previous.storage {
+        PackedStorage::Host(mut words) if bytes.len() == d_out * d_in.div_ceil(4) => {
+            match Arc::get_mut(&mut words) {
+                Some(buffer) => {
+                    interleave(bytes, d_out, d_in, buffer);
+                    Ok(PackedTernary {
+                        d_in,
+                        d_out,
+                        gamma,
+                        storage: PackedStorage::Host(words),
+                    })
+                }
+                None => Err(PackedTernary {
+                    storage: PackedStorage::Host(words),
+                    ..previous
+                }),
+            }
+        }
+        storage => Err(PackedTernary {
+            storage,
+            ..previous
+        }),
+    }
+}
+
+/// Rows per panel of the CPU layout.
+pub const PANEL_ROWS: usize = 16;
+
+/// 32-bit words of a `[d_out, d_in]` matrix in the CPU layout: rows padded to whole
+/// panels, inputs to whole words (with code 1, zero).
+pub fn panel_words(d_out: usize, d_in: usize) -> usize {
+    d_out.div_ceil(PANEL_ROWS) * PANEL_ROWS * d_in.div_ceil(16)
+}
+
+/// Rearranges the export's `[d_out, ceil(d_in / 4)]` bytes into the CPU layout (see the
+/// module documentation): word `(p·columns + c)·16 + r` holds bytes `4c..4c + 4` of row
+/// `16p + r`, little-endian. One pass: it replaces the copy a load would make.
+///
+/// # Panics
+/// Where `bytes` or `words` has the wrong length.
+pub fn interleave(bytes: &[u8], d_out: usize, d_in: usize, words: &mut [u32]) {
+    let (row_bytes, columns) = (d_in.div_ceil(4), d_in.div_ceil(16));
+    assert_eq!(bytes.len(), d_out * row_bytes, "a {d_out}×{d_in} matrix");
+    assert_eq!(words.len(), panel_words(d_out, d_in), "CPU layout words");
+    // Rows' whole words, then the last partial word; panels on the thread pool (while
+    // the engine computes, they interleave with its work).
+    words
+        .par_chunks_exact_mut(PANEL_ROWS * columns)
+        .enumerate()
+        .for_each(|(p, panel)| interleave_panel(bytes, p, d_out, row_bytes, columns, panel));
+}
+
+/// Panel `p` of [`interleave`].
+fn interleave_panel(
+    bytes: &[u8],
+    p: usize,
+    d_out: usize,
+    row_bytes: usize,
+    columns: usize,
+    panel: &mut [u32],
+) {
+    let whole = row_bytes / 4;
+    {
+        let rows = &bytes[16 * p * row_bytes..((16 * p + 16).min(d_out)) * row_bytes];
+        #[cfg(target_arch = "x86_64")]
+        if gather_available() {
+            // SAFETY: the CPU has AVX-512F; `rows` holds `rows.len() / row_bytes` whole
+            // rows, and `panel` 16 words for each of `columns ≥ whole` columns.
+            unsafe { vnni::interleave_whole(rows, row_bytes, whole, panel) };
+        } else {
+            interleave_whole(rows, row_bytes, whole, panel);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        interleave_whole(rows, row_bytes, whole, panel);
+        if whole < columns {
+            for r in 0..PANEL_ROWS {
+                let mut last = PAD_WORD.to_le_bytes();
+                if let Some(row) = rows.get(r * row_bytes..(r + 1) * row_bytes) {
+                    last[..row_bytes - 4 * whole].copy_from_slice(&row[4 * whole..]);
+                }
+                panel[whole * PANEL_ROWS + r] = u32::from_le_bytes(last);
+            }
+        }
+    }
+}
+
+/// Sixteen zero codes (code 1).
+const PAD_WORD: u32 = 0x5555_5555;
+
+/// The whole words of one panel's rows (`rows`: up to 16 rows of `row_bytes`); missing
+/// rows are padding.
+fn interleave_whole(rows: &[u8], row_bytes: usize, whole: usize, panel: &mut [u32]) {
+    for r in 0..PANEL_ROWS {
+        let column = panel.iter_mut().skip(r).step_by(PANEL_ROWS).take(whole);
+        match rows.get(r * row_bytes..(r + 1) * row_bytes) {
+            Some(row) => column
+                .zip(row.chunks_exact(4))
+                .for_each(|(w, four)| *w = u32::from_le_bytes(four.try_into().expect("4"))),
+            None => column.for_each(|w| *w = PAD_WORD),
+        }
+    }
+}
+
+/// Whether [`interleave`] gathers with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+fn gather_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f") && !portable_kernels_forced()
+    })
 }
 
 /// Moves the export's bytes to the device as 32-bit words, 16 codes each (rows padded
@@ -155,21 +322,6 @@ pub fn unpack_words<B: Backend>(words: Tensor<B, 2, Int>, d_in: usize) -> Tensor
     codes.float() - 1.0
 }
 
-/// `LUT[b]`: the four codes of byte `b` as `i8` weights.
-const LUT: [[i8; 4]; 256] = {
-    let mut lut = [[0i8; 4]; 256];
-    let mut b = 0;
-    while b < 256 {
-        let mut k = 0;
-        while k < 4 {
-            lut[b][k] = ((b >> (2 * k)) & 3) as i8 - 1;
-            k += 1;
-        }
-        b += 1;
-    }
-    lut
-};
-
 /// `round(v)` (half to even) clamped to `[lo, hi]`, for ranges within ±2²², without a
 /// library call and without a branch, so that loops over it vectorize (baseline x86-64
 /// has no rounding instruction): clamping first changes nothing for integer bounds, and
@@ -230,121 +382,292 @@ pub fn quantize_rows(x: &[f32], d_in: usize, stride: usize) -> (Vec<i8>, Vec<f32
     (xq, inv_scales, sums)
 }
 
-/// Portable kernel: `out[r·tokens + t] = Σ_c q[r][c]·xq[t][c]`.
-fn rows_portable(
-    packed: &[u8],
-    d_in: usize,
-    xq: &[i8],
-    stride: usize,
-    tokens: usize,
-    out: &mut [i32],
-) {
-    let row_bytes = d_in.div_ceil(4);
-    let mut row = vec![0i8; row_bytes * 4];
-    for (r, packed_row) in packed.chunks_exact(row_bytes).enumerate() {
-        for (dst, &b) in row.chunks_exact_mut(4).zip(packed_row) {
-            dst.copy_from_slice(&LUT[b as usize]);
+/// Tokens per tile of the CPU product: each unpacked weight vector serves this many.
+pub const TILE_TOKENS: usize = 16;
+
+/// Panels per parallel task: their weights stay in cache while every tile passes.
+const PANELS_PER_TASK: usize = 4;
+
+/// Int8 activations in tiles for the CPU product: for each tile of `width` tokens and
+/// each column of 16 inputs, `width` runs of 16 codes (zero-padded past `d_in` and past
+/// the last token), so a tile's codes for one column lie together.
+struct Tiles {
+    codes: Vec<i8>,
+    width: usize,
+    columns: usize,
+    inv_scales: Vec<f32>,
+    sums: Vec<i32>,
+}
+
+impl Tiles {
+    fn new(x: &[f32], tokens: usize, d_in: usize) -> Self {
+        let columns = d_in.div_ceil(16);
+        let stride = 16 * columns;
+        let (rows, inv_scales, sums) = quantize_rows(x, d_in, stride);
+        let width = tokens.clamp(1, TILE_TOKENS);
+        let mut codes = vec![0i8; tokens.div_ceil(width) * width * stride];
+        for (t, row) in rows.chunks_exact(stride).enumerate() {
+            let tile = &mut codes[(t / width) * width * stride..][..width * stride];
+            for (c, sixteen) in row.chunks_exact(16).enumerate() {
+                tile[(c * width + t % width) * 16..][..16].copy_from_slice(sixteen);
+            }
         }
-        let w = &row[..d_in];
-        for t in 0..tokens {
-            let x = &xq[t * stride..t * stride + d_in];
-            out[r * tokens + t] = x.iter().zip(w).map(|(&a, &b)| a as i32 * b as i32).sum();
+        Self {
+            codes,
+            width,
+            columns,
+            inv_scales,
+            sums,
+        }
+    }
+
+    /// Tile `i`'s codes and its number of tokens.
+    fn tile(&self, i: usize, tokens: usize) -> (&[i8], usize) {
+        let size = self.width * 16 * self.columns;
+        (
+            &self.codes[i * size..(i + 1) * size],
+            (tokens - i * self.width).min(self.width),
+        )
+    }
+}
+
+/// Where the tasks write `y`: disjoint columns of every token's row.
+#[derive(Clone, Copy)]
+struct Output(*mut f32);
+// SAFETY: each task writes only its own panels' columns.
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+/// One panel of weights against one tile of tokens, written into `y`.
+struct PanelJob<'a> {
+    /// The panel's `columns × 16` words.
+    words: &'a [u32],
+    /// The tile's codes: `columns` runs of `width × 16`.
+    codes: &'a [i8],
+    /// Tokens in the tile, and the first one's index.
+    tokens: usize,
+    first_token: usize,
+    x: &'a Tiles,
+    gamma: f32,
+    y: Output,
+    d_out: usize,
+    /// The panel's first row (output).
+    first_row: usize,
+}
+
+/// Portable kernel: `y[t, o] = Σ q·x · (1/s)·γ` for one [`PanelJob`].
+fn panel_portable(job: &PanelJob) {
+    let PanelJob {
+        words,
+        codes,
+        tokens,
+        first_token,
+        x,
+        gamma,
+        y,
+        d_out,
+        first_row,
+    } = *job;
+    let width = x.width;
+    let rows = (d_out - first_row).min(PANEL_ROWS);
+    for t in 0..tokens {
+        let token = first_token + t;
+        for r in 0..rows {
+            let mut acc = 0i32;
+            for c in 0..x.columns {
+                let word = words[c * PANEL_ROWS + r];
+                let xs = &codes[(c * width + t) * 16..][..16];
+                for (k, &v) in xs.iter().enumerate() {
+                    acc += (((word >> (2 * k)) & 3) as i32 - 1) * v as i32;
+                }
+            }
+            let v = acc as f32 * x.inv_scales[token] * gamma;
+            // SAFETY: row `first_row + r < d_out` of token `token`, this task's column.
+            unsafe { *y.0.add(token * d_out + first_row + r) = v };
         }
     }
 }
 
-/// AVX-512 VNNI kernel. Codes `c = q + 1 ∈ {0, 1, 2}` are unpacked in registers, 64 per
-/// 16 bytes, and multiplied as unsigned bytes against the signed activations with
-/// `vpdpbusd`: `Σ c·x = Σ q·x + Σ x`, so `Σ q·x = Σ c·x − Σ x`. Each unpacked vector
-/// serves up to eight tokens.
+/// AVX-512 VNNI + VBMI kernel. Codes `c = q + 1 ∈ {0, 1, 2}` are multiplied as unsigned
+/// bytes against the signed activations with `vpdpbusd`: `Σ c·x = Σ q·x + Σ x`, so
+/// `Σ q·x = Σ c·x − Σ x`, exact in `i32`.
 #[cfg(target_arch = "x86_64")]
 mod vnni {
+    use super::{PanelJob, PANEL_ROWS};
     use std::arch::x86_64::*;
 
-    #[inline(always)]
-    unsafe fn block<const NT: usize>(
-        row: &[u8],
-        stride: usize,
-        xq: *const i8,
-        sums: &[i32],
-        out: &mut [i32],
-    ) {
-        let mask = _mm512_set1_epi32(0x0303_0303);
-        let mut acc = [_mm512_setzero_si512(); NT];
-        let row_bytes = row.len();
-        let mut b = 0;
-        while b < row_bytes {
-            let left = row_bytes - b;
-            let bytes = if left >= 16 {
-                _mm_loadu_si128(row.as_ptr().add(b) as *const __m128i)
-            } else {
-                _mm_maskz_loadu_epi8((1u16 << left) - 1, row.as_ptr().add(b) as *const i8)
-            };
-            let w = _mm512_cvtepu8_epi32(bytes);
-            let w = _mm512_or_si512(
-                _mm512_or_si512(w, _mm512_slli_epi32::<6>(w)),
-                _mm512_or_si512(_mm512_slli_epi32::<12>(w), _mm512_slli_epi32::<18>(w)),
-            );
-            let w = _mm512_and_si512(w, mask);
-            for (j, a) in acc.iter_mut().enumerate() {
-                let x = _mm512_loadu_si512(xq.add(j * stride + 4 * b) as *const __m512i);
-                *a = _mm512_dpbusd_epi32(*a, w, x);
-            }
-            b += 16;
+    /// `vpmultishiftqb` selectors: byte `j` of every 64-bit lane takes the two bits of
+    /// input `4k + j % 4` of the row in the lane's half `j / 4` (word byte `k`).
+    const fn selector(k: u64) -> i64 {
+        let mut bits = 0u64;
+        let mut j = 0;
+        while j < 8 {
+            bits |= (32 * (j / 4) + 8 * k + 2 * (j % 4)) << (8 * j);
+            j += 1;
         }
-        for j in 0..NT {
-            out[j] = _mm512_reduce_add_epi32(acc[j]) - sums[j];
+        bits as i64
+    }
+
+    #[inline(always)]
+    unsafe fn tile<const NT: usize>(
+        words: *const u32,
+        columns: usize,
+        x: *const i8,
+        width: usize,
+    ) -> [__m512i; NT] {
+        let mask = _mm512_set1_epi8(3);
+        let select = [
+            _mm512_set1_epi64(selector(0)),
+            _mm512_set1_epi64(selector(1)),
+            _mm512_set1_epi64(selector(2)),
+            _mm512_set1_epi64(selector(3)),
+        ];
+        // Few tokens: one accumulator per token and group of four inputs, so that the
+        // multiply-adds do not wait on each other; summed at the end.
+        let chains = if NT <= 4 { 4 } else { 1 };
+        let mut acc = [[_mm512_setzero_si512(); NT]; 4];
+        for c in 0..columns {
+            let packed = _mm512_loadu_si512(words.add(c * PANEL_ROWS).cast());
+            let x = x.add(c * width * 16);
+            for (k, select) in select.iter().enumerate() {
+                let w = _mm512_and_si512(_mm512_multishift_epi64_epi8(*select, packed), mask);
+                for (t, acc) in acc[k % chains].iter_mut().enumerate() {
+                    let four = x.add(t * 16 + 4 * k).cast::<i32>().read_unaligned();
+                    *acc = _mm512_dpbusd_epi32(*acc, w, _mm512_set1_epi32(four));
+                }
+            }
+        }
+        let mut sum = acc[0];
+        for chain in &acc[1..chains] {
+            for (s, a) in sum.iter_mut().zip(chain) {
+                *s = _mm512_add_epi32(*s, *a);
+            }
+        }
+        sum
+    }
+
+    #[inline(always)]
+    unsafe fn store<const NT: usize>(acc: [__m512i; NT], job: &PanelJob) {
+        let PanelJob {
+            x,
+            first_token,
+            gamma,
+            y,
+            d_out,
+            first_row,
+            ..
+        } = *job;
+        let rows = (d_out - first_row).min(PANEL_ROWS);
+        let mask = (1u32 << rows).wrapping_sub(1) as u16;
+        let gamma = _mm512_set1_ps(gamma);
+        for (t, acc) in acc.iter().enumerate() {
+            let token = first_token + t;
+            let sum = _mm512_set1_epi32(x.sums[token]);
+            let inv = _mm512_set1_ps(x.inv_scales[token]);
+            // `(a as f32 · 1/s) · γ`, the reference's order.
+            let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(*acc, sum));
+            let v = _mm512_mul_ps(_mm512_mul_ps(v, inv), gamma);
+            _mm512_mask_storeu_ps(y.0.add(token * d_out + first_row), mask, v);
         }
     }
 
-    /// `xq` rows are `stride` apart with `stride ≥ 4·ceil(row_bytes / 16)·16`, zero-padded.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn rows(
-        packed: &[u8],
-        row_bytes: usize,
-        xq: &[i8],
-        stride: usize,
-        sums: &[i32],
-        tokens: usize,
-        out: &mut [i32],
-    ) {
-        for (r, row) in packed.chunks_exact(row_bytes).enumerate() {
-            let out = &mut out[r * tokens..(r + 1) * tokens];
-            let mut t = 0;
-            while t < tokens {
-                let x = xq.as_ptr().add(t * stride);
-                let (s, o) = (&sums[t..], &mut out[t..]);
-                t += match tokens - t {
-                    1 => {
-                        block::<1>(row, stride, x, s, o);
-                        1
+    /// One [`PanelJob`] of 1 to 16 tokens.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    pub unsafe fn panel(job: &PanelJob) {
+        let (w, c, xs, width) = (
+            job.words.as_ptr(),
+            job.x.columns,
+            job.codes.as_ptr(),
+            job.x.width,
+        );
+        macro_rules! run {
+            ($($n:literal)*) => {
+                match job.tokens {
+                    $($n => store::<$n>(tile::<$n>(w, c, xs, width), job),)*
+                    _ => unreachable!("tiles hold 1 to 16 tokens"),
+                }
+            };
+        }
+        run!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+    }
+
+    /// [`super::interleave_whole`] 16 columns at a time: 64 bytes of each of the 16 rows,
+    /// transposed as a 16 × 16 matrix of words in registers; the last columns one by one.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn interleave_whole(rows: &[u8], row_bytes: usize, whole: usize, panel: &mut [u32]) {
+        let present = rows.len() / row_bytes.max(1);
+        let pad = _mm512_set1_epi32(super::PAD_WORD as i32);
+        // Streaming stores (no read of the destination first) where the panel is
+        // aligned to cache lines, as [`super::HostWords`] is.
+        let stream = (panel.as_ptr() as usize).is_multiple_of(64);
+        let blocks = whole / 16;
+        for block in 0..blocks {
+            let mut r = [pad; 16];
+            for (i, r) in r.iter_mut().enumerate().take(present) {
+                let at = rows.as_ptr().add(i * row_bytes + 64 * block);
+                // Sixteen rows read side by side outrun the hardware prefetcher.
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(256).cast());
+                *r = _mm512_loadu_si512(at.cast());
+            }
+            // Pairs of rows, then quads: `u[4g + k]` holds column `4L + k` of rows
+            // `4g..4g + 4` in its 128-bit lane `L`.
+            let mut u = [pad; 16];
+            for g in 0..4 {
+                let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+                let (t0, t1) = (_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+                let (t2, t3) = (_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+                u[4 * g] = _mm512_unpacklo_epi64(t0, t2);
+                u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+                u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+                u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+            }
+            // Lanes across the four quads: column `k + 4j` of all 16 rows.
+            let out = panel.as_mut_ptr().add(16 * block * PANEL_ROWS);
+            for k in 0..4 {
+                let (a, b, c, d) = (u[k], u[4 + k], u[8 + k], u[12 + k]);
+                let v0 = _mm512_shuffle_i32x4::<0x88>(a, b);
+                let v1 = _mm512_shuffle_i32x4::<0xdd>(a, b);
+                let v2 = _mm512_shuffle_i32x4::<0x88>(c, d);
+                let v3 = _mm512_shuffle_i32x4::<0xdd>(c, d);
+                for (column, v) in [
+                    (k, _mm512_shuffle_i32x4::<0x88>(v0, v2)),
+                    (k + 4, _mm512_shuffle_i32x4::<0x88>(v1, v3)),
+                    (k + 8, _mm512_shuffle_i32x4::<0xdd>(v0, v2)),
+                    (k + 12, _mm512_shuffle_i32x4::<0xdd>(v1, v3)),
+                ] {
+                    let at = out.add(column * PANEL_ROWS).cast();
+                    if stream {
+                        _mm512_stream_si512(at, v);
+                    } else {
+                        _mm512_storeu_si512(at, v);
                     }
-                    2 => {
-                        block::<2>(row, stride, x, s, o);
-                        2
-                    }
-                    3 => {
-                        block::<3>(row, stride, x, s, o);
-                        3
-                    }
-                    4..=7 => {
-                        block::<4>(row, stride, x, s, o);
-                        4
-                    }
-                    _ => {
-                        block::<8>(row, stride, x, s, o);
-                        8
-                    }
-                };
+                }
             }
         }
+        let done = 16 * blocks;
+        let rest = &mut panel[done * PANEL_ROWS..];
+        for r in 0..PANEL_ROWS {
+            let column = rest
+                .iter_mut()
+                .skip(r)
+                .step_by(PANEL_ROWS)
+                .take(whole - done);
+            match rows.get(r * row_bytes + 4 * done..(r + 1) * row_bytes) {
+                Some(row) if r < present => column
+                    .zip(row.chunks_exact(4))
+                    .for_each(|(w, four)| *w = u32::from_le_bytes(four.try_into().expect("4"))),
+                _ => column.for_each(|w| *w = super::PAD_WORD),
+            }
+        }
+        // The streaming stores are complete before the buffer changes hands.
+        _mm_sfence();
     }
 
     pub fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vbmi")
     }
 }
 
@@ -354,8 +677,25 @@ pub(crate) fn portable_kernels_forced() -> bool {
     std::env::var_os("TRITTER_PORTABLE_KERNELS").is_some()
 }
 
-/// Whether the AVX-512 VNNI kernels (here and in [`crate::int8`]) run on this CPU.
+/// Whether the AVX-512 VNNI kernels of [`crate::int8`] run on this CPU.
 pub(crate) fn use_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+                && !portable_kernels_forced()
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether this module's AVX-512 VNNI + VBMI kernel runs on this CPU.
+pub fn vector_kernel() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -365,14 +705,9 @@ pub(crate) fn use_vnni() -> bool {
     false
 }
 
-/// Output rows per parallel task.
-const ROW_BLOCK: usize = 32;
-
 /// The product on the CPU from the export's bytes: `x` `[tokens, d_in]` row-major,
-/// returns `[tokens, d_out]` row-major. Each row of weights is unpacked once per group
-/// of up to eight tokens, in registers, so a batch costs little more than one token until the
-/// dot products dominate. AVX-512 VNNI where the CPU has it (set
-/// `TRITTER_PORTABLE_KERNELS` to force the portable kernel), portable Rust otherwise.
+/// returns `[tokens, d_out]` row-major. Rearranges the codes ([`interleave`]) first;
+/// callers that keep a matrix use [`upload_host`] once and [`panel_gemm`].
 pub fn ternary_gemm(
     x: &[f32],
     tokens: usize,
@@ -381,43 +716,79 @@ pub fn ternary_gemm(
     d_in: usize,
     gamma: f32,
 ) -> Vec<f32> {
-    gemm(x, tokens, packed, d_out, d_in, gamma, use_vnni())
+    let mut words = vec![0u32; panel_words(d_out, d_in)];
+    interleave(packed, d_out, d_in, &mut words);
+    panel_gemm(x, tokens, &words, d_out, d_in, gamma)
+}
+
+/// The product on the CPU from codes in the CPU layout: `x` `[tokens, d_in]` row-major,
+/// returns `[tokens, d_out]` row-major. Each weight vector is unpacked once per tile of
+/// up to 16 tokens, in registers. AVX-512 VNNI + VBMI where the CPU has them (set
+/// `TRITTER_PORTABLE_KERNELS` to force the portable kernel), portable Rust otherwise.
+pub fn panel_gemm(
+    x: &[f32],
+    tokens: usize,
+    words: &[u32],
+    d_out: usize,
+    d_in: usize,
+    gamma: f32,
+) -> Vec<f32> {
+    gemm(x, tokens, words, d_out, d_in, gamma, vector_kernel())
 }
 
 fn gemm(
     x: &[f32],
     tokens: usize,
-    packed: &[u8],
+    words: &[u32],
     d_out: usize,
     d_in: usize,
     gamma: f32,
-    vnni: bool,
+    vector: bool,
 ) -> Vec<f32> {
-    let row_bytes = d_in.div_ceil(4);
-    let stride = if vnni {
-        row_bytes.div_ceil(16) * 64
-    } else {
-        d_in
-    };
-    let (xq, inv_scales, sums) = quantize_rows(x, d_in, stride);
-    let mut acc = vec![0i32; d_out * tokens];
-    acc.par_chunks_mut(ROW_BLOCK * tokens)
-        .zip(packed.par_chunks(ROW_BLOCK * row_bytes))
-        .for_each(|(out, packed)| {
-            #[cfg(target_arch = "x86_64")]
-            if vnni {
-                // SAFETY: the CPU has the features (checked by `use_vnni`); `xq` rows are
-                // `stride` apart and padded to whole 64-byte vectors.
-                return unsafe { vnni::rows(packed, row_bytes, &xq, stride, &sums, tokens, out) };
-            }
-            rows_portable(packed, d_in, &xq, stride, tokens, out)
-        });
+    assert_eq!(x.len(), tokens * d_in, "{tokens} tokens of {d_in} inputs");
+    assert_eq!(
+        words.len(),
+        panel_words(d_out, d_in),
+        "a {d_out}×{d_in} matrix"
+    );
     let mut y = vec![0f32; tokens * d_out];
-    for (o, acc_row) in acc.chunks_exact(tokens).enumerate() {
-        for (t, &a) in acc_row.iter().enumerate() {
-            y[t * d_out + o] = a as f32 * inv_scales[t] * gamma;
-        }
+    if tokens == 0 || d_out == 0 {
+        return y;
     }
+    let x = Tiles::new(x, tokens, d_in);
+    let out = Output(y.as_mut_ptr());
+    let panel_size = PANEL_ROWS * x.columns;
+    words
+        .par_chunks(PANELS_PER_TASK * panel_size)
+        .enumerate()
+        .for_each(|(task, words)| {
+            for tile in 0..tokens.div_ceil(x.width) {
+                let (codes, n) = x.tile(tile, tokens);
+                for (p, words) in words.chunks_exact(panel_size).enumerate() {
+                    let job = PanelJob {
+                        words,
+                        codes,
+                        tokens: n,
+                        first_token: tile * x.width,
+                        x: &x,
+                        gamma,
+                        y: out,
+                        d_out,
+                        first_row: (task * PANELS_PER_TASK + p) * PANEL_ROWS,
+                    };
+                    #[cfg(target_arch = "x86_64")]
+                    if vector {
+                        // SAFETY: the CPU has the features (`vector_kernel`); the panel
+                        // holds `columns` whole column blocks, the tile `columns` runs of
+                        // `width × 16` codes; stores stay in this panel's columns of
+                        // the tile's tokens' rows.
+                        unsafe { vnni::panel(&job) };
+                        continue;
+                    }
+                    panel_portable(&job);
+                }
+            }
+        });
     y
 }
 
@@ -451,12 +822,18 @@ mod tests {
     #[test]
     fn cpu_and_device_paths_match_the_reference() {
         let device = Default::default();
+        // Tiles of 1 to 16 tokens and several tiles; partial words, panels and tasks.
         for (tokens, d_in, d_out) in [
             (1, 64, 48),
             (5, 70, 33),
             (16, 257, 129),
             (7, 1030, 65),
             (19, 96, 40),
+            (2, 16, 16),
+            (3, 33, 300),
+            (11, 130, 17),
+            (33, 48, 80),
+            (13, 3, 40),
         ] {
             let (bytes, q) = random_packed(d_out, d_in, (tokens * d_in) as u64);
             validate_codes(&bytes, d_out, d_in).unwrap();
@@ -478,8 +855,10 @@ mod tests {
                 .to_vec()
                 .unwrap();
             let xv: Vec<f32> = x.clone().into_data().to_vec().unwrap();
-            let portable = gemm(&xv, tokens, &bytes, d_out, d_in, gamma, false);
-            let fast = gemm(&xv, tokens, &bytes, d_out, d_in, gamma, use_vnni());
+            let mut layout = vec![0u32; panel_words(d_out, d_in)];
+            interleave(&bytes, d_out, d_in, &mut layout);
+            let portable = gemm(&xv, tokens, &layout, d_out, d_in, gamma, false);
+            let fast = gemm(&xv, tokens, &layout, d_out, d_in, gamma, vector_kernel());
             let words = upload_words::<Flex>(&bytes, d_out, d_in, gamma, &device);
             let dev: Vec<f32> = matmul_words(x, &words).into_data().to_vec().unwrap();
             let norm = reference.iter().map(|v| v * v).sum::<f32>().sqrt();
@@ -502,6 +881,54 @@ mod tests {
                     "{name} {tokens}x{d_in}x{d_out}: relative error {}",
                     err / norm
                 );
+            }
+        }
+    }
+
+    /// The vector rearrangement (16 × 16 word transposes, streaming stores) gives the
+    /// portable one's words: whole and partial blocks of 16 words, missing rows, a
+    /// partial last word, aligned and unaligned destinations.
+    #[test]
+    fn interleave_paths_agree() {
+        for (d_out, d_in) in [
+            (16, 256),
+            (5, 1030),
+            (33, 16),
+            (40, 518),
+            (17, 3),
+            (64, 4096),
+        ] {
+            let (bytes, q) = random_packed(d_out, d_in, (d_out * d_in) as u64);
+            let row_bytes = d_in.div_ceil(4);
+            let mut aligned = HostWords::zeroed(panel_words(d_out, d_in));
+            interleave(&bytes, d_out, d_in, &mut aligned);
+            let mut unaligned = vec![0u32; panel_words(d_out, d_in) + 1];
+            interleave(&bytes, d_out, d_in, &mut unaligned[1..]);
+            let mut portable = vec![0u32; panel_words(d_out, d_in)];
+            let columns = d_in.div_ceil(16);
+            for (p, panel) in portable.chunks_exact_mut(16 * columns).enumerate() {
+                let rows = &bytes[16 * p * row_bytes..(16 * p + 16).min(d_out) * row_bytes];
+                interleave_whole(rows, row_bytes, row_bytes / 4, panel);
+                for r in 0..16 {
+                    for c in row_bytes / 4..columns {
+                        panel[c * 16 + r] = aligned[(p * columns + c) * 16 + r];
+                    }
+                }
+            }
+            assert_eq!(&aligned[..], &portable[..], "{d_out}×{d_in}");
+            assert_eq!(&aligned[..], &unaligned[1..], "{d_out}×{d_in}");
+            // Every code is where the layout says, and padding is zero weights.
+            for o in 0..d_out.div_ceil(16) * 16 {
+                for c in 0..columns * 16 {
+                    let word = aligned[((o / 16) * columns + c / 16) * 16 + o % 16];
+                    let code = ((word >> (2 * (c % 16))) & 3) as f32 - 1.0;
+                    let want = if o < d_out && c < d_in {
+                        q[o * d_in + c]
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(code, want, "{d_out}×{d_in}: row {o}, input {c}");
+                }
             }
         }
     }

@@ -265,6 +265,53 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, gamma: Tensor<B, 1>, eps: f64) -> T
     x * inv_rms * gamma.unsqueeze()
 }
 
+/// Queries, keys and values for inference from the fused projection (see
+/// [`crate::TritterBackend::qk_norm_rotary`]): QK-norm per head, then the rotation by each
+/// row's tables.
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rotary<B: Backend>(
+    qkv: Tensor<B, 2>,
+    q_gamma: Tensor<B, 1>,
+    k_gamma: Tensor<B, 1>,
+    eps: f64,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    heads: usize,
+    kv_heads: usize,
+) -> [Tensor<B, 3>; 3] {
+    let [rows, d] = cos.dims();
+    // Materialized copies (reshape of a flattened tensor), so that every op below
+    // is contiguous and element-wise.
+    let contiguous = |x: Tensor<B, 3>| {
+        let dims = x.dims();
+        x.reshape([dims.iter().product::<usize>()]).reshape(dims)
+    };
+    let split = |start: usize, n: usize| {
+        qkv.clone()
+            .narrow(1, start * d, n * d)
+            .reshape([rows * n * d])
+            .reshape([rows, n, d])
+    };
+    let norm_rotate = |x: Tensor<B, 3>, gamma: Tensor<B, 1>, n: usize| {
+        let x = rms_norm(x.reshape([rows * n, d]), gamma, eps).reshape([rows, n, d]);
+        let table =
+            |t: &Tensor<B, 2>| contiguous(t.clone().reshape([rows, 1, d]).expand([rows, n, d]));
+        let rotated = Tensor::cat(
+            vec![
+                x.clone().narrow(2, d / 2, d / 2),
+                x.clone().narrow(2, 0, d / 2),
+            ],
+            2,
+        );
+        x * table(&cos) + rotated * table(&sin)
+    };
+    [
+        norm_rotate(split(0, heads), q_gamma, heads),
+        norm_rotate(split(heads, kv_heads), k_gamma, kv_heads),
+        split(heads + kv_heads, kv_heads),
+    ]
+}
+
 /// Gradients of [`rms_norm`] with `r = 1/sqrt(mean(x²) + ε)` per row:
 /// `dx = r·(g ⊙ dy) − x·r³·mean(g ⊙ dy ⊙ x)`, `dg = Σ_rows dy ⊙ x·r`.
 pub fn rms_norm_backward<B: Backend>(

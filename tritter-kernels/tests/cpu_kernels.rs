@@ -152,6 +152,42 @@ fn rotary_and_its_gradient_match_the_reference() {
 }
 
 #[test]
+fn qk_norm_and_rotation_match_the_reference() {
+    let device = Default::default();
+    // Grouped and plain attention; one row and a prefill chunk.
+    for (rows, heads, kv_heads, d) in [(1, 4, 2, 16), (37, 3, 3, 32), (16, 20, 4, 128)] {
+        let random = |shape: [usize; 2]| {
+            Tensor::<Flex, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+        };
+        let qkv = random([rows, (heads + 2 * kv_heads) * d]);
+        let (cos, sin) = (random([rows, d]), random([rows, d]));
+        let gains = random([2, d]);
+        let gain = |i: usize| gains.clone().narrow(0, i, 1).reshape([d]);
+        let got = Flex::qk_norm_rotary(
+            qkv.clone(),
+            gain(0),
+            gain(1),
+            1e-6,
+            cos.clone(),
+            sin.clone(),
+            heads,
+            kv_heads,
+        );
+        let want =
+            reference::qk_norm_rotary(qkv, gain(0), gain(1), 1e-6, cos, sin, heads, kv_heads);
+        for (name, got, want) in [
+            ("q", &got[0], &want[0]),
+            ("k", &got[1], &want[1]),
+            ("v", &got[2], &want[2]),
+        ] {
+            assert_eq!(got.dims(), want.dims(), "{name}");
+            let err = relative_l2(&values(got.clone()), &values(want.clone()));
+            assert!(err < 1e-6, "{name} {rows}×{heads}/{kv_heads}×{d}: {err}");
+        }
+    }
+}
+
+#[test]
 fn bitlinear_quantization_matches_the_reference() {
     let device = Default::default();
     for (tokens, d_in, d_out, scale) in [

@@ -552,6 +552,8 @@ fn gemm_rates(config: &TritterConfig, token_counts: &[usize]) -> Vec<(usize, f64
     let packed: Vec<u8> = (0..d_out * d_in.div_ceil(4))
         .map(|i| (i % 81) as u8 & 0x55)
         .collect();
+    let mut words = vec![0u32; tritter_kernels::packed::panel_words(d_out, d_in)];
+    tritter_kernels::packed::interleave(&packed, d_out, d_in, &mut words);
     token_counts
         .iter()
         .map(|&tokens| {
@@ -561,14 +563,33 @@ fn gemm_rates(config: &TritterConfig, token_counts: &[usize]) -> Vec<(usize, f64
             let mut best = f64::MAX;
             for _ in 0..5 {
                 let start = Instant::now();
-                std::hint::black_box(tritter_kernels::packed::ternary_gemm(
-                    &x, tokens, &packed, d_out, d_in, 1.0,
+                std::hint::black_box(tritter_kernels::packed::panel_gemm(
+                    &x, tokens, &words, d_out, d_in, 1.0,
                 ));
                 best = best.min(start.elapsed().as_secs_f64());
             }
             (tokens, (d_in * d_out) as f64 / best)
         })
         .collect()
+}
+
+/// Bandwidth of the loader's rearrangement of the export's codes into the CPU layout
+/// (on the thread pool), bytes/s, for the model's largest matrix.
+fn interleave_bandwidth(config: &TritterConfig) -> f64 {
+    use tritter_kernels::packed::{interleave, panel_words, HostWords};
+    let (d_in, d_out) = (config.hidden_size, 2 * config.ffn_size);
+    let packed: Vec<u8> = (0..d_out * d_in.div_ceil(4))
+        .map(|i| (i % 81) as u8 & 0x55)
+        .collect();
+    let mut words = HostWords::zeroed(panel_words(d_out, d_in));
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        interleave(std::hint::black_box(&packed), d_out, d_in, &mut words);
+        best = best.min(start.elapsed().as_secs_f64());
+        std::hint::black_box(&words);
+    }
+    packed.len() as f64 / best
 }
 
 /// Single-thread copy bandwidth of a buffer far larger than the caches, bytes/s.
@@ -623,6 +644,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     );
     let file = std::sync::Arc::new(ModelFile::open(&path)?);
     let copy = memcpy_bandwidth();
+    let rearrange = interleave_bandwidth(config);
     let gemm = gemm_rates(config, &[1, 16]);
     let budget = (bytes as f64 / ratio) as u64;
     let threads = rayon::current_num_threads();
@@ -635,6 +657,10 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     println!(
         "memory copy bandwidth (1 thread): {:.2} GiB/s",
         copy / (1u64 << 30) as f64
+    );
+    println!(
+        "rearranging packed codes into the CPU layout ({threads} threads): {:.2} GiB/s",
+        rearrange / (1u64 << 30) as f64
     );
     for (tokens, weights_per_sec) in &gemm {
         println!(
@@ -669,7 +695,10 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     };
     let sampling = SamplingConfig::default();
     let mut rows = Vec::new();
-    for (name, budget, batch) in std::iter::once(("resident", u64::MAX, 1))
+    // Resident rows: the same compute with every layer in memory (no transfer).
+    for (name, budget, batch) in batches
+        .iter()
+        .map(|&b| ("resident", u64::MAX, b))
         .chain(batches.iter().map(|&b| ("streaming", budget, b)))
     {
         let request = PlanRequest {
@@ -709,7 +738,10 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         );
         rows.push((name, batch, s.clone()));
     }
-    let resident = rows.iter().find(|r| r.0 == "resident").map(|r| r.2.clone());
+    let resident = rows
+        .iter()
+        .find(|r| r.0 == "resident" && r.1 == 1)
+        .map(|r| r.2.clone());
     let one = rows
         .iter()
         .find(|r| r.0 == "streaming" && r.1 == 1)

@@ -215,14 +215,14 @@ impl fmt::Display for MemoryPlan {
 }
 
 /// Bytes one layer occupies on the device: packed codes (rows padded to 32-bit words, as
-/// the GPU path stores them; the CPU path stores the export's bytes, never more), γ, and
-/// the layer's norm gains in f32.
+/// the GPU path stores them, and to whole panels of 16 rows, as the CPU path does), γ,
+/// and the layer's norm gains in f32.
 pub fn layer_device_bytes(config: &TritterConfig) -> u64 {
     let (h, hd) = (config.hidden_size, config.head_dim());
     let bitlinears: usize = config
         .bitlinear_shapes()
         .iter()
-        .map(|&(d_in, d_out)| d_out * d_in.div_ceil(16) * 4 + 4 + 4 * d_in)
+        .map(|&(d_in, d_out)| tritter_kernels::packed::panel_words(d_out, d_in) * 4 + 4 + 4 * d_in)
         .sum();
     (bitlinears + 4 * (2 * hd + 2 * h)) as u64
 }

@@ -144,6 +144,19 @@ impl<B: TritterBackend> LayerCache<B> {
         }
     }
 
+    /// Whether the layer holds a cache in host memory (INT4, or the CPU's f16).
+    pub fn is_host(&self) -> bool {
+        matches!(self.stored, Stored::Host(..))
+    }
+
+    /// The cache in host memory, where the layer holds one ([`LayerCache::is_host`]).
+    pub fn host_mut(&mut self) -> Option<&mut Int4KvCache> {
+        match &mut self.stored {
+            Stored::Host(cache, _) => Some(cache),
+            _ => None,
+        }
+    }
+
     /// Whether the keys and values live in the device's memory: a dense cache, or INT4
     /// codes with the device's kernels (not the host-memory INT4 or f16 cache).
     pub fn on_device(&self) -> bool {

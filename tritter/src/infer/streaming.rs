@@ -24,6 +24,7 @@ use anyhow::{anyhow, bail, Result};
 use burn::module::Param;
 use burn::nn::RmsNorm;
 use burn::prelude::*;
+use rayon::prelude::*;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
@@ -134,7 +135,6 @@ impl<B: TritterBackend> LayerWeights<B> {
         let (nh, nkv, hd) = (heads.num_heads, heads.num_kv_heads, heads.head_dim);
         let lens: Vec<usize> = xs.iter().map(|x| x.dims()[0]).collect();
         let x = Tensor::cat(xs, 0);
-        let rows = x.dims()[0];
         let device = x.device();
         let [qkv, out, gate_up, down] = &self.linears;
         let qkv = qkv.forward(x.clone());
@@ -146,71 +146,25 @@ impl<B: TritterBackend> LayerWeights<B> {
             .flat_map(|(&len, &start)| start..start + len)
             .collect();
         let (cos, sin) = rope_tables::<B>(&positions, hd, config.rope_theta, &device);
-        let rotate = |x: Tensor<B, 3>, n: usize| {
-            let table = |t: &Tensor<B, 3>| contiguous(t.clone().expand([rows, n, hd]));
-            let rotated = Tensor::cat(
-                vec![
-                    x.clone().narrow(2, hd / 2, hd / 2),
-                    x.clone().narrow(2, 0, hd / 2),
-                ],
-                2,
-            );
-            x * table(&cos) + rotated * table(&sin)
-        };
-        let split = |start: usize, n: usize| {
-            contiguous(qkv.clone().narrow(1, start * hd, n * hd)).reshape([rows, n, hd])
-        };
-        let q = rotate(rms_norm(&self.q_norm, split(0, nh)), nh);
-        let k = rotate(rms_norm(&self.k_norm, split(nh, nkv)), nkv);
-        let v = split(nh + nkv, nkv);
+        let [q, k, v] = B::qk_norm_rotary(
+            qkv,
+            self.q_norm.gamma.val(),
+            self.k_norm.gamma.val(),
+            self.q_norm.epsilon,
+            cos,
+            sin,
+            nh,
+            nkv,
+        );
 
-        let mut attended = Vec::with_capacity(lens.len());
-        let mut offset = 0;
-        for (&len, cache) in lens.iter().zip(caches) {
-            let heads_first = |t: &Tensor<B, 3>| {
-                contiguous(t.clone().narrow(0, offset, len).swap_dims(0, 1)).unsqueeze::<4>()
-            };
-            cache.push(heads_first(&k), heads_first(&v));
-            // Decode against an INT4 cache (codes dequantized inside the attention) or
-            // the CPU's host f16 cache.
-            let decoded = (len == 1)
-                .then(|| {
-                    let q = q.clone().narrow(0, offset, 1).reshape([nh, hd]);
-                    cache.decode_attention(q, heads.sliding_window)
-                })
-                .flatten();
-            let a = if let Some(out) = decoded {
-                out.reshape([1, nh * hd])
-            } else if len == 1 {
-                let (k, v) = cache.keys_values();
-                let kv_len = k.dims()[2];
-                // Decode: the query sees the whole cache (or its window), so the query
-                // heads sharing a key/value head attend as one group of rows — no
-                // repeated keys and values.
-                let group = nh / nkv;
-                let q = q.clone().narrow(0, offset, 1).reshape([1, nkv, group, hd]);
-                let mask = heads.sliding_window.filter(|&w| w < kv_len).map(|w| {
-                    mask_tensor::<B>(
-                        &AttentionMask::new(MaskMod::sliding_window(w)),
-                        [1, nkv, 1, kv_len],
-                        &device,
-                    )
-                    .expand([1, nkv, group, kv_len])
-                });
-                B::tritter_attention(q, k, v, mask, false).reshape([1, nh * hd])
-            } else {
-                let (k, v) = cache.keys_values();
-                let kv_len = k.dims()[2];
-                let mask = AttentionMask::new(attention_mask(heads.sliding_window, kv_len));
-                let a = B::flex_attention(heads_first(&q), k, v, &mask);
-                a.reshape([nh, len, hd])
-                    .swap_dims(0, 1)
-                    .reshape([len, nh * hd])
-            };
-            attended.push(a);
-            offset += len;
-        }
-        let h = x + rms_norm(&self.attn_norm, out.forward(Tensor::cat(attended, 0)));
+        // One new position per sequence against host caches (the CPU's): every
+        // sequence at once, on the thread pool. Otherwise sequence by sequence.
+        let a = if lens.iter().all(|&len| len == 1) && caches.iter().all(|c| c.is_host()) {
+            host_decode(q, k, v, caches, heads.sliding_window)
+        } else {
+            attend_each(&heads, &lens, q, k, v, caches)
+        };
+        let h = x + rms_norm(&self.attn_norm, out.forward(a));
         let f = down.forward(squared_relu_gate(
             gate_up.forward(h.clone()),
             config.ffn_size,
@@ -226,21 +180,119 @@ impl<B: TritterBackend> LayerWeights<B> {
     }
 }
 
-/// Rotary tables `[rows, 1, head_dim]` (`cos`, signed `sin`) for rows at `positions`.
+/// Attention of each sequence's rows (`q` `[rows, heads, d]`, `k` and `v`
+/// `[rows, kv_heads, d]`, sequence `i` the `lens[i]` rows after the previous ones) to its
+/// own cache, after appending its keys and values: `[rows, heads·d]`.
+fn attend_each<B: TritterBackend>(
+    heads: &Heads,
+    lens: &[usize],
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    caches: Vec<&mut LayerCache<B>>,
+) -> Tensor<B, 2> {
+    let (nh, nkv, hd) = (heads.num_heads, heads.num_kv_heads, heads.head_dim);
+    let device = q.device();
+    let mut attended = Vec::with_capacity(lens.len());
+    let mut offset = 0;
+    for (&len, cache) in lens.iter().zip(caches) {
+        let heads_first = |t: &Tensor<B, 3>| {
+            contiguous(t.clone().narrow(0, offset, len).swap_dims(0, 1)).unsqueeze::<4>()
+        };
+        cache.push(heads_first(&k), heads_first(&v));
+        // Decode against an INT4 cache (codes dequantized inside the attention) or
+        // the CPU's host f16 cache.
+        let decoded = (len == 1)
+            .then(|| {
+                let q = q.clone().narrow(0, offset, 1).reshape([nh, hd]);
+                cache.decode_attention(q, heads.sliding_window)
+            })
+            .flatten();
+        let a = if let Some(out) = decoded {
+            out.reshape([1, nh * hd])
+        } else if len == 1 {
+            let (k, v) = cache.keys_values();
+            let kv_len = k.dims()[2];
+            // Decode: the query sees the whole cache (or its window), so the query
+            // heads sharing a key/value head attend as one group of rows — no
+            // repeated keys and values.
+            let group = nh / nkv;
+            let q = q.clone().narrow(0, offset, 1).reshape([1, nkv, group, hd]);
+            let mask = heads.sliding_window.filter(|&w| w < kv_len).map(|w| {
+                mask_tensor::<B>(
+                    &AttentionMask::new(MaskMod::sliding_window(w)),
+                    [1, nkv, 1, kv_len],
+                    &device,
+                )
+                .expand([1, nkv, group, kv_len])
+            });
+            B::tritter_attention(q, k, v, mask, false).reshape([1, nh * hd])
+        } else {
+            let (k, v) = cache.keys_values();
+            let kv_len = k.dims()[2];
+            let mask = AttentionMask::new(attention_mask(heads.sliding_window, kv_len));
+            let a = B::flex_attention(heads_first(&q), k, v, &mask);
+            a.reshape([nh, len, hd])
+                .swap_dims(0, 1)
+                .reshape([len, nh * hd])
+        };
+        attended.push(a);
+        offset += len;
+    }
+    Tensor::cat(attended, 0)
+}
+
+/// Rotary tables `[rows, head_dim]` (`cos`, signed `sin`) for rows at `positions`.
 fn rope_tables<B: Backend>(
     positions: &[usize],
     head_dim: usize,
     theta: f64,
     device: &B::Device,
-) -> (Tensor<B, 3>, Tensor<B, 3>) {
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let mut cos = Vec::with_capacity(positions.len() * head_dim);
     let mut sin = Vec::with_capacity(positions.len() * head_dim);
     for &p in positions {
         rope_row(p, head_dim, theta, &mut cos, &mut sin);
     }
     let table =
-        |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [positions.len(), 1, head_dim]), device);
+        |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [positions.len(), head_dim]), device);
     (table(cos), table(sin))
+}
+
+/// Decode attention of one new position per sequence (`q` `[rows, heads, d]`, `k` and `v`
+/// `[rows, kv_heads, d]`, row `i` sequence `i`) against caches in host memory (the CPU's
+/// f16 or INT4 cache): each sequence's keys and values appended and attended to on the
+/// thread pool, sequences side by side. `[rows, heads·d]`.
+fn host_decode<B: TritterBackend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    caches: Vec<&mut LayerCache<B>>,
+    window: Option<usize>,
+) -> Tensor<B, 2> {
+    let device = q.device();
+    let ([rows, nh, hd], nkv) = (q.dims(), k.dims()[1]);
+    let host = |t: Tensor<B, 3>| -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 activations")
+    };
+    let (q, k, v) = (host(q), host(k), host(v));
+    let mut hosts: Vec<_> = caches
+        .into_iter()
+        .map(|c| c.host_mut().expect("a host cache"))
+        .collect();
+    let mut out = vec![0f32; rows * nh * hd];
+    out.par_chunks_mut(nh * hd)
+        .zip(hosts.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (out, cache))| {
+            let kv = i * nkv * hd..(i + 1) * nkv * hd;
+            cache.append(&k[kv.clone()], &v[kv], 1);
+            out.copy_from_slice(&cache.decode_attention(&q[i * nh * hd..][..nh * hd], nh, window));
+        });
+    Tensor::from_data(TensorData::new(out, [rows, nh * hd]), &device)
 }
 
 /// A group of consecutive layers on the device.
