@@ -455,7 +455,24 @@ struct PanelJob<'a> {
     first_row: usize,
 }
 
-/// Portable kernel: `y[t, o] = Σ q·x · (1/s)·γ` for one [`PanelJob`].
+/// `LUT[b]`: the four codes of byte `b` as `i8` weights.
+const LUT: [[i8; 4]; 256] = {
+    let mut lut = [[0i8; 4]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut k = 0;
+        while k < 4 {
+            lut[b][k] = ((b >> (2 * k)) & 3) as i8 - 1;
+            k += 1;
+        }
+        b += 1;
+    }
+    lut
+};
+
+/// Portable kernel: `y[t, o] = Σ q·x · (1/s)·γ` for one [`PanelJob`]. The panel's codes
+/// are unpacked once into `i8` rows, each token's codes gathered into one row, and each
+/// output is an `i8` dot product the compiler vectorizes.
 fn panel_portable(job: &PanelJob) {
     let PanelJob {
         words,
@@ -468,19 +485,30 @@ fn panel_portable(job: &PanelJob) {
         d_out,
         first_row,
     } = *job;
-    let width = x.width;
+    let (width, columns) = (x.width, x.columns);
+    let d = 16 * columns;
     let rows = (d_out - first_row).min(PANEL_ROWS);
-    for t in 0..tokens {
-        let token = first_token + t;
-        for r in 0..rows {
-            let mut acc = 0i32;
-            for c in 0..x.columns {
-                let word = words[c * PANEL_ROWS + r];
-                let xs = &codes[(c * width + t) * 16..][..16];
-                for (k, &v) in xs.iter().enumerate() {
-                    acc += (((word >> (2 * k)) & 3) as i32 - 1) * v as i32;
-                }
+    let mut weights = vec![0i8; rows * d];
+    for (r, row) in weights.chunks_exact_mut(d).enumerate() {
+        for (c, sixteen) in row.chunks_exact_mut(16).enumerate() {
+            let bytes = words[c * PANEL_ROWS + r].to_le_bytes();
+            for (four, &b) in sixteen.chunks_exact_mut(4).zip(&bytes) {
+                four.copy_from_slice(&LUT[b as usize]);
             }
+        }
+    }
+    let mut activations = vec![0i8; d];
+    for t in 0..tokens {
+        for (c, sixteen) in activations.chunks_exact_mut(16).enumerate() {
+            sixteen.copy_from_slice(&codes[(c * width + t) * 16..][..16]);
+        }
+        let token = first_token + t;
+        for (r, row) in weights.chunks_exact(d).enumerate() {
+            let acc: i32 = row
+                .iter()
+                .zip(&activations)
+                .map(|(&q, &a)| q as i32 * a as i32)
+                .sum();
             let v = acc as f32 * x.inv_scales[token] * gamma;
             // SAFETY: row `first_row + r < d_out` of token `token`, this task's column.
             unsafe { *y.0.add(token * d_out + first_row + r) = v };
