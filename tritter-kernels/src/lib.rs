@@ -541,12 +541,11 @@ impl TritterBackend for burn::backend::Flex {
         device: &Self::Device,
     ) -> PackedTernary<Self> {
         // The previous matrix's memory is this backend's device memory: refill it.
-        let previous = match packed::refill_host(previous, bytes, gamma) {
-            Ok(refilled) => return refilled,
-            Err(previous) => previous,
-        };
-        let (d_out, d_in) = (previous.d_out, previous.d_in);
-        Self::ternary_upload(bytes, d_out, d_in, gamma, device)
+        let mut previous = previous;
+        if packed::refill_host(&mut previous, bytes, gamma) {
+            return previous;
+        }
+        Self::ternary_upload(bytes, previous.d_out, previous.d_in, gamma, device)
     }
 
     fn ternary_packed_matmul(x: Tensor<Self, 2>, w: &PackedTernary<Self>) -> Tensor<Self, 2> {

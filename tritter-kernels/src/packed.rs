@@ -123,36 +123,21 @@ pub fn upload_host<B: Backend>(
     }
 }
 
-/// [`upload_host`] into `previous`'s memory when nothing else holds it and the shapes
-/// agree; `Err(previous)` otherwise.
-pub fn refill_host<B: Backend>(
-    previous: PackedTernary<B>,
-    bytes: &[u8],
-    gamma: f32,
-) -> Result<PackedTernary<B>, PackedTernary<B>> {
+/// Refills `previous`'s host memory with another matrix of its shape (the export's
+/// `bytes`, scale `gamma`), as [`upload_host`] would lay it out. False, leaving it as it
+/// was, where its memory is not host words held by it alone or the size differs.
+pub fn refill_host<B: Backend>(previous: &mut PackedTernary<B>, bytes: &[u8], gamma: f32) -> bool {
     let (d_out, d_in) = (previous.d_out, previous.d_in);
-    match previous.storage {
-        PackedStorage::Host(mut words) if bytes.len() == d_out * d_in.div_ceil(4) => {
-            match Arc::get_mut(&mut words) {
-                Some(buffer) => {
-                    interleave(bytes, d_out, d_in, buffer);
-                    Ok(PackedTernary {
-                        d_in,
-                        d_out,
-                        gamma,
-                        storage: PackedStorage::Host(words),
-                    })
-                }
-                None => Err(PackedTernary {
-                    storage: PackedStorage::Host(words),
-                    ..previous
-                }),
-            }
+    let PackedStorage::Host(words) = &mut previous.storage else {
+        return false;
+    };
+    match Arc::get_mut(words) {
+        Some(buffer) if bytes.len() == d_out * d_in.div_ceil(4) => {
+            interleave(bytes, d_out, d_in, buffer);
+            previous.gamma = gamma;
+            true
         }
-        storage => Err(PackedTernary {
-            storage,
-            ..previous
-        }),
+        _ => false,
     }
 }
 
@@ -175,68 +160,59 @@ pub fn interleave(bytes: &[u8], d_out: usize, d_in: usize, words: &mut [u32]) {
     let (row_bytes, columns) = (d_in.div_ceil(4), d_in.div_ceil(16));
     assert_eq!(bytes.len(), d_out * row_bytes, "a {d_out}×{d_in} matrix");
     assert_eq!(words.len(), panel_words(d_out, d_in), "CPU layout words");
-    // Rows' whole words, then the last partial word; panels on the thread pool (while
-    // the engine computes, they interleave with its work).
+    // Panels on the thread pool: while the engine computes, they interleave with its work.
     words
         .par_chunks_exact_mut(PANEL_ROWS * columns)
         .enumerate()
-        .for_each(|(p, panel)| interleave_panel(bytes, p, d_out, row_bytes, columns, panel));
-}
-
-/// Panel `p` of [`interleave`].
-fn interleave_panel(
-    bytes: &[u8],
-    p: usize,
-    d_out: usize,
-    row_bytes: usize,
-    columns: usize,
-    panel: &mut [u32],
-) {
-    let whole = row_bytes / 4;
-    {
-        let rows = &bytes[16 * p * row_bytes..((16 * p + 16).min(d_out)) * row_bytes];
-        #[cfg(target_arch = "x86_64")]
-        if gather_available() {
-            // SAFETY: the CPU has AVX-512F; `rows` holds `rows.len() / row_bytes` whole
-            // rows, and `panel` 16 words for each of `columns ≥ whole` columns.
-            unsafe { vnni::interleave_whole(rows, row_bytes, whole, panel) };
-        } else {
-            interleave_whole(rows, row_bytes, whole, panel);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        interleave_whole(rows, row_bytes, whole, panel);
-        if whole < columns {
-            for r in 0..PANEL_ROWS {
-                let mut last = PAD_WORD.to_le_bytes();
-                if let Some(row) = rows.get(r * row_bytes..(r + 1) * row_bytes) {
-                    last[..row_bytes - 4 * whole].copy_from_slice(&row[4 * whole..]);
-                }
-                panel[whole * PANEL_ROWS + r] = u32::from_le_bytes(last);
+        .for_each(|(p, panel)| {
+            let rows = &bytes[16 * p * row_bytes..((16 * p + 16).min(d_out)) * row_bytes];
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if transpose_available() {
+                // SAFETY: the CPU has AVX-512F; `rows` holds `rows.len() / row_bytes` whole
+                // rows, and `panel` 16 words for each of `columns` columns.
+                done = unsafe { vnni::interleave_blocks(rows, row_bytes, panel) };
             }
-        }
-    }
+            interleave_columns(rows, row_bytes, done..columns, panel);
+        });
 }
 
 /// Sixteen zero codes (code 1).
 const PAD_WORD: u32 = 0x5555_5555;
 
-/// The whole words of one panel's rows (`rows`: up to 16 rows of `row_bytes`); missing
-/// rows are padding.
-fn interleave_whole(rows: &[u8], row_bytes: usize, whole: usize, panel: &mut [u32]) {
-    for r in 0..PANEL_ROWS {
-        let column = panel.iter_mut().skip(r).step_by(PANEL_ROWS).take(whole);
-        match rows.get(r * row_bytes..(r + 1) * row_bytes) {
-            Some(row) => column
-                .zip(row.chunks_exact(4))
-                .for_each(|(w, four)| *w = u32::from_le_bytes(four.try_into().expect("4"))),
-            None => column.for_each(|w| *w = PAD_WORD),
+/// Word `c` of an export row: bytes `4c..4c + 4`, little-endian, past the row's end
+/// padded with zero codes.
+fn row_word(row: &[u8], c: usize) -> u32 {
+    match row.get(4 * c..4 * c + 4) {
+        Some(four) => u32::from_le_bytes(four.try_into().expect("four bytes")),
+        None => {
+            let mut word = PAD_WORD.to_le_bytes();
+            let have = row.get(4 * c..).unwrap_or_default();
+            word[..have.len()].copy_from_slice(have);
+            u32::from_le_bytes(word)
         }
     }
 }
 
-/// Whether [`interleave`] gathers with AVX-512F.
+/// Columns `columns` of one panel of [`interleave`], word by word (`rows`: up to 16 rows
+/// of `row_bytes`; missing rows are padding).
+fn interleave_columns(
+    rows: &[u8],
+    row_bytes: usize,
+    columns: std::ops::Range<usize>,
+    panel: &mut [u32],
+) {
+    for r in 0..PANEL_ROWS {
+        let row = rows.get(r * row_bytes..(r + 1) * row_bytes);
+        for c in columns.clone() {
+            panel[c * PANEL_ROWS + r] = row.map_or(PAD_WORD, |row| row_word(row, c));
+        }
+    }
+}
+
+/// Whether [`interleave`] transposes with AVX-512F.
 #[cfg(target_arch = "x86_64")]
-fn gather_available() -> bool {
+fn transpose_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         std::arch::is_x86_feature_detected!("avx512f") && !portable_kernels_forced()
@@ -256,15 +232,7 @@ pub fn upload_words<B: Backend>(
     let words_per_row = d_in.div_ceil(16);
     let mut words = Vec::with_capacity(d_out * words_per_row);
     for row in bytes.chunks_exact(row_bytes) {
-        for w in 0..words_per_row {
-            let mut word = [0x55u8; 4];
-            for (k, b) in word.iter_mut().enumerate() {
-                if let Some(&v) = row.get(4 * w + k) {
-                    *b = v;
-                }
-            }
-            words.push(i32::from_le_bytes(word));
-        }
+        words.extend((0..words_per_row).map(|w| row_word(row, w) as i32));
     }
     let words = Tensor::from_data(TensorData::new(words, [d_out, words_per_row]), device);
     PackedTernary {
@@ -619,16 +587,17 @@ mod vnni {
         run!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
     }
 
-    /// [`super::interleave_whole`] 16 columns at a time: 64 bytes of each of the 16 rows,
-    /// transposed as a 16 × 16 matrix of words in registers; the last columns one by one.
+    /// [`super::interleave`]'s whole blocks of 16 columns in one panel: 64 bytes of each
+    /// of the 16 rows, transposed as a 16 × 16 matrix of words in registers. Returns the
+    /// columns written; the rest are the caller's.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn interleave_whole(rows: &[u8], row_bytes: usize, whole: usize, panel: &mut [u32]) {
+    pub unsafe fn interleave_blocks(rows: &[u8], row_bytes: usize, panel: &mut [u32]) -> usize {
         let present = rows.len() / row_bytes.max(1);
         let pad = _mm512_set1_epi32(super::PAD_WORD as i32);
         // Streaming stores (no read of the destination first) where the panel is
         // aligned to cache lines, as [`super::HostWords`] is.
         let stream = (panel.as_ptr() as usize).is_multiple_of(64);
-        let blocks = whole / 16;
+        let blocks = row_bytes / 64;
         for block in 0..blocks {
             let mut r = [pad; 16];
             for (i, r) in r.iter_mut().enumerate().take(present) {
@@ -672,23 +641,9 @@ mod vnni {
                 }
             }
         }
-        let done = 16 * blocks;
-        let rest = &mut panel[done * PANEL_ROWS..];
-        for r in 0..PANEL_ROWS {
-            let column = rest
-                .iter_mut()
-                .skip(r)
-                .step_by(PANEL_ROWS)
-                .take(whole - done);
-            match rows.get(r * row_bytes + 4 * done..(r + 1) * row_bytes) {
-                Some(row) if r < present => column
-                    .zip(row.chunks_exact(4))
-                    .for_each(|(w, four)| *w = u32::from_le_bytes(four.try_into().expect("4"))),
-                _ => column.for_each(|w| *w = super::PAD_WORD),
-            }
-        }
         // The streaming stores are complete before the buffer changes hands.
         _mm_sfence();
+        16 * blocks
     }
 
     pub fn available() -> bool {
@@ -731,22 +686,6 @@ pub fn vector_kernel() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
-}
-
-/// The product on the CPU from the export's bytes: `x` `[tokens, d_in]` row-major,
-/// returns `[tokens, d_out]` row-major. Rearranges the codes ([`interleave`]) first;
-/// callers that keep a matrix use [`upload_host`] once and [`panel_gemm`].
-pub fn ternary_gemm(
-    x: &[f32],
-    tokens: usize,
-    packed: &[u8],
-    d_out: usize,
-    d_in: usize,
-    gamma: f32,
-) -> Vec<f32> {
-    let mut words = vec![0u32; panel_words(d_out, d_in)];
-    interleave(packed, d_out, d_in, &mut words);
-    panel_gemm(x, tokens, &words, d_out, d_in, gamma)
 }
 
 /// The product on the CPU from codes in the CPU layout: `x` `[tokens, d_in]` row-major,
@@ -936,12 +875,7 @@ mod tests {
             let columns = d_in.div_ceil(16);
             for (p, panel) in portable.chunks_exact_mut(16 * columns).enumerate() {
                 let rows = &bytes[16 * p * row_bytes..(16 * p + 16).min(d_out) * row_bytes];
-                interleave_whole(rows, row_bytes, row_bytes / 4, panel);
-                for r in 0..16 {
-                    for c in row_bytes / 4..columns {
-                        panel[c * 16 + r] = aligned[(p * columns + c) * 16 + r];
-                    }
-                }
+                interleave_columns(rows, row_bytes, 0..columns, panel);
             }
             assert_eq!(&aligned[..], &portable[..], "{d_out}×{d_in}");
             assert_eq!(&aligned[..], &unaligned[1..], "{d_out}×{d_in}");
@@ -967,7 +901,9 @@ mod tests {
         let d_in = 1000;
         let bytes = vec![0b1010_1010u8; d_in / 4];
         let x = vec![2.0f32; d_in];
-        let y = ternary_gemm(&x, 1, &bytes, 1, d_in, 1.0);
+        let mut words = vec![0u32; panel_words(1, d_in)];
+        interleave(&bytes, 1, d_in, &mut words);
+        let y = panel_gemm(&x, 1, &words, 1, d_in, 1.0);
         // inv_scale = 2/127: y = 127·1000·(2/127) = 2000.
         assert!((y[0] - 2000.0).abs() < 1e-2, "{}", y[0]);
     }

@@ -17,6 +17,7 @@ use tritter::tokenizer::Tokenizer;
 use tritter::train::load_checkpoint_model;
 use tritter::TritterConfig;
 use tritter_data::rss;
+use tritter_kernels::packed::{interleave, panel_gemm, panel_words, HostWords};
 use tritter_kernels::TritterBackend;
 
 #[derive(Parser)]
@@ -545,15 +546,38 @@ impl BackendJob for EngineJob<'_> {
     }
 }
 
-/// Rate of the CPU packed product on the model's FFN up-projection shape, all threads:
-/// weights per second at each token count.
-fn gemm_rates(config: &TritterConfig, token_counts: &[usize]) -> Vec<(usize, f64)> {
+/// The model's FFN up-projection shape `(d_out, d_in)`, the largest packed matrix, and
+/// synthetic codes for it as the export stores them.
+fn up_projection(config: &TritterConfig) -> (usize, usize, Vec<u8>) {
     let (d_in, d_out) = (config.hidden_size, 2 * config.ffn_size);
-    let packed: Vec<u8> = (0..d_out * d_in.div_ceil(4))
+    let packed = (0..d_out * d_in.div_ceil(4))
         .map(|i| (i % 81) as u8 & 0x55)
         .collect();
-    let mut words = vec![0u32; tritter_kernels::packed::panel_words(d_out, d_in)];
-    tritter_kernels::packed::interleave(&packed, d_out, d_in, &mut words);
+    (d_out, d_in, packed)
+}
+
+/// Bandwidth of the loader's rearrangement of the export's codes into the CPU layout
+/// (on the thread pool), bytes/s, and the rearranged matrix.
+fn interleave_bandwidth(d_out: usize, d_in: usize, packed: &[u8]) -> (f64, HostWords) {
+    let mut words = HostWords::zeroed(panel_words(d_out, d_in));
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        interleave(std::hint::black_box(packed), d_out, d_in, &mut words);
+        best = best.min(start.elapsed().as_secs_f64());
+        std::hint::black_box(&words);
+    }
+    (packed.len() as f64 / best, words)
+}
+
+/// Rate of the CPU packed product on a `[d_out, d_in]` matrix in the CPU layout, all
+/// threads: weights per second at each token count.
+fn gemm_rates(
+    d_out: usize,
+    d_in: usize,
+    words: &[u32],
+    token_counts: &[usize],
+) -> Vec<(usize, f64)> {
     token_counts
         .iter()
         .map(|&tokens| {
@@ -563,33 +587,12 @@ fn gemm_rates(config: &TritterConfig, token_counts: &[usize]) -> Vec<(usize, f64
             let mut best = f64::MAX;
             for _ in 0..5 {
                 let start = Instant::now();
-                std::hint::black_box(tritter_kernels::packed::panel_gemm(
-                    &x, tokens, &words, d_out, d_in, 1.0,
-                ));
+                std::hint::black_box(panel_gemm(&x, tokens, words, d_out, d_in, 1.0));
                 best = best.min(start.elapsed().as_secs_f64());
             }
             (tokens, (d_in * d_out) as f64 / best)
         })
         .collect()
-}
-
-/// Bandwidth of the loader's rearrangement of the export's codes into the CPU layout
-/// (on the thread pool), bytes/s, for the model's largest matrix.
-fn interleave_bandwidth(config: &TritterConfig) -> f64 {
-    use tritter_kernels::packed::{interleave, panel_words, HostWords};
-    let (d_in, d_out) = (config.hidden_size, 2 * config.ffn_size);
-    let packed: Vec<u8> = (0..d_out * d_in.div_ceil(4))
-        .map(|i| (i % 81) as u8 & 0x55)
-        .collect();
-    let mut words = HostWords::zeroed(panel_words(d_out, d_in));
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let start = Instant::now();
-        interleave(std::hint::black_box(&packed), d_out, d_in, &mut words);
-        best = best.min(start.elapsed().as_secs_f64());
-        std::hint::black_box(&words);
-    }
-    packed.len() as f64 / best
 }
 
 /// Single-thread copy bandwidth of a buffer far larger than the caches, bytes/s.
@@ -644,8 +647,9 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     );
     let file = std::sync::Arc::new(ModelFile::open(&path)?);
     let copy = memcpy_bandwidth();
-    let rearrange = interleave_bandwidth(config);
-    let gemm = gemm_rates(config, &[1, 16]);
+    let (d_out, d_in, packed) = up_projection(config);
+    let (rearrange, words) = interleave_bandwidth(d_out, d_in, &packed);
+    let gemm = gemm_rates(d_out, d_in, &words, &[1, 16]);
     let budget = (bytes as f64 / ratio) as u64;
     let threads = rayon::current_num_threads();
     println!(
