@@ -260,6 +260,25 @@ pub trait TritterBackend: Backend {
         Self::ternary_upload(bytes, previous.d_out, previous.d_in, gamma, device)
     }
 
+    /// Whether [`TritterBackend::ternary_map`] computes on mapped file pages in place.
+    fn computes_in_place() -> bool {
+        false
+    }
+
+    /// A packed matrix this backend computes on in place, from the export's bytes in a
+    /// mapping the caller keeps resident while the matrix is used: where the device's
+    /// memory is the host's, the mapped file pages already are device memory. `None`
+    /// (the default) where the codes must be uploaded ([`TritterBackend::ternary_upload`]).
+    fn ternary_map(
+        codes: packed::MappedCodes,
+        d_out: usize,
+        d_in: usize,
+        gamma: f32,
+    ) -> Option<PackedTernary<Self>> {
+        let _ = (codes, d_out, d_in, gamma);
+        None
+    }
+
     /// BitLinear's inference product from packed weights: `x` `[tokens, d_in]` (already
     /// RMS-normalized), quantized to int8 per token. Returns `[tokens, d_out]`.
     fn ternary_packed_matmul(x: Tensor<Self, 2>, w: &PackedTernary<Self>) -> Tensor<Self, 2> {
@@ -534,24 +553,23 @@ impl TritterBackend for burn::backend::Flex {
         packed::upload_host(bytes, d_out, d_in, gamma)
     }
 
-    fn ternary_reupload(
-        previous: PackedTernary<Self>,
-        bytes: &[u8],
+    fn computes_in_place() -> bool {
+        true
+    }
+
+    fn ternary_map(
+        codes: packed::MappedCodes,
+        d_out: usize,
+        d_in: usize,
         gamma: f32,
-        device: &Self::Device,
-    ) -> PackedTernary<Self> {
-        // The previous matrix's memory is this backend's device memory: refill it.
-        let mut previous = previous;
-        if packed::refill_host(&mut previous, bytes, gamma) {
-            return previous;
-        }
-        Self::ternary_upload(bytes, previous.d_out, previous.d_in, gamma, device)
+    ) -> Option<PackedTernary<Self>> {
+        Some(packed::map_host(codes, d_out, d_in, gamma))
     }
 
     fn ternary_packed_matmul(x: Tensor<Self, 2>, w: &PackedTernary<Self>) -> Tensor<Self, 2> {
-        let PackedStorage::Host(words) = &w.storage else {
+        if let PackedStorage::Words(_) = &w.storage {
             return packed::matmul_words(x, w);
-        };
+        }
         let [tokens, d_in] = x.dims();
         assert_eq!(
             d_in, w.d_in,
@@ -564,15 +582,21 @@ impl TritterBackend for burn::backend::Flex {
             .convert::<f32>()
             .into_vec()
             .expect("f32 activations");
-        let y = packed::panel_gemm(&values, tokens, words, w.d_out, d_in, w.gamma);
+        let codes = match &w.storage {
+            PackedStorage::Host(words) => packed::Codes::Panels(words),
+            PackedStorage::Mapped(codes) => packed::Codes::Rows(codes.bytes()),
+            PackedStorage::Words(_) => unreachable!("device words took the tensor path"),
+        };
+        let y = packed::cpu_gemm(&values, tokens, codes, w.d_out, d_in, w.gamma);
         Tensor::from_data(TensorData::new(y, [tokens, w.d_out]), &device)
     }
 
     fn ternary_scratch_bytes(d_out: usize, d_in: usize) -> usize {
         // The int8 activations (rows, then tiles) are per call and proportional to the
-        // activations; the accumulators live in registers.
-        let _ = (d_out, d_in);
-        0
+        // activations; the accumulators live in registers. A matrix computed in place
+        // rearranges each task's panels into a scratch per thread.
+        let _ = d_out;
+        packed::rows_scratch_bytes(d_in)
     }
 
     fn host_f16_kv_cache() -> bool {

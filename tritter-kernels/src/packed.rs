@@ -14,6 +14,11 @@
 //! of 16 rows × 4 codes with two instructions (a multishift and a mask), which serves
 //! every token of a tile by a broadcast multiply-add. A weight is unpacked once per tile
 //! of up to [`TILE_TOKENS`] tokens.
+//!
+//! In place: a matrix may also stay in the export's rows inside a mapping of the model
+//! file ([`MappedCodes`]), as streaming keeps it on the CPU. The product then rearranges
+//! each task's panels into a per-thread scratch that stays in cache, as it reaches them:
+//! the weights are read from memory once per product, never copied to a second buffer.
 
 use crate::reference::{int8_quantize, ACT_MAX, QUANT_EPS};
 use burn::tensor::backend::Backend;
@@ -38,6 +43,8 @@ pub enum PackedStorage<B: Backend> {
     Host(Arc<HostWords>),
     /// Rows of 32-bit words, 16 codes per word, `[d_out, ceil(d_in / 16)]`, on the device.
     Words(Tensor<B, 2, Int>),
+    /// The export's rows, in place in a mapping the CPU reads as its device memory.
+    Mapped(MappedCodes),
 }
 
 impl<B: Backend> PackedTernary<B> {
@@ -46,7 +53,69 @@ impl<B: Backend> PackedTernary<B> {
         match &self.storage {
             PackedStorage::Host(words) => 4 * words.len(),
             PackedStorage::Words(_) => self.d_out * self.d_in.div_ceil(16) * 4,
+            PackedStorage::Mapped(codes) => codes.bytes().len(),
         }
+    }
+}
+
+/// Bytes that something else keeps alive and unchanged, such as a model file's mapping.
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// One matrix's export bytes (`[d_out, ceil(d_in / 4)]`) inside shared bytes.
+#[derive(Clone)]
+pub struct MappedCodes {
+    source: SharedBytes,
+    range: std::ops::Range<usize>,
+}
+
+impl MappedCodes {
+    /// # Panics
+    /// Where `range` lies outside `source`.
+    pub fn new(source: SharedBytes, range: std::ops::Range<usize>) -> Self {
+        assert!(
+            range.start <= range.end && range.end <= (*source).as_ref().len(),
+            "{range:?} outside {} bytes",
+            (*source).as_ref().len()
+        );
+        Self { source, range }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &(*self.source).as_ref()[self.range.clone()]
+    }
+
+    /// Where the codes lie in the source.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.range.clone()
+    }
+}
+
+impl std::fmt::Debug for MappedCodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedCodes({:?})", self.range)
+    }
+}
+
+/// The CPU's matrix computed in place from `codes` ([`cpu_gemm`]).
+///
+/// # Panics
+/// Where `codes` does not hold a `[d_out, ceil(d_in / 4)]` byte matrix.
+pub fn map_host<B: Backend>(
+    codes: MappedCodes,
+    d_out: usize,
+    d_in: usize,
+    gamma: f32,
+) -> PackedTernary<B> {
+    assert_eq!(
+        codes.bytes().len(),
+        d_out * d_in.div_ceil(4),
+        "a {d_out}×{d_in} matrix"
+    );
+    PackedTernary {
+        d_in,
+        d_out,
+        gamma,
+        storage: PackedStorage::Mapped(codes),
     }
 }
 
@@ -123,24 +192,6 @@ pub fn upload_host<B: Backend>(
     }
 }
 
-/// Refills `previous`'s host memory with another matrix of its shape (the export's
-/// `bytes`, scale `gamma`), as [`upload_host`] would lay it out. False, leaving it as it
-/// was, where its memory is not host words held by it alone or the size differs.
-pub fn refill_host<B: Backend>(previous: &mut PackedTernary<B>, bytes: &[u8], gamma: f32) -> bool {
-    let (d_out, d_in) = (previous.d_out, previous.d_in);
-    let PackedStorage::Host(words) = &mut previous.storage else {
-        return false;
-    };
-    match Arc::get_mut(words) {
-        Some(buffer) if bytes.len() == d_out * d_in.div_ceil(4) => {
-            interleave(bytes, d_out, d_in, buffer);
-            previous.gamma = gamma;
-            true
-        }
-        _ => false,
-    }
-}
-
 /// Rows per panel of the CPU layout.
 pub const PANEL_ROWS: usize = 16;
 
@@ -165,16 +216,35 @@ pub fn interleave(bytes: &[u8], d_out: usize, d_in: usize, words: &mut [u32]) {
         .par_chunks_exact_mut(PANEL_ROWS * columns)
         .enumerate()
         .for_each(|(p, panel)| {
-            let rows = &bytes[16 * p * row_bytes..((16 * p + 16).min(d_out)) * row_bytes];
-            let mut done = 0;
-            #[cfg(target_arch = "x86_64")]
-            if transpose_available() {
-                // SAFETY: the CPU has AVX-512F; `rows` holds `rows.len() / row_bytes` whole
-                // rows, and `panel` 16 words for each of `columns` columns.
-                done = unsafe { vnni::interleave_blocks(rows, row_bytes, panel) };
-            }
-            interleave_columns(rows, row_bytes, done..columns, panel);
+            interleave_panel(
+                panel_rows(bytes, d_out, row_bytes, p),
+                row_bytes,
+                panel,
+                true,
+                &[],
+            )
         });
+}
+
+/// The export rows of panel `p` (up to 16).
+fn panel_rows(bytes: &[u8], d_out: usize, row_bytes: usize, p: usize) -> &[u8] {
+    &bytes[PANEL_ROWS * p * row_bytes..((PANEL_ROWS * (p + 1)).min(d_out)) * row_bytes]
+}
+
+/// One panel of [`interleave`] from its (up to 16) export `rows`; `stream` writes a
+/// cache-line-aligned `panel` around the caches (a buffer read later, not a scratch).
+/// `ahead`: bytes to bring into cache meanwhile (else each row's own next lines).
+fn interleave_panel(rows: &[u8], row_bytes: usize, panel: &mut [u32], stream: bool, ahead: &[u8]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if transpose_available() {
+        // SAFETY: the CPU has AVX-512F; `rows` holds `rows.len() / row_bytes` whole rows,
+        // and `panel` 16 words for each of its columns.
+        done = unsafe { vnni::interleave_blocks(rows, row_bytes, panel, stream, ahead) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (stream, ahead);
+    interleave_columns(rows, row_bytes, done..panel.len() / PANEL_ROWS, panel);
 }
 
 /// Sixteen zero codes (code 1).
@@ -421,6 +491,9 @@ struct PanelJob<'a> {
     d_out: usize,
     /// The panel's first row (output).
     first_row: usize,
+    /// Bytes to bring into cache while the panel computes, a line per column: the next
+    /// task's export rows, when computing in place (empty otherwise).
+    ahead: &'a [u8],
 }
 
 /// `LUT[b]`: the four codes of byte `b` as `i8` weights.
@@ -452,6 +525,7 @@ fn panel_portable(job: &PanelJob) {
         y,
         d_out,
         first_row,
+        ahead: _,
     } = *job;
     let (width, columns) = (x.width, x.columns);
     let d = 16 * columns;
@@ -510,6 +584,7 @@ mod vnni {
         columns: usize,
         x: *const i8,
         width: usize,
+        ahead: &[u8],
     ) -> [__m512i; NT] {
         let mask = _mm512_set1_epi8(3);
         let select = [
@@ -522,7 +597,11 @@ mod vnni {
         // multiply-adds do not wait on each other; summed at the end.
         let chains = if NT <= 4 { 4 } else { 1 };
         let mut acc = [[_mm512_setzero_si512(); NT]; 4];
+        let ahead_lines = ahead.len().div_ceil(64);
         for c in 0..columns {
+            if c < ahead_lines {
+                _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(64 * c).cast());
+            }
             let packed = _mm512_loadu_si512(words.add(c * PANEL_ROWS).cast());
             let x = x.add(c * width * 16);
             for (k, select) in select.iter().enumerate() {
@@ -579,7 +658,7 @@ mod vnni {
         macro_rules! run {
             ($($n:literal)*) => {
                 match job.tokens {
-                    $($n => store::<$n>(tile::<$n>(w, c, xs, width), job),)*
+                    $($n => store::<$n>(tile::<$n>(w, c, xs, width, job.ahead), job),)*
                     _ => unreachable!("tiles hold 1 to 16 tokens"),
                 }
             };
@@ -591,19 +670,30 @@ mod vnni {
     /// of the 16 rows, transposed as a 16 × 16 matrix of words in registers. Returns the
     /// columns written; the rest are the caller's.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn interleave_blocks(rows: &[u8], row_bytes: usize, panel: &mut [u32]) -> usize {
+    pub unsafe fn interleave_blocks(
+        rows: &[u8],
+        row_bytes: usize,
+        panel: &mut [u32],
+        stream: bool,
+        ahead: &[u8],
+    ) -> usize {
         let present = rows.len() / row_bytes.max(1);
         let pad = _mm512_set1_epi32(super::PAD_WORD as i32);
-        // Streaming stores (no read of the destination first) where the panel is
-        // aligned to cache lines, as [`super::HostWords`] is.
-        let stream = (panel.as_ptr() as usize).is_multiple_of(64);
+        // Streaming stores (no read of the destination first) where asked and the panel
+        // is aligned to cache lines, as [`super::HostWords`] is.
+        let stream = stream && (panel.as_ptr() as usize).is_multiple_of(64);
         let blocks = row_bytes / 64;
         for block in 0..blocks {
             let mut r = [pad; 16];
             for (i, r) in r.iter_mut().enumerate().take(present) {
                 let at = rows.as_ptr().add(i * row_bytes + 64 * block);
                 // Sixteen rows read side by side outrun the hardware prefetcher.
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(256).cast());
+                let line = 64 * (16 * block + i);
+                let next = match ahead.is_empty() {
+                    true => at.wrapping_add(256),
+                    false => ahead.as_ptr().wrapping_add(line.min(ahead.len() - 1)),
+                };
+                _mm_prefetch::<_MM_HINT_T1>(next.cast());
                 *r = _mm512_loadu_si512(at.cast());
             }
             // Pairs of rows, then quads: `u[4g + k]` holds column `4L + k` of rows
@@ -642,7 +732,9 @@ mod vnni {
             }
         }
         // The streaming stores are complete before the buffer changes hands.
-        _mm_sfence();
+        if stream {
+            _mm_sfence();
+        }
         16 * blocks
     }
 
@@ -688,36 +780,65 @@ pub fn vector_kernel() -> bool {
     false
 }
 
-/// The product on the CPU from codes in the CPU layout: `x` `[tokens, d_in]` row-major,
-/// returns `[tokens, d_out]` row-major. Each weight vector is unpacked once per tile of
-/// up to 16 tokens, in registers. AVX-512 VNNI + VBMI where the CPU has them (set
+/// The product on the CPU: `x` `[tokens, d_in]` row-major against a `[d_out, d_in]`
+/// matrix's `codes`, returns `[tokens, d_out]` row-major. Each weight vector is unpacked
+/// once per tile of up to 16 tokens, in registers. Codes in the export's rows are
+/// multiplied in place: each task rearranges its panels into a per-thread scratch
+/// ([`rows_scratch_bytes`]), then runs every tile over it — the same numbers as from the
+/// CPU layout, bit for bit. AVX-512 VNNI + VBMI where the CPU has them (set
 /// `TRITTER_PORTABLE_KERNELS` to force the portable kernel), portable Rust otherwise.
-pub fn panel_gemm(
+pub fn cpu_gemm(
     x: &[f32],
     tokens: usize,
-    words: &[u32],
+    codes: Codes,
     d_out: usize,
     d_in: usize,
     gamma: f32,
 ) -> Vec<f32> {
-    gemm(x, tokens, words, d_out, d_in, gamma, vector_kernel())
+    gemm(x, tokens, codes, d_out, d_in, gamma, vector_kernel())
+}
+
+/// Scratch bytes [`cpu_gemm`] keeps on each thread of the pool for codes in rows of
+/// `d_in` inputs.
+pub fn rows_scratch_bytes(d_in: usize) -> usize {
+    rayon::current_num_threads() * PANELS_PER_TASK * PANEL_ROWS * d_in.div_ceil(16) * 4
+}
+
+/// Where a product's codes are.
+#[derive(Clone, Copy)]
+pub enum Codes<'a> {
+    /// In the CPU layout.
+    Panels(&'a [u32]),
+    /// The export's rows.
+    Rows(&'a [u8]),
+}
+
+thread_local! {
+    /// [`cpu_gemm`]'s panels of one task, rearranged from rows.
+    static SCRATCH: std::cell::RefCell<HostWords> = std::cell::RefCell::new(HostWords::zeroed(0));
 }
 
 fn gemm(
     x: &[f32],
     tokens: usize,
-    words: &[u32],
+    codes: Codes,
     d_out: usize,
     d_in: usize,
     gamma: f32,
     vector: bool,
 ) -> Vec<f32> {
     assert_eq!(x.len(), tokens * d_in, "{tokens} tokens of {d_in} inputs");
-    assert_eq!(
-        words.len(),
-        panel_words(d_out, d_in),
-        "a {d_out}×{d_in} matrix"
-    );
+    let row_bytes = d_in.div_ceil(4);
+    match codes {
+        Codes::Panels(words) => assert_eq!(
+            words.len(),
+            panel_words(d_out, d_in),
+            "a {d_out}×{d_in} matrix"
+        ),
+        Codes::Rows(bytes) => {
+            assert_eq!(bytes.len(), d_out * row_bytes, "a {d_out}×{d_in} matrix")
+        }
+    }
     let mut y = vec![0f32; tokens * d_out];
     if tokens == 0 || d_out == 0 {
         return y;
@@ -725,10 +846,14 @@ fn gemm(
     let x = Tiles::new(x, tokens, d_in);
     let out = Output(y.as_mut_ptr());
     let panel_size = PANEL_ROWS * x.columns;
-    words
-        .par_chunks(PANELS_PER_TASK * panel_size)
-        .enumerate()
-        .for_each(|(task, words)| {
+    let panels = d_out.div_ceil(PANEL_ROWS);
+    let tasks = panels.div_ceil(PANELS_PER_TASK);
+    (0..tasks).into_par_iter().for_each(|task| {
+        let first = task * PANELS_PER_TASK;
+        let count = (panels - first).min(PANELS_PER_TASK);
+        // `ahead`: bytes to prefetch over the first tile's panels.
+        let run = |words: &[u32], ahead: &[u8]| {
+            let share = PANEL_ROWS * row_bytes;
             for tile in 0..tokens.div_ceil(x.width) {
                 let (codes, n) = x.tile(tile, tokens);
                 for (p, words) in words.chunks_exact(panel_size).enumerate() {
@@ -741,7 +866,13 @@ fn gemm(
                         gamma,
                         y: out,
                         d_out,
-                        first_row: (task * PANELS_PER_TASK + p) * PANEL_ROWS,
+                        first_row: (first + p) * PANEL_ROWS,
+                        ahead: match tile {
+                            0 => ahead
+                                .get(p * share..)
+                                .map_or(&[], |a| &a[..a.len().min(share)]),
+                            _ => &[],
+                        },
                     };
                     #[cfg(target_arch = "x86_64")]
                     if vector {
@@ -755,7 +886,30 @@ fn gemm(
                     panel_portable(&job);
                 }
             }
-        });
+        };
+        match codes {
+            Codes::Panels(words) => run(&words[first * panel_size..][..count * panel_size], &[]),
+            Codes::Rows(bytes) => SCRATCH.with_borrow_mut(|scratch| {
+                if scratch.len() < count * panel_size {
+                    *scratch = HostWords::zeroed(PANELS_PER_TASK * panel_size);
+                }
+                let words = &mut scratch[..count * panel_size];
+                // The pool's threads mostly take consecutive tasks: the next one's rows
+                // come from memory while this one is rearranged and computes.
+                let share = PANEL_ROWS * row_bytes;
+                let next = bytes.get((first + count) * share..).unwrap_or_default();
+                let ahead = |p: usize| {
+                    next.get(p * share..)
+                        .map_or(&[][..], |a| &a[..a.len().min(share)])
+                };
+                for (p, panel) in words.chunks_exact_mut(panel_size).enumerate() {
+                    let rows = panel_rows(bytes, d_out, row_bytes, first + p);
+                    interleave_panel(rows, row_bytes, panel, false, ahead(p));
+                }
+                run(words, next)
+            }),
+        }
+    });
     y
 }
 
@@ -824,8 +978,15 @@ mod tests {
             let xv: Vec<f32> = x.clone().into_data().to_vec().unwrap();
             let mut layout = vec![0u32; panel_words(d_out, d_in)];
             interleave(&bytes, d_out, d_in, &mut layout);
-            let portable = gemm(&xv, tokens, &layout, d_out, d_in, gamma, false);
-            let fast = gemm(&xv, tokens, &layout, d_out, d_in, gamma, vector_kernel());
+            let product =
+                |codes: Codes, vector: bool| gemm(&xv, tokens, codes, d_out, d_in, gamma, vector);
+            let portable = product(Codes::Panels(&layout), false);
+            let fast = product(Codes::Panels(&layout), vector_kernel());
+            // In place from the export's rows, each task rearranging into its scratch.
+            for vector in [false, vector_kernel()] {
+                let rows = product(Codes::Rows(&bytes), vector);
+                assert_eq!(rows, portable, "in place {tokens}x{d_in}x{d_out}");
+            }
             let words = upload_words::<Flex>(&bytes, d_out, d_in, gamma, &device);
             let dev: Vec<f32> = matmul_words(x, &words).into_data().to_vec().unwrap();
             let norm = reference.iter().map(|v| v * v).sum::<f32>().sqrt();
@@ -903,7 +1064,7 @@ mod tests {
         let x = vec![2.0f32; d_in];
         let mut words = vec![0u32; panel_words(1, d_in)];
         interleave(&bytes, 1, d_in, &mut words);
-        let y = panel_gemm(&x, 1, &words, 1, d_in, 1.0);
+        let y = cpu_gemm(&x, 1, Codes::Panels(&words), 1, d_in, 1.0);
         // inv_scale = 2/127: y = 127·1000·(2/127) = 2000.
         assert!((y[0] - 2000.0).abs() < 1e-2, "{}", y[0]);
     }

@@ -17,7 +17,7 @@ use tritter::tokenizer::Tokenizer;
 use tritter::train::load_checkpoint_model;
 use tritter::TritterConfig;
 use tritter_data::rss;
-use tritter_kernels::packed::{interleave, panel_gemm, panel_words, HostWords};
+use tritter_kernels::packed::{cpu_gemm, interleave, panel_words, Codes, HostWords};
 use tritter_kernels::TritterBackend;
 
 #[derive(Parser)]
@@ -275,15 +275,18 @@ fn main() -> Result<()> {
                 stream: false,
                 prefill_chunk,
             };
-            let scratch = match DeviceKind::parse(&device)? {
-                DeviceKind::Cpu => <burn::backend::Flex as TritterBackend>::ternary_scratch_bytes,
-                _ => tritter_kernels::packed::words_scratch_bytes,
+            let memory = match DeviceKind::parse(&device)? {
+                DeviceKind::Cpu => budget::DeviceMemory::of::<burn::backend::Flex>(),
+                _ => budget::DeviceMemory {
+                    scratch: tritter_kernels::packed::words_scratch_bytes,
+                    in_place: false,
+                },
             };
             let what = match (&model, &preset) {
                 (Some(path), _) => path.display().to_string(),
                 _ => format!("preset {}", preset.as_deref().unwrap_or_default()),
             };
-            let plan = budget::plan(&config, &request, scratch)
+            let plan = budget::plan(&config, &request, memory)
                 .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
             println!(
                 "{what}: {} layers, {} ternary weights ({} packed), {} tokens × batch {}",
@@ -570,29 +573,63 @@ fn interleave_bandwidth(d_out: usize, d_in: usize, packed: &[u8]) -> (f64, HostW
     (packed.len() as f64 / best, words)
 }
 
-/// Rate of the CPU packed product on a `[d_out, d_in]` matrix in the CPU layout, all
-/// threads: weights per second at each token count.
-fn gemm_rates(
+/// Multiply-adds per second of `product(x, i)` (`x`: `tokens` rows) over `[d_out, d_in]` matrices
+/// `0..count` in turn (one stays in cache; enough of them are read from memory), best
+/// of five rounds.
+fn product_rate(
     d_out: usize,
     d_in: usize,
-    words: &[u32],
-    token_counts: &[usize],
-) -> Vec<(usize, f64)> {
-    token_counts
-        .iter()
-        .map(|&tokens| {
-            let x: Vec<f32> = (0..tokens * d_in)
-                .map(|i| ((i * 7919) % 255) as f32 - 127.0)
-                .collect();
-            let mut best = f64::MAX;
-            for _ in 0..5 {
-                let start = Instant::now();
-                std::hint::black_box(panel_gemm(&x, tokens, words, d_out, d_in, 1.0));
-                best = best.min(start.elapsed().as_secs_f64());
-            }
-            (tokens, (d_in * d_out) as f64 / best)
-        })
-        .collect()
+    count: usize,
+    tokens: usize,
+    product: impl Fn(&[f32], usize) -> Vec<f32>,
+) -> f64 {
+    let x: Vec<f32> = (0..tokens * d_in)
+        .map(|i| ((i * 7919) % 255) as f32 - 127.0)
+        .collect();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        for i in 0..count {
+            std::hint::black_box(product(&x, i));
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (d_in * d_out * count * tokens) as f64 / best
+}
+
+/// The CPU packed product's rates (G multiply-adds/s) at 1 and 16 tokens: from the CPU
+/// layout and in place from the export's rows, each in cache and from memory.
+fn print_product_rates(d_out: usize, d_in: usize, packed: &[u8], words: &HostWords) {
+    // Copies enough to pass through memory rather than the caches.
+    let copies = (512usize << 20).div_ceil(packed.len());
+    let rows: Vec<Vec<u8>> = (0..copies).map(|_| packed.to_vec()).collect();
+    let panels: Vec<HostWords> = (0..copies).map(|_| words.clone()).collect();
+    println!(
+        "packed ternary product, G multiply-adds/s ({d_out} × {d_in}; from memory: {} of matrices)",
+        ByteSize((copies * packed.len()) as u64)
+    );
+    println!(
+        "{:>7} {:>18} {:>23} {:>16} {:>21}",
+        "tokens",
+        "CPU layout, cached",
+        "CPU layout, from memory",
+        "in place, cached",
+        "in place, from memory"
+    );
+    for tokens in [1, 16] {
+        let panel =
+            |x: &[f32], i: usize| cpu_gemm(x, tokens, Codes::Panels(&panels[i]), d_out, d_in, 1.0);
+        let in_place =
+            |x: &[f32], i: usize| cpu_gemm(x, tokens, Codes::Rows(&rows[i]), d_out, d_in, 1.0);
+        let g = 1e-9;
+        println!(
+            "{tokens:>7} {:>18.1} {:>23.1} {:>16.1} {:>21.1}",
+            g * product_rate(d_out, d_in, 1, tokens, panel),
+            g * product_rate(d_out, d_in, copies, tokens, panel),
+            g * product_rate(d_out, d_in, 1, tokens, in_place),
+            g * product_rate(d_out, d_in, copies, tokens, in_place)
+        );
+    }
 }
 
 /// Single-thread copy bandwidth of a buffer far larger than the caches, bytes/s.
@@ -649,7 +686,6 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     let copy = memcpy_bandwidth();
     let (d_out, d_in, packed) = up_projection(config);
     let (rearrange, words) = interleave_bandwidth(d_out, d_in, &packed);
-    let gemm = gemm_rates(d_out, d_in, &words, &[1, 16]);
     let budget = (bytes as f64 / ratio) as u64;
     let threads = rayon::current_num_threads();
     println!(
@@ -666,13 +702,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         "rearranging packed codes into the CPU layout ({threads} threads): {:.2} GiB/s",
         rearrange / (1u64 << 30) as f64
     );
-    for (tokens, weights_per_sec) in &gemm {
-        println!(
-            "packed ternary product, {tokens} token(s) per weight row: {:.1} G weights/s, {:.1} G multiply-adds/s",
-            weights_per_sec / 1e9,
-            weights_per_sec * *tokens as f64 / 1e9
-        );
-    }
+    print_product_rates(d_out, d_in, &packed, &words);
     println!(
         "{:<10} {:>5} {:>6} {:>9} {:>10} {:>11} {:>10} {:>10} {:>8} {:>10} {:>12} {:>9}",
         "engine",

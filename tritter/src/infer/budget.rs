@@ -9,6 +9,7 @@
 use crate::model::TritterConfig;
 use anyhow::{bail, Result};
 use std::fmt;
+use tritter_kernels::TritterBackend;
 
 /// A byte count parsed from `2GiB`, `512 MiB`, `1.5GB`, `64M` or `1048576`.
 /// `K`/`M`/`G`/`T` alone are binary (as in `free -h`); `KB`/`MB`/… are decimal.
@@ -267,14 +268,28 @@ fn activation_bytes(config: &TritterConfig, req: &PlanRequest, scratch: u64) -> 
     )
 }
 
-/// Fits `config` into `req.budget`, or explains by how much it does not.
-/// `scratch` is the backend's extra memory for a packed product of a `[d_out, d_in]`
-/// matrix ([`tritter_kernels::TritterBackend::ternary_scratch_bytes`]).
-pub fn plan(
-    config: &TritterConfig,
-    req: &PlanRequest,
-    scratch: impl Fn(usize, usize) -> usize,
-) -> Result<MemoryPlan> {
+/// What a plan needs to know of the backend that will run it.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceMemory {
+    /// Extra memory of a packed product of a `[d_out, d_in]` matrix
+    /// ([`TritterBackend::ternary_scratch_bytes`]).
+    pub scratch: fn(usize, usize) -> usize,
+    /// Whether streamed layers are computed in place, in the file's mapped pages, rather
+    /// than copied to the device ([`TritterBackend::computes_in_place`]).
+    pub in_place: bool,
+}
+
+impl DeviceMemory {
+    pub fn of<B: TritterBackend>() -> Self {
+        Self {
+            scratch: B::ternary_scratch_bytes,
+            in_place: B::computes_in_place(),
+        }
+    }
+}
+
+/// Fits `config` into `req.budget` on `device`, or explains by how much it does not.
+pub fn plan(config: &TritterConfig, req: &PlanRequest, device: DeviceMemory) -> Result<MemoryPlan> {
     if req.batch == 0 {
         bail!("--batch must be at least 1");
     }
@@ -323,7 +338,7 @@ pub fn plan(
     let scratch = config
         .bitlinear_shapes()
         .iter()
-        .map(|&(d_in, d_out)| scratch(d_out, d_in))
+        .map(|&(d_in, d_out)| (device.scratch)(d_out, d_in))
         .max()
         .unwrap_or(0) as u64;
     let (act, act_detail) = activation_bytes(config, req, scratch);
@@ -332,26 +347,27 @@ pub fn plan(
         detail: act_detail,
         bytes: act,
     });
-    // A tensor's file pages are mapped while it is copied to the device, then released.
-    let staging = config
-        .bitlinear_shapes()
-        .iter()
-        .map(|&(d_in, d_out)| d_out * d_in.div_ceil(4))
-        .max()
-        .unwrap_or(0) as u64;
-    fixed.push(PlanItem {
+    // A tensor's file pages are mapped while it is copied to the device, then released;
+    // layers computed in place need no copy.
+    let staging = PlanItem {
         part: "staging".into(),
         detail: "file pages of the largest packed tensor while it is copied".into(),
-        bytes: staging,
-    });
-    fixed.push(PlanItem {
+        bytes: config
+            .bitlinear_shapes()
+            .iter()
+            .map(|&(d_in, d_out)| d_out * d_in.div_ceil(4))
+            .max()
+            .unwrap_or(0) as u64,
+    };
+    let runtime = PlanItem {
         part: "runtime".into(),
         detail: "code, thread stacks and allocator slack (measured on the CPU backend)".into(),
         bytes: RUNTIME_OVERHEAD,
-    });
-    let fixed_bytes: u64 = fixed.iter().map(|i| i.bytes).sum();
+    };
+    let fixed_bytes: u64 = fixed.iter().map(|i| i.bytes).sum::<u64>() + runtime.bytes;
     let layer = layer_device_bytes(config);
-    let resident_total = fixed_bytes + layers as u64 * layer;
+    let resident_total = fixed_bytes + staging.bytes + layers as u64 * layer;
+    let streamed_staging = if device.in_place { 0 } else { staging.bytes };
 
     let group = match req.layer_group_size {
         Some(g) => g,
@@ -359,7 +375,7 @@ pub fn plan(
         None => {
             // The largest groups of which two fit; streaming on request keeps at least
             // two groups.
-            let room = req.budget.saturating_sub(fixed_bytes);
+            let room = req.budget.saturating_sub(fixed_bytes + streamed_staging);
             let most = if req.stream {
                 layers.saturating_sub(1).max(1)
             } else {
@@ -372,13 +388,18 @@ pub fn plan(
     let num_groups = layers.div_ceil(group);
     let mut items = fixed;
     items.insert(
-        items.len() - 4,
+        items.len() - 2,
         if streaming {
             PlanItem {
                 part: "layer buffers".into(),
                 detail: format!(
-                    "2 × {group} of {layers} layers × {} packed (one computes, one loads)",
-                    ByteSize(layer)
+                    "2 × {group} of {layers} layers × {} packed (one computes, one loads){}",
+                    ByteSize(layer),
+                    if device.in_place {
+                        ", in the file's mapped pages"
+                    } else {
+                        ""
+                    }
                 ),
                 bytes: 2 * group as u64 * layer,
             }
@@ -390,6 +411,10 @@ pub fn plan(
             }
         },
     );
+    if !(streaming && device.in_place) {
+        items.push(staging);
+    }
+    items.push(runtime);
     let plan = MemoryPlan {
         items,
         budget: req.budget,
@@ -431,6 +456,11 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NO_SCRATCH: DeviceMemory = DeviceMemory {
+        scratch: |_, _| 0,
+        in_place: false,
+    };
 
     fn req(budget: u64, context: usize, batch: usize, kv: KvCacheType) -> PlanRequest {
         PlanRequest {
@@ -475,7 +505,7 @@ mod tests {
         // resident in 16 GiB, but streams in groups.
         let c = TritterConfig::preset("70B", 264).unwrap();
         assert!(c.packed_size_bytes() as u64 > 15 << 30);
-        let plan = plan(&c, &req(16 << 30, 4096, 1, KvCacheType::F16), |_, _| 0).unwrap();
+        let plan = plan(&c, &req(16 << 30, 4096, 1, KvCacheType::F16), NO_SCRATCH).unwrap();
         assert!(plan.streaming && plan.num_groups > 1);
         assert!(plan.total() <= 16 << 30);
         // The layer buffers are two groups, and the group is the largest that fits.
@@ -493,14 +523,18 @@ mod tests {
     fn a_plan_that_does_not_fit_names_the_overflow() {
         let c = TritterConfig::preset("7B", 264).unwrap();
         // 128K tokens of f16 cache alone is 16 GiB.
-        let err = plan(&c, &req(8 << 30, 128 * 1024, 1, KvCacheType::F16), |_, _| 0)
-            .unwrap_err()
-            .to_string();
+        let err = plan(
+            &c,
+            &req(8 << 30, 128 * 1024, 1, KvCacheType::F16),
+            NO_SCRATCH,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("over by"), "{err}");
         assert!(err.contains("largest part is kv cache"), "{err}");
         // And a budget below the resident parts plus two one-layer groups.
         let t = TritterConfig::preset("test", 264).unwrap();
-        let err = plan(&t, &req(300_000, 16, 1, KvCacheType::F32), |_, _| 0)
+        let err = plan(&t, &req(300_000, 16, 1, KvCacheType::F32), NO_SCRATCH)
             .unwrap_err()
             .to_string();
         assert!(err.contains("even with layer groups of one layer"), "{err}");
@@ -509,7 +543,7 @@ mod tests {
     #[test]
     fn a_model_that_fits_stays_resident() {
         let t = TritterConfig::preset("test", 264).unwrap();
-        let plan = plan(&t, &req(1 << 30, 512, 4, KvCacheType::F32), |_, _| 0).unwrap();
+        let plan = plan(&t, &req(1 << 30, 512, 4, KvCacheType::F32), NO_SCRATCH).unwrap();
         assert!(!plan.streaming);
         assert_eq!(plan.num_groups, 1);
         assert!(plan.to_string().contains("fits"));

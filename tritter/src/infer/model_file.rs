@@ -240,8 +240,13 @@ impl ModelFile {
 
     /// The bytes of a tensor, straight from the map.
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        Ok(&self.mmap[self.range(name)?])
+    }
+
+    /// Where a tensor's bytes lie in the file (and in [`AsRef::as_ref`]'s bytes).
+    pub fn range(&self, name: &str) -> Result<std::ops::Range<usize>> {
         let e = self.entry(name)?;
-        Ok(&self.mmap[e.start..e.end])
+        Ok(e.start..e.end)
     }
 
     /// An f32 tensor's values; non-finite values are an error naming the tensor.
@@ -278,6 +283,11 @@ impl ModelFile {
         if let Ok(e) = self.entry(name) {
             self.release_range(e.start, e.end);
         }
+    }
+
+    /// [`ModelFile::release`] by position: the pages holding `range`.
+    pub fn release_bytes(&self, range: std::ops::Range<usize>) {
+        self.release_range(range.start, range.end);
     }
 
     fn release_range(&self, start: usize, end: usize) {
@@ -317,5 +327,13 @@ impl ModelFile {
 
     pub fn is_empty(&self) -> bool {
         self.mmap.is_empty()
+    }
+}
+
+/// The whole file's bytes, mapped: what a matrix computed in place
+/// ([`tritter_kernels::TritterBackend::ternary_map`]) reads.
+impl AsRef<[u8]> for ModelFile {
+    fn as_ref(&self) -> &[u8] {
+        &self.mmap
     }
 }

@@ -4,14 +4,17 @@
 //! groups, the next group loading on the [`LayerLoader`]'s thread while the current one
 //! computes. Two sets of group buffers exist, swapped: the loader hands a group over
 //! through a rendezvous channel, and the engine hands each computed group back so the
-//! loader refills its buffers with the group after next.
+//! loader refills its buffers with the group after next. On a backend that computes on
+//! host memory ([`TritterBackend::computes_in_place`]), the buffers are the file's own
+//! mapped pages: the loader brings a group's pages into memory, the products read them in
+//! place, and the engine drops them from its resident set when it hands the group back.
 //!
 //! Each pass through the groups serves every sequence of the batch: the BitLinear
 //! products run on all sequences' rows at once (one weight transfer, one unpacking of
 //! each weight row), attention runs per sequence against its own cache. Prompts are
 //! processed in chunks of `prefill_chunk` tokens per layer, so activations stay bounded.
 
-use super::budget::{plan, MemoryPlan, PlanRequest};
+use super::budget::{plan, DeviceMemory, MemoryPlan, PlanRequest};
 use super::generate::{Sampler, SamplingConfig};
 use super::kv_cache::{KvCache, LayerCache};
 use super::model_file::ModelFile;
@@ -31,6 +34,7 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
+use tritter_kernels::packed::{MappedCodes, PackedStorage};
 use tritter_kernels::reference::mask_tensor;
 use tritter_kernels::{AttentionMask, MaskMod, PackedTernary, TritterBackend};
 
@@ -73,16 +77,20 @@ fn load_norm<B: Backend>(file: &ModelFile, name: &str, device: &B::Device) -> Re
 impl<B: TritterBackend> LayerWeights<B> {
     /// Moves block `index` from the file to the device; the codes travel packed. The
     /// file pages read are released from this process's resident set.
-    pub fn load(file: &ModelFile, index: usize, device: &B::Device) -> Result<Self> {
-        Self::load_into(file, index, device, None)
+    pub fn load(file: &Arc<ModelFile>, index: usize, device: &B::Device) -> Result<Self> {
+        Self::load_into(file, index, device, None, false)
     }
 
-    /// [`LayerWeights::load`] into the device buffers of a layer no longer used.
+    /// [`LayerWeights::load`] into the device buffers of a layer no longer used. With
+    /// `in_place`, on a backend that computes on mapped pages
+    /// ([`TritterBackend::ternary_map`]), the packed codes are only brought into memory
+    /// and stay there, in the file's mapping, until [`LayerWeights::release`].
     pub fn load_into(
-        file: &ModelFile,
+        file: &Arc<ModelFile>,
         index: usize,
         device: &B::Device,
         previous: Option<Self>,
+        in_place: bool,
     ) -> Result<Self> {
         let c = &file.config;
         let mut bytes = 0;
@@ -94,12 +102,22 @@ impl<B: TritterBackend> LayerWeights<B> {
             let gamma = file.f32s(&format!("{prefix}.scale"))?[0];
             file.populate(&weight_name);
             let data = file.bytes(&weight_name)?;
-            let weight = match previous.as_mut().and_then(Iterator::next) {
-                Some(old) => B::ternary_reupload(old.weight, data, gamma, device),
-                None => B::ternary_upload(data, d_out, d_in, gamma, device),
+            let old = previous.as_mut().and_then(Iterator::next);
+            let mapped = if in_place {
+                let codes = MappedCodes::new(file.clone(), file.range(&weight_name)?);
+                B::ternary_map(codes, d_out, d_in, gamma)
+            } else {
+                None
             };
-            // The file pages just copied leave this process's resident set.
-            file.release(&weight_name);
+            let weight = match (mapped, old) {
+                (Some(weight), _) => weight,
+                (None, Some(old)) => B::ternary_reupload(old.weight, data, gamma, device),
+                (None, None) => B::ternary_upload(data, d_out, d_in, gamma, device),
+            };
+            if !matches!(weight.storage, PackedStorage::Mapped(_)) {
+                // The file pages just copied leave this process's resident set.
+                file.release(&weight_name);
+            }
             let norm = load_norm(file, &format!("{prefix}.norm"), device)?;
             bytes += weight.stored_bytes() + 4 * d_in + 4;
             linears.push(PackedLinear { weight, norm });
@@ -119,6 +137,16 @@ impl<B: TritterBackend> LayerWeights<B> {
             ffn_norm: norm("ffn_norm")?,
             bytes: bytes + 4 * (2 * hd + 2 * h),
         })
+    }
+
+    /// Drops the file pages of codes computed in place from this process's resident
+    /// set, once the device is done with them (they stay in the OS page cache).
+    pub fn release(&self, file: &ModelFile) {
+        for linear in &self.linears {
+            if let PackedStorage::Mapped(codes) = &linear.weight.storage {
+                file.release_bytes(codes.range());
+            }
+        }
     }
 
     /// The block on several sequences' rows at once: `xs[i]` `[len_i, hidden]` continues
@@ -309,7 +337,7 @@ impl<B: TritterBackend> LayerGroup<B> {
 
 /// Loads group `index`, into `recycled`'s buffers where it has them.
 fn load_group<B: TritterBackend>(
-    file: &ModelFile,
+    file: &Arc<ModelFile>,
     index: usize,
     group_size: usize,
     device: &B::Device,
@@ -323,7 +351,7 @@ fn load_group<B: TritterBackend>(
         layers: (first..last)
             .map(|i| {
                 let previous = old.as_mut().and_then(Iterator::next);
-                LayerWeights::load_into(file, i, device, previous)
+                LayerWeights::load_into(file, i, device, previous, true)
             })
             .collect::<Result<_>>()?,
     })
@@ -348,6 +376,7 @@ pub struct LayerLoader<B: TritterBackend> {
     handle: Option<JoinHandle<()>>,
     counters: Arc<LoaderCounters>,
     wait_nanos: u64,
+    file: Arc<ModelFile>,
 }
 
 impl<B: TritterBackend> LayerLoader<B> {
@@ -357,6 +386,7 @@ impl<B: TritterBackend> LayerLoader<B> {
         let counters = Arc::new(LoaderCounters::default());
         let thread_counters = counters.clone();
         let num_groups = file.config.num_layers.div_ceil(group_size);
+        let loader_file = file.clone();
         let handle = std::thread::Builder::new()
             .name("tritter-layer-loader".into())
             .spawn(move || loop {
@@ -365,8 +395,8 @@ impl<B: TritterBackend> LayerLoader<B> {
                     // The uploads complete before the group is handed over: the engine
                     // computes on another thread (on GPUs, another stream).
                     let recycled = spent.try_recv().ok();
-                    let group =
-                        load_group::<B>(&file, g, group_size, &device, recycled).and_then(|g| {
+                    let group = load_group::<B>(&loader_file, g, group_size, &device, recycled)
+                        .and_then(|g| {
                             B::sync(&device)
                                 .map_err(|e| anyhow!("device error while loading: {e:?}"))?;
                             Ok(g)
@@ -391,6 +421,7 @@ impl<B: TritterBackend> LayerLoader<B> {
             handle: Some(handle),
             counters,
             wait_nanos: 0,
+            file,
         }
     }
 
@@ -410,9 +441,13 @@ impl<B: TritterBackend> LayerLoader<B> {
 }
 
 impl<B: TritterBackend> LayerLoader<B> {
-    /// Hands a computed group back for its buffers to be reused. The device must be done
-    /// with it (synchronized).
+    /// Hands a computed group back for its buffers to be reused, and drops the file
+    /// pages of codes it computed on in place. The device must be done with it
+    /// (synchronized).
     pub fn recycle(&self, group: LayerGroup<B>) {
+        for layer in &group.layers {
+            layer.release(&self.file);
+        }
         // A loader that has stopped no longer needs buffers: the group is just dropped.
         let _ = self.recycle.send(group);
     }
@@ -577,7 +612,7 @@ impl<B: TritterBackend> StreamingEngine<B> {
     ) -> Result<Self> {
         crate::memory::return_freed_buffers();
         let config = &file.config;
-        let plan = plan(config, &request, B::ternary_scratch_bytes)
+        let plan = plan(config, &request, DeviceMemory::of::<B>())
             .map_err(|e| anyhow!("{}: {e}", file.path.display()))?;
         let (v, h) = (config.vocab_size, config.hidden_size);
         let matrix = |name: &str, shape: [usize; 2]| -> Result<Tensor<B, 2>> {
@@ -934,6 +969,31 @@ mod tests {
     use crate::export::write_random_export;
     use crate::infer::budget::KvCacheType;
     use crate::TestBackend as B;
+
+    /// On the CPU the loader hands over groups whose codes are the file's own pages.
+    #[test]
+    fn cpu_groups_are_computed_in_place_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        write_random_export(&small(None), 3, &path).unwrap();
+        let file = Arc::new(ModelFile::open(&path).unwrap());
+        let mut loader = LayerLoader::<B>::spawn(file.clone(), 2, Default::default());
+        for first in [0, 2, 0] {
+            let group = loader.next_group().unwrap();
+            for (i, layer) in (first..).zip(&group.layers) {
+                assert_eq!(layer.index, i);
+                for (linear, name) in layer.linears.iter().zip(BITLINEAR_NAMES) {
+                    let name = format!("blocks.{i}.{name}.weight");
+                    let PackedStorage::Mapped(codes) = &linear.weight.storage else {
+                        panic!("{name} was copied: {:?}", linear.weight.storage);
+                    };
+                    assert_eq!(codes.range(), file.range(&name).unwrap());
+                    assert_eq!(codes.bytes(), file.bytes(&name).unwrap());
+                }
+            }
+            loader.recycle(group);
+        }
+    }
 
     #[test]
     fn streamed_groups_give_the_resident_tokens_and_logits() {
