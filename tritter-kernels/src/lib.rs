@@ -567,9 +567,11 @@ impl TritterBackend for burn::backend::Flex {
     }
 
     fn ternary_packed_matmul(x: Tensor<Self, 2>, w: &PackedTernary<Self>) -> Tensor<Self, 2> {
-        if let PackedStorage::Words(_) = &w.storage {
-            return packed::matmul_words(x, w);
-        }
+        let codes = match &w.storage {
+            PackedStorage::Host(words) => packed::Codes::Panels(words),
+            PackedStorage::Mapped(codes) => packed::Codes::Rows(codes.bytes()),
+            PackedStorage::Words(_) => return packed::matmul_words(x, w),
+        };
         let [tokens, d_in] = x.dims();
         assert_eq!(
             d_in, w.d_in,
@@ -582,11 +584,6 @@ impl TritterBackend for burn::backend::Flex {
             .convert::<f32>()
             .into_vec()
             .expect("f32 activations");
-        let codes = match &w.storage {
-            PackedStorage::Host(words) => packed::Codes::Panels(words),
-            PackedStorage::Mapped(codes) => packed::Codes::Rows(codes.bytes()),
-            PackedStorage::Words(_) => unreachable!("device words took the tensor path"),
-        };
         let y = packed::cpu_gemm(&values, tokens, codes, w.d_out, d_in, w.gamma);
         Tensor::from_data(TensorData::new(y, [tokens, w.d_out]), &device)
     }

@@ -851,9 +851,8 @@ fn gemm(
     (0..tasks).into_par_iter().for_each(|task| {
         let first = task * PANELS_PER_TASK;
         let count = (panels - first).min(PANELS_PER_TASK);
-        // `ahead`: bytes to prefetch over the first tile's panels.
-        let run = |words: &[u32], ahead: &[u8]| {
-            let share = PANEL_ROWS * row_bytes;
+        // `ahead[p]`: bytes to prefetch while the first tile passes panel `p`.
+        let run = |words: &[u32], ahead: [&[u8]; PANELS_PER_TASK]| {
             for tile in 0..tokens.div_ceil(x.width) {
                 let (codes, n) = x.tile(tile, tokens);
                 for (p, words) in words.chunks_exact(panel_size).enumerate() {
@@ -867,12 +866,7 @@ fn gemm(
                         y: out,
                         d_out,
                         first_row: (first + p) * PANEL_ROWS,
-                        ahead: match tile {
-                            0 => ahead
-                                .get(p * share..)
-                                .map_or(&[], |a| &a[..a.len().min(share)]),
-                            _ => &[],
-                        },
+                        ahead: if tile == 0 { ahead[p] } else { &[] },
                     };
                     #[cfg(target_arch = "x86_64")]
                     if vector {
@@ -888,7 +882,10 @@ fn gemm(
             }
         };
         match codes {
-            Codes::Panels(words) => run(&words[first * panel_size..][..count * panel_size], &[]),
+            Codes::Panels(words) => run(
+                &words[first * panel_size..][..count * panel_size],
+                [&[]; PANELS_PER_TASK],
+            ),
             Codes::Rows(bytes) => SCRATCH.with_borrow_mut(|scratch| {
                 if scratch.len() < count * panel_size {
                     *scratch = HostWords::zeroed(PANELS_PER_TASK * panel_size);
@@ -896,17 +893,15 @@ fn gemm(
                 let words = &mut scratch[..count * panel_size];
                 // The pool's threads mostly take consecutive tasks: the next one's rows
                 // come from memory while this one is rearranged and computes.
-                let share = PANEL_ROWS * row_bytes;
-                let next = bytes.get((first + count) * share..).unwrap_or_default();
-                let ahead = |p: usize| {
-                    next.get(p * share..)
-                        .map_or(&[][..], |a| &a[..a.len().min(share)])
-                };
+                let ahead = std::array::from_fn(|p| match first + count + p {
+                    next if next < panels => panel_rows(bytes, d_out, row_bytes, next),
+                    _ => &[][..],
+                });
                 for (p, panel) in words.chunks_exact_mut(panel_size).enumerate() {
                     let rows = panel_rows(bytes, d_out, row_bytes, first + p);
-                    interleave_panel(rows, row_bytes, panel, false, ahead(p));
+                    interleave_panel(rows, row_bytes, panel, false, ahead[p]);
                 }
-                run(words, next)
+                run(words, ahead)
             }),
         }
     });

@@ -210,7 +210,7 @@ impl ModelFile {
                 anyhow!("{}: tensor `{name}` has no checksum", self.path.display())
             })?;
             let actual = format!("{:016x}", xxh3_64(&self.mmap[e.start..e.end]));
-            self.release_range(e.start, e.end);
+            self.release_bytes(e.start..e.end);
             if &actual != expected {
                 bail!(
                     "{}: tensor `{name}` is corrupt: its checksum is {actual}, the file records {expected}",
@@ -232,7 +232,7 @@ impl ModelFile {
                     .map_err(|why| {
                         anyhow!("{}: tensor `{name}` is corrupt: {why}", self.path.display())
                     })?;
-                self.release_range(e.start, e.end);
+                self.release_bytes(e.start..e.end);
             }
         }
         Ok(())
@@ -281,18 +281,14 @@ impl ModelFile {
     /// must not count against the memory budget.
     pub fn release(&self, name: &str) {
         if let Ok(e) = self.entry(name) {
-            self.release_range(e.start, e.end);
+            self.release_bytes(e.start..e.end);
         }
     }
 
     /// [`ModelFile::release`] by position: the pages holding `range`.
     pub fn release_bytes(&self, range: std::ops::Range<usize>) {
-        self.release_range(range.start, range.end);
-    }
-
-    fn release_range(&self, start: usize, end: usize) {
         let page = 4096;
-        let (start, end) = (start / page * page, end.div_ceil(page) * page);
+        let (start, end) = (range.start / page * page, range.end.div_ceil(page) * page);
         let end = end.min(self.mmap.len());
         let mut at = start;
         while at < end {

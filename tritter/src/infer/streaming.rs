@@ -101,10 +101,11 @@ impl<B: TritterBackend> LayerWeights<B> {
             let weight_name = format!("{prefix}.weight");
             let gamma = file.f32s(&format!("{prefix}.scale"))?[0];
             file.populate(&weight_name);
-            let data = file.bytes(&weight_name)?;
+            let range = file.range(&weight_name)?;
+            let data = &(**file).as_ref()[range.clone()];
             let old = previous.as_mut().and_then(Iterator::next);
             let mapped = if in_place {
-                let codes = MappedCodes::new(file.clone(), file.range(&weight_name)?);
+                let codes = MappedCodes::new(file.clone(), range);
                 B::ternary_map(codes, d_out, d_in, gamma)
             } else {
                 None
