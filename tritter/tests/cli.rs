@@ -297,9 +297,10 @@ fn streaming_holds_a_model_four_times_its_budget() {
     let bytes = tritter::export::write_random_export(&config, 11, &model).unwrap();
     let budget: u64 = 64 << 20;
     assert!(bytes >= 4 * budget, "{bytes}");
-    let out = run(
-        tritter_bin(),
-        &[
+    // Streams under the budget, with `extra` arguments: stdout, stderr, the engine's
+    // peak resident set.
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
             "generate",
             "--model",
             "big.safetensors",
@@ -309,28 +310,38 @@ fn streaming_holds_a_model_four_times_its_budget() {
             "6",
             "--memory-budget",
             "64MiB",
-        ],
-        dir.path(),
-    );
-    let err = stderr(&out);
-    eprintln!("{err}");
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("streaming 24 groups of 1 layers"), "{err}");
-    let peak: u64 = err
-        .lines()
-        .find_map(|l| l.strip_prefix("engine-peak-rss-bytes "))
-        .expect("peak RSS reported")
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(
-        peak <= budget,
-        "resident set grew by {peak} bytes, budget {budget}: {err}"
-    );
+        ];
+        args.extend(extra);
+        let out = run(tritter_bin(), &args, dir.path());
+        let err = stderr(&out);
+        eprintln!("{err}");
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains("streaming 24 groups of 1 layers"), "{err}");
+        let peak: u64 = err
+            .lines()
+            .find_map(|l| l.strip_prefix("engine-peak-rss-bytes "))
+            .expect("peak RSS reported")
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            peak <= budget,
+            "resident set grew by {peak} bytes, budget {budget}: {err}"
+        );
+        (out.stdout, err, peak)
+    };
+    let (text, _, peak) = generate(&[]);
     assert!(
         peak > 2 * (12 << 20),
         "two layer buffers must have been held: {peak}"
     );
+    // Read from storage on every pass: the same text, under the same budget.
+    let (cold_text, cold_err, _) = generate(&["--drop-page-cache"]);
+    assert!(
+        cold_err.contains("leave the page cache once used"),
+        "{cold_err}"
+    );
+    assert_eq!(cold_text, text);
 
     // A budget below the resident parts and two one-layer groups is refused up front.
     let out = run(

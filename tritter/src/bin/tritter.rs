@@ -60,6 +60,11 @@ enum Command {
         /// Stream layer groups even when the whole model fits.
         #[arg(long)]
         stream: bool,
+        /// Drop the model file's pages from the OS page cache once used, so that each
+        /// pass reads the layers from storage and the file does not fill the page cache
+        /// (which a container's memory limit counts).
+        #[arg(long)]
+        drop_page_cache: bool,
         /// KV cache storage: f32, f16, or int4 (KIVI: 4-bit codes in host memory, the
         /// most recent 128 tokens in f16).
         #[arg(long, default_value = "f32")]
@@ -119,7 +124,8 @@ enum Command {
 #[derive(Subcommand)]
 enum Bench {
     /// Streaming against resident generation on the CPU: a random-weight model `--ratio`
-    /// times the budget, batch 1 and batch 16.
+    /// times the budget, batch 1 and batch 16, streamed with the file in the page cache
+    /// and from storage (its pages dropped from the page cache after use).
     Streaming {
         /// Preset of the random model (byte vocabulary).
         #[arg(long, default_value = "3B")]
@@ -194,6 +200,7 @@ fn main() -> Result<()> {
             memory_budget,
             layer_group_size,
             stream,
+            drop_page_cache,
             kv_cache,
             prefill_chunk,
             max_new_tokens,
@@ -219,7 +226,11 @@ fn main() -> Result<()> {
                 bail!("--layer-group-size needs --memory-budget");
             }
             // The packed engine runs budgets, batches and the f16 and INT4 caches.
-            if memory_budget.is_some() || stream || prompt.is_none() || kv_cache != KvCacheType::F32
+            if memory_budget.is_some()
+                || stream
+                || drop_page_cache
+                || prompt.is_none()
+                || kv_cache != KvCacheType::F32
             {
                 let budget = match (memory_budget, stream) {
                     (Some(b), _) => b.0,
@@ -235,6 +246,7 @@ fn main() -> Result<()> {
                     budget,
                     layer_group_size,
                     stream,
+                    drop_page_cache,
                     kv_cache,
                     prefill_chunk,
                 };
@@ -299,9 +311,14 @@ fn main() -> Result<()> {
             println!("{plan}");
             if plan.streaming {
                 println!(
-                    "streaming: {} groups of {} layers; each token moves {} of layers",
+                    "streaming: {} groups of {} layers; each pass {} {} of layers",
                     plan.num_groups,
                     plan.layer_group_size,
+                    if memory.in_place {
+                        "brings into memory"
+                    } else {
+                        "moves to the device"
+                    },
                     ByteSize(plan.layer_bytes * config.num_layers as u64)
                 );
             } else {
@@ -457,6 +474,7 @@ struct EngineJob<'a> {
     budget: u64,
     layer_group_size: Option<usize>,
     stream: bool,
+    drop_page_cache: bool,
     kv_cache: KvCacheType,
     prefill_chunk: usize,
 }
@@ -467,6 +485,7 @@ impl BackendJob for EngineJob<'_> {
         let baseline = rss::reset_peak();
         // Opened and checked once: for the tokenizer, then by the engine.
         let file = std::sync::Arc::new(ModelFile::open(self.model)?);
+        file.set_drop_page_cache(self.drop_page_cache);
         let tokenizer = file.tokenizer()?;
         let ids: Vec<Vec<u32>> = self
             .prompts
@@ -499,6 +518,9 @@ impl BackendJob for EngineJob<'_> {
                 "every layer resident".to_string()
             }
         );
+        if self.drop_page_cache {
+            eprintln!("the model file's pages leave the page cache once used: each pass reads the layers from storage");
+        }
         let mut stdout = std::io::stdout().lock();
         let single = !self.batch_file;
         if single {
@@ -684,6 +706,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     );
     let file = std::sync::Arc::new(ModelFile::open(&path)?);
     let copy = memcpy_bandwidth();
+    let storage = storage_read_bandwidth(&file)?;
     let (d_out, d_in, packed) = up_projection(config);
     let (rearrange, words) = interleave_bandwidth(d_out, d_in, &packed);
     let budget = (bytes as f64 / ratio) as u64;
@@ -698,6 +721,15 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         "memory copy bandwidth (1 thread): {:.2} GiB/s",
         copy / (1u64 << 30) as f64
     );
+    match storage {
+        Some(storage) => println!(
+            "storage read bandwidth (the model file, out of the page cache, 1 thread): {:.2} GiB/s",
+            storage / (1u64 << 30) as f64
+        ),
+        None => println!(
+            "storage read bandwidth: unmeasured, the page cache kept the model file (its filesystem ignores the request to drop it); the storage rows read from memory"
+        ),
+    }
     println!(
         "rearranging packed codes into the CPU layout ({threads} threads): {:.2} GiB/s",
         rearrange / (1u64 << 30) as f64
@@ -715,7 +747,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         "xfer GiB/s",
         "hidden",
         "overlap",
-        "xfer/copy bw",
+        "xfer/limit",
         "peak MiB"
     );
     let prompts = |batch: usize| -> Vec<Vec<u32>> {
@@ -730,11 +762,20 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     let sampling = SamplingConfig::default();
     let mut rows = Vec::new();
     // Resident rows: the same compute with every layer in memory (no transfer).
-    for (name, budget, batch) in batches
-        .iter()
-        .map(|&b| ("resident", u64::MAX, b))
-        .chain(batches.iter().map(|&b| ("streaming", budget, b)))
+    // Streaming rows: the file's pages stay in the page cache, as they do for a model
+    // that fits the machine's memory but not the budget. Storage rows: every pass reads
+    // the layers from storage, as for a model larger than the machine's memory.
+    let rows_of = |name| batches.iter().map(move |&b| (name, b));
+    for (name, batch) in rows_of("resident")
+        .chain(rows_of("streaming"))
+        .chain(rows_of("storage"))
     {
+        file.set_drop_page_cache(name == "storage");
+        let (budget, limit) = match name {
+            "resident" => (u64::MAX, copy),
+            "streaming" => (budget, copy),
+            _ => (budget, storage.unwrap_or(copy)),
+        };
         let request = PlanRequest {
             budget,
             context: prompt_tokens + new_tokens,
@@ -767,35 +808,61 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
             s.transfer_bandwidth() / (1u64 << 30) as f64,
             100.0 * s.overlap(),
             100.0 * s.overlap_efficiency(),
-            s.transfer_bandwidth() / copy,
+            s.transfer_bandwidth() / limit,
             s.peak_device_bytes as f64 / (1 << 20) as f64
         );
         rows.push((name, batch, s.clone()));
     }
-    let resident = rows
-        .iter()
-        .find(|r| r.0 == "resident" && r.1 == 1)
-        .map(|r| r.2.clone());
-    let one = rows
-        .iter()
-        .find(|r| r.0 == "streaming" && r.1 == 1)
-        .map(|r| r.2.clone());
-    if let (Some(resident), Some(one)) = (&resident, &one) {
-        println!(
-            "first-token latency, streaming ÷ resident: {:.2}",
-            one.first_token_secs / resident.first_token_secs
-        );
-    }
-    for (name, batch, s) in &rows {
-        if let (true, Some(one)) = (*name == "streaming" && *batch > 1, &one) {
+    file.set_drop_page_cache(false);
+    let batch_one = |engine: &str| {
+        rows.iter()
+            .find(|r| r.0 == engine && r.1 == 1)
+            .map(|r| r.2.clone())
+    };
+    let resident = batch_one("resident");
+    for engine in ["streaming", "storage"] {
+        let Some(one) = batch_one(engine) else {
+            continue;
+        };
+        if let Some(resident) = &resident {
             println!(
-                "batch-{batch} throughput ÷ batch-1: {:.2} overall, {:.2} after the prefill",
-                s.tokens_per_sec() / one.tokens_per_sec(),
-                s.decode_tokens_per_sec() / one.decode_tokens_per_sec()
+                "first-token latency, {engine} ÷ resident: {:.2}",
+                one.first_token_secs / resident.first_token_secs
             );
+        }
+        for (name, batch, s) in &rows {
+            if *name == engine && *batch > 1 {
+                println!(
+                    "{engine} batch-{batch} throughput ÷ batch-1: {:.2} overall, {:.2} after the prefill",
+                    s.tokens_per_sec() / one.tokens_per_sec(),
+                    s.decode_tokens_per_sec() / one.decode_tokens_per_sec()
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// Read bandwidth of the storage under `file`, bytes/s: the whole file read once after
+/// its pages left the page cache. `None` when they could not be made to leave it.
+fn storage_read_bandwidth(file: &ModelFile) -> Result<Option<f64>> {
+    file.set_drop_page_cache(true);
+    file.set_drop_page_cache(false);
+    if file.cached_bytes(0..file.len()) > file.len() / 4 {
+        return Ok(None);
+    }
+    let mut reader = std::fs::File::open(&file.path)?;
+    let mut buffer = vec![0u8; 16 << 20];
+    let start = Instant::now();
+    let mut total = 0;
+    loop {
+        let n = std::io::Read::read(&mut reader, &mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    Ok(Some(total as f64 / start.elapsed().as_secs_f64()))
 }
 
 struct GenerateJob<'a> {

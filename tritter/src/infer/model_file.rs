@@ -12,6 +12,7 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use xxhash_rust::xxh3::xxh3_64;
 
 #[derive(Debug, Deserialize)]
@@ -39,6 +40,10 @@ pub struct ModelFile {
     tokenizer_json: Option<String>,
     pub(crate) tensors: HashMap<String, TensorEntry>,
     mmap: Mmap,
+    file: std::fs::File,
+    /// Whether released pages also leave the OS page cache
+    /// ([`ModelFile::set_drop_page_cache`]).
+    drop_page_cache: AtomicBool,
 }
 
 /// Pages touched while checking are dropped in pieces of this size.
@@ -137,6 +142,8 @@ impl ModelFile {
             tokenizer_json: meta.get("tokenizer_json").cloned(),
             tensors,
             mmap,
+            file,
+            drop_page_cache: AtomicBool::new(false),
         };
         model.check_layout()?;
         match checksums {
@@ -285,11 +292,13 @@ impl ModelFile {
         }
     }
 
-    /// [`ModelFile::release`] by position: the pages holding `range`.
+    /// [`ModelFile::release`] by position: the pages holding `range`. With
+    /// [`ModelFile::set_drop_page_cache`], they also leave the OS page cache.
     pub fn release_bytes(&self, range: std::ops::Range<usize>) {
         let page = 4096;
         let (start, end) = (range.start / page * page, range.end.div_ceil(page) * page);
         let end = end.min(self.mmap.len());
+        let drop_cache = self.drop_page_cache.load(Ordering::Relaxed);
         let mut at = start;
         while at < end {
             let len = RELEASE_CHUNK.min(end - at);
@@ -299,8 +308,74 @@ impl ModelFile {
                 self.mmap
                     .unchecked_advise_range(UncheckedAdvice::DontNeed, at, len)
             };
+            if drop_cache {
+                self.drop_cached(at, len);
+            }
             at += len;
         }
+    }
+
+    /// Whether pages released after use ([`ModelFile::release_bytes`]) also leave the OS
+    /// page cache, so that every pass through a streamed model reads its layers from
+    /// storage again. This is what streaming a model larger than the machine's memory
+    /// costs, and it keeps the file from filling the page cache (which a container's
+    /// memory limit counts). Turning it on drops the file's cached pages now. Only clean
+    /// pages no process maps are dropped; the kernel may keep others. Where the OS has
+    /// no such request (not Linux), this does nothing.
+    pub fn set_drop_page_cache(&self, drop: bool) {
+        self.drop_page_cache.store(drop, Ordering::Relaxed);
+        if drop {
+            self.drop_cached(0, self.mmap.len());
+        }
+    }
+
+    /// `POSIX_FADV_DONTNEED` over `len` bytes of the file from `offset`.
+    fn drop_cached(&self, offset: usize, len: usize) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: advice on an open descriptor; no memory is passed.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (offset, len);
+    }
+
+    /// Bytes of `range` held in the OS page cache now (`mincore`; whole pages). Where
+    /// the OS cannot say (not Unix), every byte counts as cached.
+    pub fn cached_bytes(&self, range: std::ops::Range<usize>) -> usize {
+        #[cfg(unix)]
+        {
+            let page = 4096;
+            let start = range.start / page * page;
+            let end = range.end.div_ceil(page) * page;
+            let end = end.min(self.mmap.len());
+            if start >= end {
+                return 0;
+            }
+            let mut resident = vec![0u8; (end - start).div_ceil(page)];
+            // SAFETY: the range lies in the mapping and `resident` has a byte per page.
+            let ok = unsafe {
+                libc::mincore(
+                    self.mmap.as_ptr().add(start) as *mut libc::c_void,
+                    end - start,
+                    resident.as_mut_ptr() as *mut _,
+                )
+            } == 0;
+            if !ok {
+                return range.len();
+            }
+            resident.iter().filter(|&&r| r & 1 == 1).count() * page
+        }
+        #[cfg(not(unix))]
+        range.len()
     }
 
     /// The tokenizer the model was trained with.

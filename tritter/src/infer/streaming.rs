@@ -30,7 +30,7 @@ use burn::prelude::*;
 use rayon::prelude::*;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, SendError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -405,7 +405,16 @@ impl<B: TritterBackend> LayerLoader<B> {
                     let nanos = start.elapsed().as_nanos() as u64;
                     let bytes = group.as_ref().map_or(0, |g| g.bytes() as u64);
                     let failed = group.is_err();
-                    if tx.send(group).is_err() || failed {
+                    if let Err(SendError(unsent)) = tx.send(group) {
+                        // The engine is done: the group prefetched for it leaves memory.
+                        if let Ok(group) = unsent {
+                            for layer in &group.layers {
+                                layer.release(&loader_file);
+                            }
+                        }
+                        return;
+                    }
+                    if failed {
                         return;
                     }
                     thread_counters
@@ -994,6 +1003,78 @@ mod tests {
             }
             loader.recycle(group);
         }
+    }
+
+    /// With the page cache dropped after use, the streamed engine gives the same tokens
+    /// and leaves none of the layers cached; without, the file stays cached.
+    #[test]
+    fn dropping_the_page_cache_reads_each_pass_from_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let config = small(None).with_overrides(&crate::model::ConfigOverrides {
+            hidden_size: Some(256),
+            ffn_size: Some(512),
+            ..Default::default()
+        });
+        write_random_export(&config, 5, &path).unwrap();
+        let file = Arc::new(ModelFile::open(&path).unwrap());
+        let layer_ranges: Vec<_> = (0..config.num_layers)
+            .flat_map(|i| BITLINEAR_NAMES.map(|n| format!("blocks.{i}.{n}.weight")))
+            .map(|name| file.range(&name).unwrap())
+            .collect();
+        let layer_bytes: usize = layer_ranges.iter().map(|r| r.len()).sum();
+        let cached = || -> usize {
+            layer_ranges
+                .iter()
+                .map(|r| file.cached_bytes(r.clone()))
+                .sum()
+        };
+        let generate = |drop: bool| {
+            file.set_drop_page_cache(drop);
+            // Every layer starts in the page cache: the pass itself must drop them.
+            std::hint::black_box(std::fs::read(&path).unwrap());
+            let req = PlanRequest {
+                stream: true,
+                ..request(u64::MAX, Some(2), KvCacheType::F32)
+            };
+            let mut engine =
+                StreamingEngine::<B>::from_file(file.clone(), req, Default::default()).unwrap();
+            let out = engine
+                .generate(
+                    &prompts(),
+                    8,
+                    &SamplingConfig::default(),
+                    None,
+                    true,
+                    |_, _| {},
+                )
+                .unwrap();
+            assert!(out.stats.streaming);
+            out
+        };
+        let kept = generate(false);
+        assert!(
+            cached() >= layer_bytes * 9 / 10,
+            "the layers left the page cache without being asked to: {} of {layer_bytes} bytes cached",
+            cached()
+        );
+        // A filesystem whose pages are its storage (tmpfs) cannot drop them.
+        file.set_drop_page_cache(true);
+        let droppable = cached() < layer_bytes / 10;
+        let dropped = generate(true);
+        assert_eq!(dropped.tokens, kept.tokens);
+        assert!(max_rel_diff(&dropped.logits, &kept.logits) == 0.0);
+        assert_eq!(dropped.stats.bytes_streamed, kept.stats.bytes_streamed);
+        if droppable {
+            assert!(
+                cached() < layer_bytes / 10,
+                "{} of {layer_bytes} layer bytes still cached after a pass that drops them",
+                cached()
+            );
+        } else {
+            eprintln!("{}: this filesystem keeps its pages cached", path.display());
+        }
+        file.set_drop_page_cache(false);
     }
 
     #[test]
