@@ -846,8 +846,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
 /// Read bandwidth of the storage under `file`, bytes/s: the whole file read once after
 /// its pages left the page cache. `None` when they could not be made to leave it.
 fn storage_read_bandwidth(file: &ModelFile) -> Result<Option<f64>> {
-    file.set_drop_page_cache(true);
-    file.set_drop_page_cache(false);
+    file.drop_from_page_cache();
     if file.cached_bytes(0..file.len()) > file.len() / 4 {
         return Ok(None);
     }

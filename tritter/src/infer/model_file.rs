@@ -46,6 +46,9 @@ pub struct ModelFile {
     drop_page_cache: AtomicBool,
 }
 
+/// The page size the mapping's advice is aligned to.
+const PAGE: usize = 4096;
+
 /// Pages touched while checking are dropped in pieces of this size.
 const RELEASE_CHUNK: usize = 16 << 20;
 
@@ -276,10 +279,10 @@ impl ModelFile {
     /// fault per 4 KiB while it is copied; a no-op where the kernel lacks it.
     pub fn populate(&self, name: &str) {
         if let Ok(e) = self.entry(name) {
-            let start = e.start / 4096 * 4096;
+            let pages = self.pages(e.start..e.end);
             let _ = self
                 .mmap
-                .advise_range(Advice::PopulateRead, start, e.end - start);
+                .advise_range(Advice::PopulateRead, pages.start, pages.len());
         }
     }
 
@@ -295,9 +298,7 @@ impl ModelFile {
     /// [`ModelFile::release`] by position: the pages holding `range`. With
     /// [`ModelFile::set_drop_page_cache`], they also leave the OS page cache.
     pub fn release_bytes(&self, range: std::ops::Range<usize>) {
-        let page = 4096;
-        let (start, end) = (range.start / page * page, range.end.div_ceil(page) * page);
-        let end = end.min(self.mmap.len());
+        let std::ops::Range { start, end } = self.pages(range);
         let drop_cache = self.drop_page_cache.load(Ordering::Relaxed);
         let mut at = start;
         while at < end {
@@ -325,8 +326,20 @@ impl ModelFile {
     pub fn set_drop_page_cache(&self, drop: bool) {
         self.drop_page_cache.store(drop, Ordering::Relaxed);
         if drop {
-            self.drop_cached(0, self.mmap.len());
+            self.drop_from_page_cache();
         }
+    }
+
+    /// Drops the file's clean, unmapped pages from the OS page cache now, once.
+    pub fn drop_from_page_cache(&self) {
+        self.drop_cached(0, self.mmap.len());
+    }
+
+    /// The whole pages of the mapping that hold `range`.
+    fn pages(&self, range: std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let start = range.start / PAGE * PAGE;
+        let end = (range.end.div_ceil(PAGE) * PAGE).min(self.mmap.len());
+        start..end
     }
 
     /// `POSIX_FADV_DONTNEED` over `len` bytes of the file from `offset`.
@@ -353,14 +366,11 @@ impl ModelFile {
     pub fn cached_bytes(&self, range: std::ops::Range<usize>) -> usize {
         #[cfg(unix)]
         {
-            let page = 4096;
-            let start = range.start / page * page;
-            let end = range.end.div_ceil(page) * page;
-            let end = end.min(self.mmap.len());
+            let std::ops::Range { start, end } = self.pages(range.clone());
             if start >= end {
                 return 0;
             }
-            let mut resident = vec![0u8; (end - start).div_ceil(page)];
+            let mut resident = vec![0u8; (end - start).div_ceil(PAGE)];
             // SAFETY: the range lies in the mapping and `resident` has a byte per page.
             let ok = unsafe {
                 libc::mincore(
@@ -372,7 +382,7 @@ impl ModelFile {
             if !ok {
                 return range.len();
             }
-            resident.iter().filter(|&&r| r & 1 == 1).count() * page
+            resident.iter().filter(|&&r| r & 1 == 1).count() * PAGE
         }
         #[cfg(not(unix))]
         range.len()

@@ -334,6 +334,13 @@ impl<B: TritterBackend> LayerGroup<B> {
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(|l| l.bytes).sum()
     }
+
+    /// [`LayerWeights::release`] for every layer.
+    fn release(&self, file: &ModelFile) {
+        for layer in &self.layers {
+            layer.release(file);
+        }
+    }
 }
 
 /// Loads group `index`, into `recycled`'s buffers where it has them.
@@ -408,9 +415,7 @@ impl<B: TritterBackend> LayerLoader<B> {
                     if let Err(SendError(unsent)) = tx.send(group) {
                         // The engine is done: the group prefetched for it leaves memory.
                         if let Ok(group) = unsent {
-                            for layer in &group.layers {
-                                layer.release(&loader_file);
-                            }
+                            group.release(&loader_file);
                         }
                         return;
                     }
@@ -455,9 +460,7 @@ impl<B: TritterBackend> LayerLoader<B> {
     /// pages of codes it computed on in place. The device must be done with it
     /// (synchronized).
     pub fn recycle(&self, group: LayerGroup<B>) {
-        for layer in &group.layers {
-            layer.release(&self.file);
-        }
+        group.release(&self.file);
         // A loader that has stopped no longer needs buffers: the group is just dropped.
         let _ = self.recycle.send(group);
     }
@@ -1059,7 +1062,7 @@ mod tests {
             cached()
         );
         // A filesystem whose pages are its storage (tmpfs) cannot drop them.
-        file.set_drop_page_cache(true);
+        file.drop_from_page_cache();
         let droppable = cached() < layer_bytes / 10;
         let dropped = generate(true);
         assert_eq!(dropped.tokens, kept.tokens);
