@@ -1,7 +1,10 @@
-//! An exported model file, memory-mapped and checked before any weight is used: the
-//! header, every tensor's place in the file (a truncated file names the first tensor it
-//! cuts), dtypes and shapes against the config, ternary codes, and the per-tensor
-//! checksums the exporter writes.
+//! An exported model file, memory-mapped and checked before any weight is used. Opening
+//! checks the header, every tensor's place in the file (a truncated file names the first
+//! tensor it cuts) and dtypes and shapes against the config; each tensor's bytes are
+//! checked against the checksum the exporter wrote (or, in files without checksums, its
+//! ternary codes are validated) the first time they are read. Opening a model thus costs
+//! no read of its weights, and a streamed model is verified by its first pass, group by
+//! group, instead of by a whole extra read before it.
 
 use crate::export::{BITLINEAR_NAMES, FORMAT};
 use crate::model::TritterConfig;
@@ -39,11 +42,29 @@ pub struct ModelFile {
     pub tokenizer_spec: TokenizerSpec,
     tokenizer_json: Option<String>,
     pub(crate) tensors: HashMap<String, TensorEntry>,
+    /// How each tensor's bytes are checked on first use, and whether they have been.
+    checks: HashMap<String, TensorCheck>,
     mmap: Mmap,
     file: std::fs::File,
     /// Whether released pages also leave the OS page cache
     /// ([`ModelFile::set_drop_page_cache`]).
     drop_page_cache: AtomicBool,
+}
+
+/// What a tensor's bytes must satisfy, checked once, the first time they are read.
+enum Check {
+    /// The xxh3-64 the exporter recorded.
+    Checksum(u64),
+    /// Packed ternary codes of a `[rows, cols]` matrix (files without checksums).
+    Codes { rows: usize, cols: usize },
+    /// Nothing beyond the structure (f32 tensors of files without checksums; their
+    /// values are checked to be finite as they are read).
+    Structure,
+}
+
+struct TensorCheck {
+    check: Check,
+    done: AtomicBool,
 }
 
 /// The page size the mapping's advice is aligned to.
@@ -53,10 +74,10 @@ const PAGE: usize = 4096;
 const RELEASE_CHUNK: usize = 16 << 20;
 
 impl ModelFile {
-    /// Opens and checks `path`. Every tensor's bytes are hashed against the checksums in
-    /// the metadata (files from before checksums were written get the structural checks
-    /// only); pages are released as they are checked, so opening a model larger than
-    /// memory does not hold it.
+    /// Opens `path` and checks its structure against its config. Each tensor's bytes are
+    /// verified the first time [`ModelFile::bytes`] (or [`ModelFile::f32s`]) reads them,
+    /// an error naming the tensor if they are corrupt; [`ModelFile::verify_all`] verifies
+    /// every tensor now.
     pub fn open(path: &Path) -> Result<Self> {
         let shown = path.display();
         let mut file = std::fs::File::open(path).with_context(|| format!("opening {shown}"))?;
@@ -135,6 +156,47 @@ impl ModelFile {
             .map(|c| serde_json::from_str(c))
             .transpose()
             .with_context(|| format!("{shown}: malformed `checksums` metadata"))?;
+        let checks = match checksums {
+            Some(checksums) => tensors
+                .keys()
+                .map(|name| {
+                    let recorded = checksums
+                        .get(name)
+                        .ok_or_else(|| anyhow!("{shown}: tensor `{name}` has no checksum"))?;
+                    let sum = u64::from_str_radix(recorded, 16).map_err(|_| {
+                        anyhow!("{shown}: tensor `{name}` has a malformed checksum `{recorded}`")
+                    })?;
+                    Ok((name.clone(), Check::Checksum(sum)))
+                })
+                .collect::<Result<HashMap<_, _>>>()?,
+            None => {
+                let mut checks: HashMap<String, Check> = tensors
+                    .keys()
+                    .map(|name| (name.clone(), Check::Structure))
+                    .collect();
+                for i in 0..config.num_layers {
+                    for (name, (d_in, d_out)) in
+                        BITLINEAR_NAMES.into_iter().zip(config.bitlinear_shapes())
+                    {
+                        checks.insert(
+                            format!("blocks.{i}.{name}.weight"),
+                            Check::Codes {
+                                rows: d_out,
+                                cols: d_in,
+                            },
+                        );
+                    }
+                }
+                checks
+            }
+        };
+        let checks = checks
+            .into_iter()
+            .map(|(name, check)| {
+                let done = AtomicBool::new(matches!(check, Check::Structure));
+                (name, TensorCheck { check, done })
+            })
+            .collect();
 
         // SAFETY: the map is read-only; the file is not modified while it is open.
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {shown}"))?;
@@ -144,15 +206,12 @@ impl ModelFile {
             tokenizer_spec,
             tokenizer_json: meta.get("tokenizer_json").cloned(),
             tensors,
+            checks,
             mmap,
             file,
             drop_page_cache: AtomicBool::new(false),
         };
         model.check_layout()?;
-        match checksums {
-            Some(checksums) => model.verify_checksums(&checksums)?,
-            None => model.validate_codes()?,
-        }
         Ok(model)
     }
 
@@ -212,48 +271,59 @@ impl ModelFile {
             .ok_or_else(|| anyhow!("{}: tensor `{name}` is missing", self.path.display()))
     }
 
-    fn verify_checksums(&self, checksums: &BTreeMap<String, String>) -> Result<()> {
-        let mut names: Vec<(&String, &TensorEntry)> = self.tensors.iter().collect();
-        names.sort_by_key(|(_, e)| e.start);
-        for (name, e) in names {
-            let expected = checksums.get(name).ok_or_else(|| {
-                anyhow!("{}: tensor `{name}` has no checksum", self.path.display())
-            })?;
-            let actual = format!("{:016x}", xxh3_64(&self.mmap[e.start..e.end]));
-            self.release_bytes(e.start..e.end);
-            if &actual != expected {
-                bail!(
-                    "{}: tensor `{name}` is corrupt: its checksum is {actual}, the file records {expected}",
-                    self.path.display()
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Without checksums, at least every packed code must be valid.
-    fn validate_codes(&self) -> Result<()> {
-        let c = &self.config;
-        for i in 0..c.num_layers {
-            for (name, (d_in, d_out)) in BITLINEAR_NAMES.into_iter().zip(c.bitlinear_shapes()) {
-                let name = format!("blocks.{i}.{name}.weight");
-                let e = self.entry(&name)?;
-                tritter_kernels::packed::validate_codes(&self.mmap[e.start..e.end], d_out, d_in)
-                    .map_err(|why| {
-                        anyhow!("{}: tensor `{name}` is corrupt: {why}", self.path.display())
-                    })?;
+    /// Verifies every tensor not yet verified, in file order, releasing the pages each
+    /// one read: a model larger than memory is not held by its verification.
+    pub fn verify_all(&self) -> Result<()> {
+        let mut by_offset: Vec<(&String, &TensorEntry)> = self.tensors.iter().collect();
+        by_offset.sort_by_key(|(_, e)| e.start);
+        for (name, e) in by_offset {
+            if self.verify(name, e)? {
                 self.release_bytes(e.start..e.end);
             }
         }
         Ok(())
     }
 
-    /// The bytes of a tensor, straight from the map.
-    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
-        Ok(&self.mmap[self.range(name)?])
+    /// Checks `name`'s bytes the first time they are asked for; whether they were read
+    /// now (false once verified).
+    fn verify(&self, name: &str, e: &TensorEntry) -> Result<bool> {
+        let Some(TensorCheck { check, done }) = self.checks.get(name) else {
+            return Ok(false);
+        };
+        if done.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let bytes = &self.mmap[e.start..e.end];
+        let shown = self.path.display();
+        match *check {
+            Check::Checksum(recorded) => {
+                let actual = xxh3_64(bytes);
+                if actual != recorded {
+                    bail!(
+                        "{shown}: tensor `{name}` is corrupt: its checksum is {actual:016x}, the file records {recorded:016x}"
+                    );
+                }
+            }
+            Check::Codes { rows, cols } => {
+                tritter_kernels::packed::validate_codes(bytes, rows, cols)
+                    .map_err(|why| anyhow!("{shown}: tensor `{name}` is corrupt: {why}"))?;
+            }
+            Check::Structure => {}
+        }
+        done.store(true, Ordering::Release);
+        Ok(true)
     }
 
-    /// Where a tensor's bytes lie in the file (and in [`AsRef::as_ref`]'s bytes).
+    /// The bytes of a tensor, straight from the map; verified the first time they are
+    /// asked for (an error naming the tensor if they are corrupt).
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let e = self.entry(name)?;
+        self.verify(name, e)?;
+        Ok(&self.mmap[e.start..e.end])
+    }
+
+    /// Where a tensor's bytes lie in the file (and in [`AsRef::as_ref`]'s bytes), which
+    /// are not verified: read them through [`ModelFile::bytes`] once first.
     pub fn range(&self, name: &str) -> Result<std::ops::Range<usize>> {
         let e = self.entry(name)?;
         Ok(e.start..e.end)
@@ -412,7 +482,8 @@ impl ModelFile {
 }
 
 /// The whole file's bytes, mapped: what a matrix computed in place
-/// ([`tritter_kernels::TritterBackend::ternary_map`]) reads.
+/// ([`tritter_kernels::TritterBackend::ternary_map`]) reads, once its tensor has been
+/// verified through [`ModelFile::bytes`].
 impl AsRef<[u8]> for ModelFile {
     fn as_ref(&self) -> &[u8] {
         &self.mmap

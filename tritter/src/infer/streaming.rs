@@ -101,8 +101,9 @@ impl<B: TritterBackend> LayerWeights<B> {
             let weight_name = format!("{prefix}.weight");
             let gamma = file.f32s(&format!("{prefix}.scale"))?[0];
             file.populate(&weight_name);
+            // Verified here the first time (on the loader's thread, for streamed groups).
+            let data = file.bytes(&weight_name)?;
             let range = file.range(&weight_name)?;
-            let data = &(**file).as_ref()[range.clone()];
             let old = previous.as_mut().and_then(Iterator::next);
             let mapped = if in_place {
                 let codes = MappedCodes::new(file.clone(), range);
@@ -1227,15 +1228,43 @@ mod tests {
         bytes[(entry.start + entry.end) / 2] ^= 0b0100_0001;
         let bad = dir.path().join("bad.safetensors");
         std::fs::write(&bad, &bytes).unwrap();
-        let err = StreamingEngine::<B>::open(
+        let named = |err: anyhow::Error| {
+            let err = err.to_string();
+            assert!(err.contains(target) && err.contains("corrupt"), "{err}");
+        };
+        // Resident: when the layers are loaded.
+        named(
+            StreamingEngine::<B>::open(
+                &bad,
+                request(u64::MAX, None, KvCacheType::F32),
+                Default::default(),
+            )
+            .err()
+            .unwrap(),
+        );
+        // Streamed: by the first pass, before any token is sampled.
+        let mut engine = StreamingEngine::<B>::open(
             &bad,
-            request(u64::MAX, None, KvCacheType::F32),
+            PlanRequest {
+                stream: true,
+                ..request(u64::MAX, Some(1), KvCacheType::F32)
+            },
             Default::default(),
         )
-        .err()
-        .unwrap()
-        .to_string();
-        assert!(err.contains(target) && err.contains("corrupt"), "{err}");
+        .unwrap();
+        let mut sampled = 0;
+        named(
+            engine
+                .generate(&prompts(), 4, &SamplingConfig::default(), None, false, |_, _| {
+                    sampled += 1
+                })
+                .err()
+                .unwrap(),
+        );
+        assert_eq!(sampled, 0);
+        // And all at once, on request.
+        named(ModelFile::open(&bad).unwrap().verify_all().err().unwrap());
+        ModelFile::open(&path).unwrap().verify_all().unwrap();
 
         // A truncated file names the first tensor it cuts.
         let cut = dir.path().join("cut.safetensors");
