@@ -70,6 +70,10 @@ struct TensorCheck {
 /// The page size the mapping's advice is aligned to.
 const PAGE: usize = 4096;
 
+/// The largest folio the page cache holds a file in (a PMD, 2 MiB on x86-64); folios
+/// are aligned to their size in the file.
+const MAX_FOLIO: usize = 2 << 20;
+
 /// Pages touched while checking are dropped in pieces of this size.
 const RELEASE_CHUNK: usize = 16 << 20;
 
@@ -200,6 +204,12 @@ impl ModelFile {
 
         // SAFETY: the map is read-only; the file is not modified while it is open.
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {shown}"))?;
+        // What the kernel reads in through this mapping it may then cache in 2 MiB folios
+        // (on filesystems with large folios, such as ext4 and XFS), which the mapping maps
+        // whole: a streamed group's pages come in and leave with one entry per 2 MiB
+        // instead of 512. A file already cached in small pages keeps them.
+        #[cfg(target_os = "linux")]
+        let _ = mmap.advise(Advice::HugePage);
         let model = Self {
             path: path.to_path_buf(),
             config,
@@ -379,10 +389,15 @@ impl ModelFile {
                 self.mmap
                     .unchecked_advise_range(UncheckedAdvice::DontNeed, at, len)
             };
-            if drop_cache {
-                self.drop_cached(at, len);
-            }
             at += len;
+        }
+        if drop_cache {
+            // The page cache drops only whole folios, and a large one may straddle the
+            // range: the request covers every folio that holds part of it. Folios still
+            // mapped (a neighbour's pages in use) are kept.
+            let start = start / MAX_FOLIO * MAX_FOLIO;
+            let end = (end.div_ceil(MAX_FOLIO) * MAX_FOLIO).min(self.mmap.len());
+            self.drop_cached(start, end - start);
         }
     }
 
