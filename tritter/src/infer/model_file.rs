@@ -57,14 +57,20 @@ enum Check {
     Checksum(u64),
     /// Packed ternary codes of a `[rows, cols]` matrix (files without checksums).
     Codes { rows: usize, cols: usize },
-    /// Nothing beyond the structure (f32 tensors of files without checksums; their
-    /// values are checked to be finite as they are read).
-    Structure,
 }
 
 struct TensorCheck {
     check: Check,
     done: AtomicBool,
+}
+
+impl TensorCheck {
+    fn new(check: Check) -> Self {
+        Self {
+            check,
+            done: AtomicBool::new(false),
+        }
+    }
 }
 
 /// The page size the mapping's advice is aligned to.
@@ -160,7 +166,9 @@ impl ModelFile {
             .map(|c| serde_json::from_str(c))
             .transpose()
             .with_context(|| format!("{shown}: malformed `checksums` metadata"))?;
-        let checks = match checksums {
+        // Tensors without a check have none beyond the structure (the f32 tensors of a
+        // file without checksums; their values are checked to be finite as they are read).
+        let checks: HashMap<String, TensorCheck> = match checksums {
             Some(checksums) => tensors
                 .keys()
                 .map(|name| {
@@ -170,37 +178,21 @@ impl ModelFile {
                     let sum = u64::from_str_radix(recorded, 16).map_err(|_| {
                         anyhow!("{shown}: tensor `{name}` has a malformed checksum `{recorded}`")
                     })?;
-                    Ok((name.clone(), Check::Checksum(sum)))
+                    Ok((name.clone(), TensorCheck::new(Check::Checksum(sum))))
                 })
-                .collect::<Result<HashMap<_, _>>>()?,
-            None => {
-                let mut checks: HashMap<String, Check> = tensors
-                    .keys()
-                    .map(|name| (name.clone(), Check::Structure))
-                    .collect();
-                for i in 0..config.num_layers {
-                    for (name, (d_in, d_out)) in
-                        BITLINEAR_NAMES.into_iter().zip(config.bitlinear_shapes())
-                    {
-                        checks.insert(
-                            format!("blocks.{i}.{name}.weight"),
-                            Check::Codes {
-                                rows: d_out,
-                                cols: d_in,
-                            },
-                        );
-                    }
-                }
-                checks
-            }
+                .collect::<Result<_>>()?,
+            None => (0..config.num_layers)
+                .flat_map(|i| {
+                    BITLINEAR_NAMES
+                        .into_iter()
+                        .zip(config.bitlinear_shapes())
+                        .map(move |(name, (cols, rows))| {
+                            let check = TensorCheck::new(Check::Codes { rows, cols });
+                            (format!("blocks.{i}.{name}.weight"), check)
+                        })
+                })
+                .collect(),
         };
-        let checks = checks
-            .into_iter()
-            .map(|(name, check)| {
-                let done = AtomicBool::new(matches!(check, Check::Structure));
-                (name, TensorCheck { check, done })
-            })
-            .collect();
 
         // SAFETY: the map is read-only; the file is not modified while it is open.
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {shown}"))?;
@@ -318,7 +310,6 @@ impl ModelFile {
                 tritter_kernels::packed::validate_codes(bytes, rows, cols)
                     .map_err(|why| anyhow!("{shown}: tensor `{name}` is corrupt: {why}"))?;
             }
-            Check::Structure => {}
         }
         done.store(true, Ordering::Release);
         Ok(true)
@@ -327,13 +318,19 @@ impl ModelFile {
     /// The bytes of a tensor, straight from the map; verified the first time they are
     /// asked for (an error naming the tensor if they are corrupt).
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        Ok(&self.mmap[self.verified_range(name)?])
+    }
+
+    /// [`ModelFile::range`], once the tensor's bytes are verified (as by
+    /// [`ModelFile::bytes`]).
+    pub fn verified_range(&self, name: &str) -> Result<std::ops::Range<usize>> {
         let e = self.entry(name)?;
         self.verify(name, e)?;
-        Ok(&self.mmap[e.start..e.end])
+        Ok(e.start..e.end)
     }
 
     /// Where a tensor's bytes lie in the file (and in [`AsRef::as_ref`]'s bytes), which
-    /// are not verified: read them through [`ModelFile::bytes`] once first.
+    /// are not verified: see [`ModelFile::verified_range`].
     pub fn range(&self, name: &str) -> Result<std::ops::Range<usize>> {
         let e = self.entry(name)?;
         Ok(e.start..e.end)
@@ -498,7 +495,7 @@ impl ModelFile {
 
 /// The whole file's bytes, mapped: what a matrix computed in place
 /// ([`tritter_kernels::TritterBackend::ternary_map`]) reads, once its tensor has been
-/// verified through [`ModelFile::bytes`].
+/// verified ([`ModelFile::verified_range`]).
 impl AsRef<[u8]> for ModelFile {
     fn as_ref(&self) -> &[u8] {
         &self.mmap

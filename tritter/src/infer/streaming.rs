@@ -102,8 +102,8 @@ impl<B: TritterBackend> LayerWeights<B> {
             let gamma = file.f32s(&format!("{prefix}.scale"))?[0];
             file.populate(&weight_name);
             // Verified here the first time (on the loader's thread, for streamed groups).
-            let data = file.bytes(&weight_name)?;
-            let range = file.range(&weight_name)?;
+            let range = file.verified_range(&weight_name)?;
+            let data = &(**file).as_ref()[range.clone()];
             let old = previous.as_mut().and_then(Iterator::next);
             let mapped = if in_place {
                 let codes = MappedCodes::new(file.clone(), range);
