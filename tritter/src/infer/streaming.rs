@@ -1255,9 +1255,14 @@ mod tests {
         let mut sampled = 0;
         named(
             engine
-                .generate(&prompts(), 4, &SamplingConfig::default(), None, false, |_, _| {
-                    sampled += 1
-                })
+                .generate(
+                    &prompts(),
+                    4,
+                    &SamplingConfig::default(),
+                    None,
+                    false,
+                    |_, _| sampled += 1,
+                )
                 .err()
                 .unwrap(),
         );
