@@ -370,6 +370,15 @@ pub(crate) fn round_clamped(v: f32, lo: f32, hi: f32) -> f32 {
     (v.clamp(lo, hi) + MAGIC) - MAGIC
 }
 
+/// [`int8_code`] as an integer: the nearest integer's bits are read back from the sum
+/// with 1.5·2²³ (its low mantissa bits, two's complement) instead of converting, a
+/// conversion whose saturation for out-of-range values stops loops from vectorizing.
+#[inline(always)]
+pub(crate) fn int8_code_i32(v: f32, inv_scale: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((v / inv_scale).clamp(-128.0, ACT_MAX) + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
+}
+
 /// `max_i |x_i|` in 16 independent lanes.
 #[inline(always)]
 fn abs_max(x: &[f32]) -> f32 {
@@ -403,16 +412,63 @@ pub(crate) fn int8_code(v: f32, inv_scale: f32) -> f32 {
 /// Rows are laid out `stride ≥ d_in` apart, zero-padded. Returns the codes, `1/s` per
 /// token, and the sum of each token's codes.
 pub fn quantize_rows(x: &[f32], d_in: usize, stride: usize) -> (Vec<i8>, Vec<f32>, Vec<i32>) {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512() {
+        // SAFETY: the CPU has the features.
+        return unsafe { quantize_rows_avx512(x, d_in, stride) };
+    }
+    quantize_rows_any(x, d_in, stride)
+}
+
+/// [`quantize_rows`] compiled for AVX-512: the same operations in the same order, so
+/// the same codes, sixteen lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_rows_avx512(
+    x: &[f32],
+    d_in: usize,
+    stride: usize,
+) -> (Vec<i8>, Vec<f32>, Vec<i32>) {
+    quantize_rows_any(x, d_in, stride)
+}
+
+/// Whether AVX-512 F, BW and VL are usable (and the portable kernels not forced).
+#[cfg(target_arch = "x86_64")]
+fn use_avx512() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && !portable_kernels_forced()
+    })
+}
+
+#[inline(always)]
+fn quantize_rows_any(x: &[f32], d_in: usize, stride: usize) -> (Vec<i8>, Vec<f32>, Vec<i32>) {
     let tokens = x.len() / d_in.max(1);
     let mut xq = vec![0i8; tokens * stride];
     let mut inv_scales = Vec::with_capacity(tokens);
     let mut sums = Vec::with_capacity(tokens);
     for (row, out) in x.chunks_exact(d_in).zip(xq.chunks_exact_mut(stride)) {
         let inv_scale = int8_inv_scale(row);
-        let mut sum = 0i32;
-        for (o, &v) in out.iter_mut().zip(row) {
-            *o = int8_code(v, inv_scale) as i8;
-            sum += *o as i32;
+        let out = &mut out[..d_in];
+        // Sixteen lanes of codes and sums, so that the loop vectorizes; the codes are
+        // integers in [-128, 127], converted exactly.
+        let mut lanes = [0i32; 16];
+        let (mut chunks, mut outs) = (row.chunks_exact(16), out.chunks_exact_mut(16));
+        for (values, out) in (&mut chunks).zip(&mut outs) {
+            for ((o, &v), lane) in out.iter_mut().zip(values).zip(lanes.iter_mut()) {
+                let code = int8_code_i32(v, inv_scale);
+                *o = code as i8;
+                *lane += code;
+            }
+        }
+        let mut sum: i32 = lanes.iter().sum();
+        for (o, &v) in outs.into_remainder().iter_mut().zip(chunks.remainder()) {
+            let code = int8_code_i32(v, inv_scale);
+            *o = code as i8;
+            sum += code;
         }
         inv_scales.push(inv_scale);
         sums.push(sum);
@@ -839,10 +895,11 @@ fn gemm(
             assert_eq!(bytes.len(), d_out * row_bytes, "a {d_out}×{d_in} matrix")
         }
     }
-    let mut y = vec![0f32; tokens * d_out];
     if tokens == 0 || d_out == 0 {
-        return y;
+        return vec![0f32; tokens * d_out];
     }
+    // Every element is written below, once, by the task holding its row's panel.
+    let mut y = Vec::<f32>::with_capacity(tokens * d_out);
     let x = Tiles::new(x, tokens, d_in);
     let out = Output(y.as_mut_ptr());
     let panel_size = PANEL_ROWS * x.columns;
@@ -905,6 +962,8 @@ fn gemm(
             }),
         }
     });
+    // SAFETY: the tasks wrote all `tokens × d_out` elements (every panel of every tile).
+    unsafe { y.set_len(tokens * d_out) };
     y
 }
 
@@ -1062,6 +1121,49 @@ mod tests {
         let y = cpu_gemm(&x, 1, Codes::Panels(&words), 1, d_in, 1.0);
         // inv_scale = 2/127: y = 127·1000·(2/127) = 2000.
         assert!((y[0] - 2000.0).abs() < 1e-2, "{}", y[0]);
+    }
+
+    /// The vectorized quantizer (each code read back from its rounding's bits) gives the
+    /// codes and sums of [`int8_code`] one value at a time: ties to even, the clamp, the
+    /// tail of a row that is not a whole run of 16, and zeros past `d_in`.
+    #[test]
+    fn row_quantization_matches_the_scalar_codes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for d_in in [1usize, 3, 16, 17, 70, 1030] {
+            let stride = 16 * d_in.div_ceil(16) + 16;
+            let tokens = 3;
+            let mut x: Vec<f32> = (0..tokens * d_in)
+                .map(|_| rng.random_range(-4.0f32..4.0))
+                .collect();
+            // A token whose largest value maps to 127 and others to exact halves.
+            for (i, v) in x[..d_in].iter_mut().enumerate() {
+                *v = if i == 0 { 127.0 } else { (i % 7) as f32 - 3.5 };
+            }
+            let check = |(codes, inv_scales, sums): (Vec<i8>, Vec<f32>, Vec<i32>)| {
+                for t in 0..tokens {
+                    let row = &x[t * d_in..][..d_in];
+                    let inv_scale = int8_inv_scale(row);
+                    assert_eq!(inv_scales[t], inv_scale);
+                    let want: Vec<i8> =
+                        row.iter().map(|&v| int8_code(v, inv_scale) as i8).collect();
+                    let got = &codes[t * stride..][..stride];
+                    assert_eq!(&got[..d_in], &want[..], "d_in {d_in}, token {t}");
+                    assert!(
+                        got[d_in..].iter().all(|&c| c == 0),
+                        "padding of d_in {d_in}"
+                    );
+                    assert_eq!(sums[t], want.iter().map(|&c| c as i32).sum::<i32>());
+                }
+            };
+            check(quantize_rows_any(&x, d_in, stride));
+            check(quantize_rows(&x, d_in, stride));
+        }
+        // Ties round to even, as `round_clamped` does.
+        assert_eq!(int8_code_i32(2.5, 1.0), 2);
+        assert_eq!(int8_code_i32(-2.5, 1.0), -2);
+        assert_eq!(int8_code_i32(-3.5, 1.0), -4);
+        assert_eq!(int8_code_i32(1e9, 1.0), 127);
+        assert_eq!(int8_code_i32(-1e9, 1.0), -128);
     }
 
     #[test]

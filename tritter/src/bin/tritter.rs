@@ -621,8 +621,9 @@ fn product_rate(
 }
 
 /// The CPU packed product's rates (G multiply-adds/s) at 1 and 16 tokens: from the CPU
-/// layout and in place from the export's rows, each in cache and from memory.
-fn print_product_rates(d_out: usize, d_in: usize, packed: &[u8], words: &HostWords) {
+/// layout and in place from the export's rows, each in cache and from memory. Returns the
+/// best rate at 16 tokens, multiply-adds/s.
+fn print_product_rates(d_out: usize, d_in: usize, packed: &[u8], words: &HostWords) -> f64 {
     // Copies enough to pass through memory rather than the caches.
     let copies = (512usize << 20).div_ceil(packed.len());
     let rows: Vec<Vec<u8>> = (0..copies).map(|_| packed.to_vec()).collect();
@@ -639,20 +640,29 @@ fn print_product_rates(d_out: usize, d_in: usize, packed: &[u8], words: &HostWor
         "in place, cached",
         "in place, from memory"
     );
+    let mut best = 0.0;
     for tokens in [1, 16] {
         let panel =
             |x: &[f32], i: usize| cpu_gemm(x, tokens, Codes::Panels(&panels[i]), d_out, d_in, 1.0);
         let in_place =
             |x: &[f32], i: usize| cpu_gemm(x, tokens, Codes::Rows(&rows[i]), d_out, d_in, 1.0);
+        let rates = [
+            product_rate(d_out, d_in, 1, tokens, panel),
+            product_rate(d_out, d_in, copies, tokens, panel),
+            product_rate(d_out, d_in, 1, tokens, in_place),
+            product_rate(d_out, d_in, copies, tokens, in_place),
+        ];
         let g = 1e-9;
         println!(
             "{tokens:>7} {:>18.1} {:>23.1} {:>16.1} {:>21.1}",
-            g * product_rate(d_out, d_in, 1, tokens, panel),
-            g * product_rate(d_out, d_in, copies, tokens, panel),
-            g * product_rate(d_out, d_in, 1, tokens, in_place),
-            g * product_rate(d_out, d_in, copies, tokens, in_place)
+            g * rates[0],
+            g * rates[1],
+            g * rates[2],
+            g * rates[3]
         );
+        best = rates.into_iter().fold(0.0, f64::max);
     }
+    best
 }
 
 /// Single-thread copy bandwidth of a buffer far larger than the caches, bytes/s.
@@ -740,7 +750,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         "rearranging packed codes into the CPU layout ({threads} threads): {:.2} GiB/s",
         rearrange / (1u64 << 30) as f64
     );
-    print_product_rates(d_out, d_in, &packed, &words);
+    let product = print_product_rates(d_out, d_in, &packed, &words);
     println!(
         "{:<10} {:>5} {:>6} {:>9} {:>10} {:>11} {:>10} {:>10} {:>8} {:>10} {:>12} {:>9} {:>7}",
         "engine",
@@ -828,6 +838,10 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
             .map(|r| r.2.clone())
     };
     let resident = batch_one("resident");
+    // What the machine allows: each generated token needs one multiply-add per ternary
+    // weight, which no batch computes faster than the product's best measured rate.
+    let weights = config.ternary_parameter_count() as f64;
+    let decode_ceiling = product / weights;
     for engine in ["streaming", "storage"] {
         let Some(one) = batch_one(engine) else {
             continue;
@@ -841,13 +855,33 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         for (name, batch, s) in &rows {
             if *name == engine && *batch > 1 {
                 println!(
-                    "{engine} batch-{batch} throughput ÷ batch-1: {:.2} overall, {:.2} after the prefill",
+                    "{engine} batch-{batch} throughput ÷ batch-1: {:.2} overall, {:.2} after the prefill (this machine's ceiling: {:.2})",
                     s.tokens_per_sec() / one.tokens_per_sec(),
-                    s.decode_tokens_per_sec() / one.decode_tokens_per_sec()
+                    s.decode_tokens_per_sec() / one.decode_tokens_per_sec(),
+                    decode_ceiling / one.decode_tokens_per_sec()
+                );
+            }
+        }
+        if engine == "storage" {
+            if let Some(resident) = &resident {
+                // The first pass reads every layer once, none of them in the page cache.
+                let layer_bytes = one.bytes_streamed as f64 / one.passes.max(1) as f64;
+                let fastest = storage.unwrap_or(0.0).max(one.transfer_bandwidth());
+                let read = layer_bytes / fastest;
+                println!(
+                    "first token from storage waits for one read of every layer: {read:.3} s at {:.2} GiB/s (the fastest read of the file above), {:.2}× the resident engine's first token",
+                    fastest / (1u64 << 30) as f64,
+                    read / resident.first_token_secs
                 );
             }
         }
     }
+    println!(
+        "ceiling on decode tokens/s at any batch: {:.1}, every token's {:.2} G multiply-adds over ternary weights at the packed product's best rate at 16 tokens ({:.1} G/s)",
+        decode_ceiling,
+        weights * 1e-9,
+        product * 1e-9
+    );
     Ok(())
 }
 
