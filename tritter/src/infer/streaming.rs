@@ -1276,6 +1276,47 @@ mod tests {
         std::fs::write(&cut, &bytes[..entry.start + 10]).unwrap();
         let err = ModelFile::open(&cut).err().unwrap().to_string();
         assert!(err.contains(target) && err.contains("truncated"), "{err}");
+
+        // A file without checksums: each packed tensor's codes are checked instead, and
+        // a byte holding the code no weight has (3) is found by name.
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value =
+            serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        let meta = header["__metadata__"].as_object_mut().unwrap();
+        assert!(meta.remove("checksums").is_some());
+        let mut json = serde_json::to_vec(&header).unwrap();
+        json.resize(json.len().next_multiple_of(8), b' ');
+        let without = |data: &[u8]| {
+            let mut file = (json.len() as u64).to_le_bytes().to_vec();
+            file.extend_from_slice(&json);
+            file.extend_from_slice(data);
+            file
+        };
+        let mut data = std::fs::read(&path).unwrap()[8 + header_len..].to_vec();
+        let plain = dir.path().join("plain.safetensors");
+        std::fs::write(&plain, without(&data)).unwrap();
+        let file = ModelFile::open(&plain).unwrap();
+        file.verify_all().unwrap();
+        drop(file);
+        data[(entry.start + entry.end) / 2 - (8 + header_len)] = 0xFF;
+        let invalid = dir.path().join("invalid.safetensors");
+        std::fs::write(&invalid, without(&data)).unwrap();
+        let err = ModelFile::open(&invalid)
+            .unwrap()
+            .verify_all()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(target) && err.contains("corrupt"), "{err}");
+        named(
+            StreamingEngine::<B>::open(
+                &invalid,
+                request(u64::MAX, None, KvCacheType::F32),
+                Default::default(),
+            )
+            .err()
+            .unwrap(),
+        );
     }
 }
 
