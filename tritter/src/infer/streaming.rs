@@ -1233,15 +1233,13 @@ mod tests {
             assert!(err.contains(target) && err.contains("corrupt"), "{err}");
         };
         // Resident: when the layers are loaded.
-        named(
-            StreamingEngine::<B>::open(
-                &bad,
-                request(u64::MAX, None, KvCacheType::F32),
-                Default::default(),
-            )
-            .err()
-            .unwrap(),
-        );
+        let resident_error = |path: &Path| {
+            let request = request(u64::MAX, None, KvCacheType::F32);
+            StreamingEngine::<B>::open(path, request, Default::default())
+                .err()
+                .unwrap()
+        };
+        named(resident_error(&bad));
         // Streamed: by the first pass, before any token is sampled.
         let mut engine = StreamingEngine::<B>::open(
             &bad,
@@ -1308,15 +1306,7 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains(target) && err.contains("corrupt"), "{err}");
-        named(
-            StreamingEngine::<B>::open(
-                &invalid,
-                request(u64::MAX, None, KvCacheType::F32),
-                Default::default(),
-            )
-            .err()
-            .unwrap(),
-        );
+        named(resident_error(&invalid));
     }
 }
 
