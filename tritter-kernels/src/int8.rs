@@ -229,7 +229,7 @@ mod vnni {
             _mm512_set1_ps(-128.0),
             _mm512_set1_ps(crate::reference::ACT_MAX),
         );
-        let magic = _mm512_set1_ps(12_582_912.0);
+        let magic = _mm512_set1_ps(crate::packed::ROUND_SHIFT);
         let inv = crate::packed::int8_inv_scale(x);
         let inv_scale = _mm512_set1_ps(inv);
         let mut total = _mm512_setzero_si512();
@@ -261,7 +261,7 @@ mod vnni {
         panel_bytes: usize,
     ) {
         let (lo, hi) = (_mm512_set1_ps(-1.0), _mm512_set1_ps(1.0));
-        let magic = _mm512_set1_ps(12_582_912.0);
+        let magic = _mm512_set1_ps(crate::packed::ROUND_SHIFT);
         let (gamma, one) = (_mm512_set1_ps(gamma), _mm512_set1_epi32(1));
         let rows = w.len() / d_out;
         for quad in 0..rows.div_ceil(4) {

@@ -366,8 +366,16 @@ pub fn unpack_words<B: Backend>(words: Tensor<B, 2, Int>, d_in: usize) -> Tensor
 /// adding and removing 1.5·2²³ leaves the nearest integer under the default rounding mode.
 #[inline(always)]
 pub(crate) fn round_clamped(v: f32, lo: f32, hi: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (v.clamp(lo, hi) + MAGIC) - MAGIC
+    shifted_round(v, lo, hi) - ROUND_SHIFT
+}
+
+/// 1.5·2²³: a sum with it within ±2²² holds the nearest integer in its low mantissa bits.
+pub(crate) const ROUND_SHIFT: f32 = 12_582_912.0;
+
+/// `round(clamp(v, lo, hi)) + 1.5·2²³`, exactly.
+#[inline(always)]
+fn shifted_round(v: f32, lo: f32, hi: f32) -> f32 {
+    v.clamp(lo, hi) + ROUND_SHIFT
 }
 
 /// [`int8_code`] as an integer: the nearest integer's bits are read back from the sum
@@ -375,8 +383,8 @@ pub(crate) fn round_clamped(v: f32, lo: f32, hi: f32) -> f32 {
 /// conversion whose saturation for out-of-range values stops loops from vectorizing.
 #[inline(always)]
 pub(crate) fn int8_code_i32(v: f32, inv_scale: f32) -> i32 {
-    const MAGIC: f32 = 12_582_912.0;
-    ((v / inv_scale).clamp(-128.0, ACT_MAX) + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
+    let shifted = shifted_round(v / inv_scale, -128.0, ACT_MAX);
+    shifted.to_bits() as i32 - ROUND_SHIFT.to_bits() as i32
 }
 
 /// `max_i |x_i|` in 16 independent lanes.
