@@ -426,21 +426,7 @@ impl ModelFile {
 
     /// `POSIX_FADV_DONTNEED` over `len` bytes of the file from `offset`.
     fn drop_cached(&self, offset: usize, len: usize) {
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: advice on an open descriptor; no memory is passed.
-            unsafe {
-                libc::posix_fadvise(
-                    self.file.as_raw_fd(),
-                    offset as libc::off_t,
-                    len as libc::off_t,
-                    libc::POSIX_FADV_DONTNEED,
-                );
-            }
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = (offset, len);
+        evict_cached_pages(&self.file, offset, len);
     }
 
     /// Bytes of `range` held in the OS page cache now (`mincore`; whole pages). Where
@@ -491,6 +477,27 @@ impl ModelFile {
     pub fn is_empty(&self) -> bool {
         self.mmap.is_empty()
     }
+}
+
+/// Asks the OS to drop `len` bytes of `file` from `offset` out of its page cache
+/// (`POSIX_FADV_DONTNEED`): only clean pages no process maps leave. Where the OS has no
+/// such request (not Linux), this does nothing.
+pub fn evict_cached_pages(file: &std::fs::File, offset: usize, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: advice on an open descriptor; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// The whole file's bytes, mapped: what a matrix computed in place
