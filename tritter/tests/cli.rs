@@ -463,3 +463,101 @@ fn batched_prompts_match_one_at_a_time() {
     );
     assert_clear_error(&out, &["bad.jsonl:2", "prompt"]);
 }
+
+/// `[inference]` in a training recipe gives `plan` and `generate` their budget, layer
+/// group size and KV cache where no flag does; a flag still wins, and a bad value is
+/// named with the recipe.
+#[test]
+fn a_recipe_sets_the_budget_of_plan_and_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = common::write_fixture(dir.path(), "");
+    let base = std::fs::read_to_string(&recipe).unwrap();
+    let with = |inference: &str| {
+        std::fs::write(&recipe, format!("{base}\n[inference]\n{inference}\n")).unwrap()
+    };
+    with("gpu_memory_budget = \"24MiB\"\nlayer_group_size = 1\nkv_cache = \"int4\"");
+
+    // The recipe's own model, planned without weights.
+    let out = run(
+        tritter_bin(),
+        &["plan", "--recipe", "train.toml", "--context", "64"],
+        dir.path(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(text.starts_with("recipe train.toml: 2 layers"), "{text}");
+    assert!(text.contains("budget              24.00 MiB"), "{text}");
+    assert!(text.contains("int4"), "{text}");
+    let out = run(
+        tritter_bin(),
+        &[
+            "plan",
+            "--recipe",
+            "train.toml",
+            "--memory-budget",
+            "1GiB",
+            "--kv-cache",
+            "f16",
+        ],
+        dir.path(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(text.contains("budget               1.00 GiB"), "{text}");
+    assert!(
+        text.contains("layers, f16") && !text.contains("int4"),
+        "{text}"
+    );
+
+    // A model file streams through the recipe's budget in its groups.
+    let config = tritter::TritterConfig::preset("test", 264).unwrap();
+    tritter::export::write_random_export(&config, 2, &dir.path().join("m.safetensors")).unwrap();
+    let out = run(
+        tritter_bin(),
+        &[
+            "generate",
+            "--model",
+            "m.safetensors",
+            "--recipe",
+            "train.toml",
+            "--stream",
+            "--prompt",
+            "def ",
+            "--max-new-tokens",
+            "4",
+        ],
+        dir.path(),
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "streaming {} groups of 1 layers",
+            config.num_layers
+        )),
+        "{err}"
+    );
+    assert!(err.contains("of a 24.00 MiB budget"), "{err}");
+
+    with("gpu_memory_budget = \"lots\"");
+    let out = run(
+        tritter_bin(),
+        &["plan", "--recipe", "train.toml"],
+        dir.path(),
+    );
+    assert_clear_error(&out, &["train.toml", "`lots` is not a size"]);
+    with("layer_group_size = 0");
+    let out = run(
+        tritter_bin(),
+        &["plan", "--recipe", "train.toml", "--memory-budget", "1GiB"],
+        dir.path(),
+    );
+    assert_clear_error(&out, &["train.toml", "`inference.layer_group_size` = 0"]);
+    with("kv_cache = \"f16\"");
+    let out = run(
+        tritter_bin(),
+        &["plan", "--recipe", "train.toml"],
+        dir.path(),
+    );
+    assert_clear_error(&out, &["no memory budget", "gpu_memory_budget"]);
+}

@@ -15,6 +15,7 @@ use tritter::infer::{
 };
 use tritter::tokenizer::Tokenizer;
 use tritter::train::load_checkpoint_model;
+use tritter::train::recipe::{InferenceSection, TrainRecipe};
 use tritter::TritterConfig;
 use tritter_data::rss;
 use tritter_kernels::packed::{cpu_gemm, interleave, panel_words, Codes, HostWords};
@@ -57,6 +58,10 @@ enum Command {
         /// Layers per streamed group (default: the largest that fits twice).
         #[arg(long)]
         layer_group_size: Option<usize>,
+        /// A training recipe whose `[inference]` section (`gpu_memory_budget`,
+        /// `layer_group_size`, `kv_cache`) and `device` apply where no flag is given.
+        #[arg(long)]
+        recipe: Option<PathBuf>,
         /// Stream layer groups even when the whole model fits.
         #[arg(long)]
         stream: bool,
@@ -65,10 +70,10 @@ enum Command {
         /// (which a container's memory limit counts).
         #[arg(long)]
         drop_page_cache: bool,
-        /// KV cache storage: f32, f16, or int4 (KIVI: 4-bit codes in host memory, the
-        /// most recent 128 tokens in f16).
-        #[arg(long, default_value = "f32")]
-        kv_cache: KvCacheType,
+        /// KV cache storage: f32 (the default), f16, or int4 (KIVI: 4-bit codes in host
+        /// memory, the most recent 128 tokens in f16).
+        #[arg(long)]
+        kv_cache: Option<KvCacheType>,
         /// Prompt tokens per sequence processed at once.
         #[arg(long, default_value_t = 256)]
         prefill_chunk: usize,
@@ -83,13 +88,14 @@ enum Command {
         top_p: Option<f32>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        /// `cpu` (the default), `cuda` or `wgpu`.
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Print the memory plan of a model (or a preset) under a budget; fails when it does
     /// not fit, naming what exceeds the budget.
     Plan {
-        #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
+        #[arg(long, required_unless_present_any = ["preset", "recipe"], conflicts_with = "preset")]
         model: Option<PathBuf>,
         /// A size preset instead of a model file (`test`, `125M`, … `70B`).
         #[arg(long)]
@@ -97,22 +103,29 @@ enum Command {
         /// Vocabulary size with `--preset` (264: the byte tokenizer).
         #[arg(long, default_value_t = 264)]
         vocab_size: usize,
+        /// A training recipe: its model when neither `--model` nor `--preset` is given,
+        /// and its `[inference]` section and `device` where no flag is given.
         #[arg(long)]
-        memory_budget: ByteSize,
-        /// Tokens per sequence (prompt + new tokens).
-        #[arg(long, default_value_t = 2048)]
-        context: usize,
+        recipe: Option<PathBuf>,
+        /// Required unless the recipe's `[inference]` has `gpu_memory_budget`.
+        #[arg(long)]
+        memory_budget: Option<ByteSize>,
+        /// Tokens per sequence (prompt + new tokens); 2048 unless the model's
+        /// `max_seq_len` is shorter.
+        #[arg(long)]
+        context: Option<usize>,
         #[arg(long, default_value_t = 1)]
         batch: usize,
-        #[arg(long, default_value = "f16")]
-        kv_cache: KvCacheType,
+        /// f32, f16 (the default) or int4.
+        #[arg(long)]
+        kv_cache: Option<KvCacheType>,
         #[arg(long)]
         layer_group_size: Option<usize>,
         #[arg(long, default_value_t = 256)]
         prefill_chunk: usize,
-        /// The backend whose kernels' scratch memory to count.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        /// The backend whose kernels' scratch memory to count (default: cpu).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Benchmarks.
     Bench {
@@ -199,6 +212,7 @@ fn main() -> Result<()> {
             prompts,
             memory_budget,
             layer_group_size,
+            recipe,
             stream,
             drop_page_cache,
             kv_cache,
@@ -210,6 +224,13 @@ fn main() -> Result<()> {
             seed,
             device,
         } => {
+            let from_recipe = RecipeDefaults::read(recipe.as_deref())?;
+            let memory_budget = memory_budget.or(from_recipe.inference.gpu_memory_budget);
+            let layer_group_size = layer_group_size.or(from_recipe.inference.layer_group_size);
+            let kv_cache = kv_cache
+                .or(from_recipe.inference.kv_cache)
+                .unwrap_or(KvCacheType::F32);
+            let device = from_recipe.device(device);
             let sampling = SamplingConfig {
                 temperature,
                 top_k,
@@ -265,6 +286,7 @@ fn main() -> Result<()> {
             model,
             preset,
             vocab_size,
+            recipe,
             memory_budget,
             context,
             batch,
@@ -273,11 +295,25 @@ fn main() -> Result<()> {
             prefill_chunk,
             device,
         } => {
-            let config = match (&model, &preset) {
-                (Some(path), _) => ModelFile::open(path)?.config,
-                (None, Some(name)) => TritterConfig::preset(name, vocab_size)?,
-                (None, None) => unreachable!("clap requires one"),
+            let from_recipe = RecipeDefaults::read(recipe.as_deref())?;
+            let config = match (&model, &preset, &from_recipe.recipe) {
+                (Some(path), _, _) => ModelFile::open(path)?.config,
+                (None, Some(name), _) => TritterConfig::preset(name, vocab_size)?,
+                (None, None, Some(recipe)) => recipe.model_config(vocab_size)?,
+                (None, None, None) => unreachable!("clap requires one"),
             };
+            let Some(memory_budget) = memory_budget.or(from_recipe.inference.gpu_memory_budget)
+            else {
+                bail!(
+                    "no memory budget: give --memory-budget, or a recipe whose [inference] has gpu_memory_budget"
+                );
+            };
+            let layer_group_size = layer_group_size.or(from_recipe.inference.layer_group_size);
+            let kv_cache = kv_cache
+                .or(from_recipe.inference.kv_cache)
+                .unwrap_or(KvCacheType::F16);
+            let context = context.unwrap_or(config.max_seq_len.min(2048));
+            let device = from_recipe.device(device);
             let request = PlanRequest {
                 budget: memory_budget.0,
                 context,
@@ -294,9 +330,13 @@ fn main() -> Result<()> {
                     in_place: false,
                 },
             };
-            let what = match (&model, &preset) {
-                (Some(path), _) => path.display().to_string(),
-                _ => format!("preset {}", preset.as_deref().unwrap_or_default()),
+            let what = match (&model, &preset, &recipe) {
+                (Some(path), _, _) => path.display().to_string(),
+                (None, Some(name), _) => format!("preset {name}"),
+                (None, None, recipe) => format!(
+                    "recipe {}",
+                    recipe.as_deref().unwrap_or(Path::new("")).display()
+                ),
             };
             let plan = budget::plan(&config, &request, memory)
                 .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
@@ -431,6 +471,33 @@ impl TextPrinter {
 }
 
 /// Prompts from JSON lines: a string, or an object with a `prompt` field.
+/// What `--recipe` contributes to `generate` and `plan`: its `[inference]` section and
+/// its device, each used where no flag is given.
+#[derive(Default)]
+struct RecipeDefaults {
+    recipe: Option<TrainRecipe>,
+    inference: InferenceSection,
+}
+
+impl RecipeDefaults {
+    fn read(path: Option<&Path>) -> Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let recipe = TrainRecipe::from_file(path)?;
+        Ok(Self {
+            inference: recipe.inference.clone(),
+            recipe: Some(recipe),
+        })
+    }
+
+    /// `--device`, else the recipe's, else the CPU.
+    fn device(&self, flag: Option<String>) -> String {
+        flag.or_else(|| self.recipe.as_ref().map(|r| r.device.clone()))
+            .unwrap_or_else(|| "cpu".into())
+    }
+}
+
 fn read_prompts(path: &Path) -> Result<Vec<String>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

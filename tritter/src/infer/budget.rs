@@ -8,13 +8,40 @@
 
 use crate::model::TritterConfig;
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use tritter_kernels::TritterBackend;
 
 /// A byte count parsed from `2GiB`, `512 MiB`, `1.5GB`, `64M` or `1048576`.
 /// `K`/`M`/`G`/`T` alone are binary (as in `free -h`); `KB`/`MB`/… are decimal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// In a recipe: a string in these units, or a number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "ByteSizeValue", into = "u64")]
 pub struct ByteSize(pub u64);
+
+/// A size as TOML or JSON may spell it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ByteSizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl TryFrom<ByteSizeValue> for ByteSize {
+    type Error = String;
+    fn try_from(value: ByteSizeValue) -> Result<Self, String> {
+        match value {
+            ByteSizeValue::Bytes(b) => Ok(ByteSize(b)),
+            ByteSizeValue::Text(t) => t.parse(),
+        }
+    }
+}
+
+impl From<ByteSize> for u64 {
+    fn from(size: ByteSize) -> u64 {
+        size.0
+    }
+}
 
 impl std::str::FromStr for ByteSize {
     type Err = String;
@@ -65,7 +92,8 @@ impl fmt::Display for ByteSize {
 }
 
 /// How the KV cache stores keys and values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum KvCacheType {
     F32,
     F16,
@@ -91,6 +119,19 @@ impl std::str::FromStr for KvCacheType {
                 "unknown KV cache type `{other}` (expected f32, f16 or int4)"
             )),
         }
+    }
+}
+
+impl TryFrom<String> for KvCacheType {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<KvCacheType> for String {
+    fn from(kind: KvCacheType) -> String {
+        kind.to_string()
     }
 }
 

@@ -1,5 +1,6 @@
 //! Training recipes (TOML): the model, the data recipe, and the optimisation settings.
 
+use crate::infer::budget::{ByteSize, KvCacheType};
 use crate::model::{ConfigOverrides, TritterConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,10 @@ pub struct TrainRecipe {
     pub train: TrainSection,
     #[serde(default)]
     pub optim: OptimSection,
+    /// How the trained model runs: `tritter generate --recipe` and `tritter plan
+    /// --recipe` take these unless their flags say otherwise.
+    #[serde(default, skip_serializing_if = "InferenceSection::is_empty")]
+    pub inference: InferenceSection,
     /// Directory the recipe was read from.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -104,6 +109,25 @@ pub struct OptimSection {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
+}
+
+/// `[inference]`: the memory budget and streaming settings of the trained model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceSection {
+    /// Bytes the inference engine may hold on the device (`"14GiB"`, or a number of
+    /// bytes): a model that does not fit streams its layers through it in groups.
+    pub gpu_memory_budget: Option<ByteSize>,
+    /// Layers per streamed group (default: the largest that fits twice).
+    pub layer_group_size: Option<usize>,
+    /// KV cache storage: `f32`, `f16` or `int4`.
+    pub kv_cache: Option<KvCacheType>,
+}
+
+impl InferenceSection {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Default for OptimSection {
@@ -203,6 +227,12 @@ impl TrainRecipe {
                 o.grad_clip
             ));
         }
+        if self.inference.gpu_memory_budget == Some(ByteSize(0)) {
+            return Err("`inference.gpu_memory_budget` = 0: must be positive".into());
+        }
+        if self.inference.layer_group_size == Some(0) {
+            return Err("`inference.layer_group_size` = 0: must be positive".into());
+        }
         crate::device::DeviceKind::parse(&self.device).map_err(|e| e.to_string())?;
         // Resolve the preset now so an unknown one is reported with the recipe.
         self.model_config(1).map_err(|e| e.to_string())?;
@@ -244,5 +274,67 @@ impl TrainRecipe {
             );
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_recipes_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+        let mut loaded = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                TrainRecipe::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+                loaded += 1;
+            }
+        }
+        assert!(loaded >= 3, "{loaded} recipes in {}", dir.display());
+    }
+
+    /// `[inference]` survives the copy of the recipe a run keeps (`recipe.toml`), so
+    /// `--recipe runs/<name>/recipe.toml` serves the model as the recipe said.
+    #[test]
+    fn the_inference_section_round_trips() {
+        let text = r#"
+name = "r"
+data = "data.toml"
+[model]
+preset = "test"
+[train]
+steps = 1
+batch_size = 1
+seq_len = 16
+checkpoint_every = 1
+[inference]
+gpu_memory_budget = "14GiB"
+layer_group_size = 4
+kv_cache = "int4"
+"#;
+        let recipe: TrainRecipe = toml::from_str(text).unwrap();
+        let expected = InferenceSection {
+            gpu_memory_budget: Some(ByteSize(14 << 30)),
+            layer_group_size: Some(4),
+            kv_cache: Some(KvCacheType::Int4),
+        };
+        assert_eq!(recipe.inference, expected);
+        let copy: TrainRecipe = toml::from_str(&toml::to_string_pretty(&recipe).unwrap()).unwrap();
+        assert_eq!(copy.inference, expected);
+
+        // Without the section nothing is written, and a number of bytes is a size too.
+        let plain: TrainRecipe = toml::from_str(&text.replace(
+            "gpu_memory_budget = \"14GiB\"\nlayer_group_size = 4\nkv_cache = \"int4\"",
+            "gpu_memory_budget = 1048576",
+        ))
+        .unwrap();
+        assert_eq!(plain.inference.gpu_memory_budget, Some(ByteSize(1 << 20)));
+        let bare = TrainRecipe {
+            inference: InferenceSection::default(),
+            ..plain
+        };
+        assert!(!toml::to_string_pretty(&bare).unwrap().contains("inference"));
     }
 }
