@@ -225,11 +225,12 @@ fn main() -> Result<()> {
             device,
         } => {
             let from_recipe = RecipeDefaults::read(recipe.as_deref())?;
-            let memory_budget = memory_budget.or(from_recipe.inference.gpu_memory_budget);
-            let layer_group_size = layer_group_size.or(from_recipe.inference.layer_group_size);
-            let kv_cache = kv_cache
-                .or(from_recipe.inference.kv_cache)
-                .unwrap_or(KvCacheType::F32);
+            let InferenceSection {
+                gpu_memory_budget: memory_budget,
+                layer_group_size,
+                kv_cache,
+            } = from_recipe.under(memory_budget, layer_group_size, kv_cache);
+            let kv_cache = kv_cache.unwrap_or(KvCacheType::F32);
             let device = from_recipe.device(device);
             let sampling = SamplingConfig {
                 temperature,
@@ -296,22 +297,29 @@ fn main() -> Result<()> {
             device,
         } => {
             let from_recipe = RecipeDefaults::read(recipe.as_deref())?;
-            let config = match (&model, &preset, &from_recipe.recipe) {
-                (Some(path), _, _) => ModelFile::open(path)?.config,
-                (None, Some(name), _) => TritterConfig::preset(name, vocab_size)?,
-                (None, None, Some(recipe)) => recipe.model_config(vocab_size)?,
-                (None, None, None) => unreachable!("clap requires one"),
+            let (config, what) = match (&model, &preset, (&recipe, &from_recipe.0)) {
+                (Some(path), _, _) => (ModelFile::open(path)?.config, path.display().to_string()),
+                (None, Some(name), _) => (
+                    TritterConfig::preset(name, vocab_size)?,
+                    format!("preset {name}"),
+                ),
+                (None, None, (Some(path), Some(recipe))) => (
+                    recipe.model_config(vocab_size)?,
+                    format!("recipe {}", path.display()),
+                ),
+                (None, None, _) => unreachable!("clap requires one"),
             };
-            let Some(memory_budget) = memory_budget.or(from_recipe.inference.gpu_memory_budget)
-            else {
+            let InferenceSection {
+                gpu_memory_budget,
+                layer_group_size,
+                kv_cache,
+            } = from_recipe.under(memory_budget, layer_group_size, kv_cache);
+            let Some(memory_budget) = gpu_memory_budget else {
                 bail!(
                     "no memory budget: give --memory-budget, or a recipe whose [inference] has gpu_memory_budget"
                 );
             };
-            let layer_group_size = layer_group_size.or(from_recipe.inference.layer_group_size);
-            let kv_cache = kv_cache
-                .or(from_recipe.inference.kv_cache)
-                .unwrap_or(KvCacheType::F16);
+            let kv_cache = kv_cache.unwrap_or(KvCacheType::F16);
             let context = context.unwrap_or(config.max_seq_len.min(2048));
             let device = from_recipe.device(device);
             let request = PlanRequest {
@@ -329,14 +337,6 @@ fn main() -> Result<()> {
                     scratch: tritter_kernels::packed::words_scratch_bytes,
                     in_place: false,
                 },
-            };
-            let what = match (&model, &preset, &recipe) {
-                (Some(path), _, _) => path.display().to_string(),
-                (None, Some(name), _) => format!("preset {name}"),
-                (None, None, recipe) => format!(
-                    "recipe {}",
-                    recipe.as_deref().unwrap_or(Path::new("")).display()
-                ),
             };
             let plan = budget::plan(&config, &request, memory)
                 .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
@@ -470,34 +470,42 @@ impl TextPrinter {
     }
 }
 
-/// Prompts from JSON lines: a string, or an object with a `prompt` field.
 /// What `--recipe` contributes to `generate` and `plan`: its `[inference]` section and
 /// its device, each used where no flag is given.
 #[derive(Default)]
-struct RecipeDefaults {
-    recipe: Option<TrainRecipe>,
-    inference: InferenceSection,
-}
+struct RecipeDefaults(Option<TrainRecipe>);
 
 impl RecipeDefaults {
     fn read(path: Option<&Path>) -> Result<Self> {
-        let Some(path) = path else {
-            return Ok(Self::default());
+        path.map(TrainRecipe::from_file)
+            .transpose()
+            .map(Self)
+            .map_err(Into::into)
+    }
+
+    /// The settings the flags give, else the recipe's.
+    fn under(
+        &self,
+        memory_budget: Option<ByteSize>,
+        layer_group_size: Option<usize>,
+        kv_cache: Option<KvCacheType>,
+    ) -> InferenceSection {
+        let flags = InferenceSection {
+            gpu_memory_budget: memory_budget,
+            layer_group_size,
+            kv_cache,
         };
-        let recipe = TrainRecipe::from_file(path)?;
-        Ok(Self {
-            inference: recipe.inference.clone(),
-            recipe: Some(recipe),
-        })
+        flags.or(self.0.as_ref().map(|r| r.inference).unwrap_or_default())
     }
 
     /// `--device`, else the recipe's, else the CPU.
     fn device(&self, flag: Option<String>) -> String {
-        flag.or_else(|| self.recipe.as_ref().map(|r| r.device.clone()))
+        flag.or_else(|| self.0.as_ref().map(|r| r.device.clone()))
             .unwrap_or_else(|| "cpu".into())
     }
 }
 
+/// Prompts from JSON lines: a string, or an object with a `prompt` field.
 fn read_prompts(path: &Path) -> Result<Vec<String>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

@@ -394,7 +394,7 @@ impl ModelFile {
             // mapped (a neighbour's pages in use) are kept.
             let start = start / MAX_FOLIO * MAX_FOLIO;
             let end = (end.div_ceil(MAX_FOLIO) * MAX_FOLIO).min(self.mmap.len());
-            self.drop_cached(start, end - start);
+            evict_cached_pages(&self.file, start, end - start);
         }
     }
 
@@ -414,7 +414,7 @@ impl ModelFile {
 
     /// Drops the file's clean, unmapped pages from the OS page cache now, once.
     pub fn drop_from_page_cache(&self) {
-        self.drop_cached(0, self.mmap.len());
+        evict_cached_pages(&self.file, 0, self.mmap.len());
     }
 
     /// The whole pages of the mapping that hold `range`.
@@ -422,11 +422,6 @@ impl ModelFile {
         let start = range.start / PAGE * PAGE;
         let end = (range.end.div_ceil(PAGE) * PAGE).min(self.mmap.len());
         start..end
-    }
-
-    /// `POSIX_FADV_DONTNEED` over `len` bytes of the file from `offset`.
-    fn drop_cached(&self, offset: usize, len: usize) {
-        evict_cached_pages(&self.file, offset, len);
     }
 
     /// Bytes of `range` held in the OS page cache now (`mincore`; whole pages). Where

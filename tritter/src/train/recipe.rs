@@ -112,7 +112,7 @@ pub struct OptimSection {
 }
 
 /// `[inference]`: the memory budget and streaming settings of the trained model.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceSection {
     /// Bytes the inference engine may hold on the device (`"14GiB"`, or a number of
@@ -127,6 +127,15 @@ pub struct InferenceSection {
 impl InferenceSection {
     fn is_empty(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// Each setting this one gives, else `fallback`'s.
+    pub fn or(self, fallback: Self) -> Self {
+        Self {
+            gpu_memory_budget: self.gpu_memory_budget.or(fallback.gpu_memory_budget),
+            layer_group_size: self.layer_group_size.or(fallback.layer_group_size),
+            kv_cache: self.kv_cache.or(fallback.kv_cache),
+        }
     }
 }
 
