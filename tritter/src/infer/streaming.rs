@@ -64,8 +64,22 @@ pub struct LayerWeights<B: TritterBackend> {
 }
 
 fn load_norm<B: Backend>(file: &ModelFile, name: &str, device: &B::Device) -> Result<RmsNorm<B>> {
+    let mut read = Vec::with_capacity(1);
+    let norm = read_norm(file, name, device, &mut read)?;
+    file.release_all(read);
+    Ok(norm)
+}
+
+/// [`load_norm`] leaving the tensor's pages mapped: its range is added to `read`, for
+/// the caller to release.
+fn read_norm<B: Backend>(
+    file: &ModelFile,
+    name: &str,
+    device: &B::Device,
+    read: &mut Vec<std::ops::Range<usize>>,
+) -> Result<RmsNorm<B>> {
     let values = file.f32s(name)?;
-    file.release(name);
+    read.push(file.range(name)?);
     let n = values.len();
     Ok(RmsNorm {
         gamma: Param::from_tensor(Tensor::from_data(TensorData::new(values, [n]), device)),
@@ -83,7 +97,7 @@ impl<B: TritterBackend> LayerWeights<B> {
     /// [`LayerWeights::load`] into the device buffers of a layer no longer used. With
     /// `in_place`, on a backend that computes on mapped pages
     /// ([`TritterBackend::ternary_map`]), the packed codes are only brought into memory
-    /// and stay there, in the file's mapping, until [`LayerWeights::release`].
+    /// and stay there, in the file's mapping, until their group is released ([`LayerLoader::recycle`]).
     pub fn load_into(
         file: &Arc<ModelFile>,
         index: usize,
@@ -94,15 +108,17 @@ impl<B: TritterBackend> LayerWeights<B> {
         let c = &file.config;
         let mut bytes = 0;
         let mut linears = Vec::with_capacity(4);
+        // The scales and norms read, unmapped together once the layer is loaded. Their
+        // pages must leave the resident set like every other tensor's: left mapped, they
+        // would also hold in the page cache the folios they share with their neighbours.
+        let mut read = Vec::with_capacity(12);
         let mut previous = previous.map(|p| Vec::from(p.linears).into_iter());
         for (name, (d_in, d_out)) in BITLINEAR_NAMES.into_iter().zip(c.bitlinear_shapes()) {
             let prefix = format!("blocks.{index}.{name}");
             let weight_name = format!("{prefix}.weight");
             let scale_name = format!("{prefix}.scale");
             let gamma = file.f32s(&scale_name)?[0];
-            // Its page leaves the resident set like every other tensor's: left mapped, it
-            // would also hold in the page cache the folio it shares with its neighbours.
-            file.release(&scale_name);
+            read.push(file.range(&scale_name)?);
             file.populate(&weight_name);
             // Verified here the first time (on the loader's thread, for streamed groups).
             let range = file.verified_range(&weight_name)?;
@@ -123,35 +139,43 @@ impl<B: TritterBackend> LayerWeights<B> {
                 // The file pages just copied leave this process's resident set.
                 file.release(&weight_name);
             }
-            let norm = load_norm(file, &format!("{prefix}.norm"), device)?;
+            let norm = read_norm(file, &format!("{prefix}.norm"), device, &mut read)?;
             bytes += weight.stored_bytes() + 4 * d_in + 4;
             linears.push(PackedLinear { weight, norm });
         }
         let linears: [PackedLinear<B>; 4] = linears
             .try_into()
             .map_err(|_| anyhow!("four BitLinears per block"))?;
-        let norm =
-            |name: &str| load_norm::<B>(file, &format!("blocks.{index}.{name}.gamma"), device);
+        let mut gamma = |name: &str| {
+            read_norm::<B>(
+                file,
+                &format!("blocks.{index}.{name}.gamma"),
+                device,
+                &mut read,
+            )
+        };
         let (h, hd) = (c.hidden_size, c.head_dim());
-        Ok(Self {
+        let layer = Self {
             index,
             linears,
-            q_norm: norm("attn.q_norm")?,
-            k_norm: norm("attn.k_norm")?,
-            attn_norm: norm("attn_norm")?,
-            ffn_norm: norm("ffn_norm")?,
+            q_norm: gamma("attn.q_norm")?,
+            k_norm: gamma("attn.k_norm")?,
+            attn_norm: gamma("attn_norm")?,
+            ffn_norm: gamma("ffn_norm")?,
             bytes: bytes + 4 * (2 * hd + 2 * h),
-        })
+        };
+        file.unmap_all(read);
+        Ok(layer)
     }
 
-    /// Drops the file pages of codes computed in place from this process's resident
-    /// set, once the device is done with them (they stay in the OS page cache).
-    pub fn release(&self, file: &ModelFile) {
-        for linear in &self.linears {
-            if let PackedStorage::Mapped(codes) = &linear.weight.storage {
-                file.release_bytes(codes.range());
-            }
-        }
+    /// Where in the file lie the codes computed in place.
+    fn mapped_ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        self.linears
+            .iter()
+            .filter_map(|linear| match &linear.weight.storage {
+                PackedStorage::Mapped(codes) => Some(codes.range()),
+                _ => None,
+            })
     }
 
     /// The block on several sequences' rows at once: `xs[i]` `[len_i, hidden]` continues
@@ -339,11 +363,11 @@ impl<B: TritterBackend> LayerGroup<B> {
         self.layers.iter().map(|l| l.bytes).sum()
     }
 
-    /// [`LayerWeights::release`] for every layer.
+    /// Drops the file pages of codes computed in place from this process's resident
+    /// set, once the device is done with them (they stay in the OS page cache): one
+    /// request for the layers that lie side by side in the file.
     fn release(&self, file: &ModelFile) {
-        for layer in &self.layers {
-            layer.release(file);
-        }
+        file.release_all(self.layers.iter().flat_map(LayerWeights::mapped_ranges));
     }
 }
 
