@@ -64,22 +64,14 @@ pub struct LayerWeights<B: TritterBackend> {
 }
 
 fn load_norm<B: Backend>(file: &ModelFile, name: &str, device: &B::Device) -> Result<RmsNorm<B>> {
-    let mut read = Vec::with_capacity(1);
-    let norm = read_norm(file, name, device, &mut read)?;
-    file.release_all(read);
+    let norm = read_norm(file, name, device)?;
+    file.release(name);
     Ok(norm)
 }
 
-/// [`load_norm`] leaving the tensor's pages mapped: its range is added to `read`, for
-/// the caller to release.
-fn read_norm<B: Backend>(
-    file: &ModelFile,
-    name: &str,
-    device: &B::Device,
-    read: &mut Vec<std::ops::Range<usize>>,
-) -> Result<RmsNorm<B>> {
+/// [`load_norm`] leaving the tensor's pages mapped, for the caller to release.
+fn read_norm<B: Backend>(file: &ModelFile, name: &str, device: &B::Device) -> Result<RmsNorm<B>> {
     let values = file.f32s(name)?;
-    read.push(file.range(name)?);
     let n = values.len();
     Ok(RmsNorm {
         gamma: Param::from_tensor(Tensor::from_data(TensorData::new(values, [n]), device)),
@@ -97,7 +89,8 @@ impl<B: TritterBackend> LayerWeights<B> {
     /// [`LayerWeights::load`] into the device buffers of a layer no longer used. With
     /// `in_place`, on a backend that computes on mapped pages
     /// ([`TritterBackend::ternary_map`]), the packed codes are only brought into memory
-    /// and stay there, in the file's mapping, until their group is released ([`LayerLoader::recycle`]).
+    /// and stay there, in the file's mapping, until their group is released
+    /// ([`LayerLoader::recycle`]).
     pub fn load_into(
         file: &Arc<ModelFile>,
         index: usize,
@@ -112,6 +105,10 @@ impl<B: TritterBackend> LayerWeights<B> {
         // pages must leave the resident set like every other tensor's: left mapped, they
         // would also hold in the page cache the folios they share with their neighbours.
         let mut read = Vec::with_capacity(12);
+        let norm_of = |name: &str, read: &mut Vec<std::ops::Range<usize>>| {
+            read.push(file.range(name)?);
+            read_norm::<B>(file, name, device)
+        };
         let mut previous = previous.map(|p| Vec::from(p.linears).into_iter());
         for (name, (d_in, d_out)) in BITLINEAR_NAMES.into_iter().zip(c.bitlinear_shapes()) {
             let prefix = format!("blocks.{index}.{name}");
@@ -139,21 +136,14 @@ impl<B: TritterBackend> LayerWeights<B> {
                 // The file pages just copied leave this process's resident set.
                 file.release(&weight_name);
             }
-            let norm = read_norm(file, &format!("{prefix}.norm"), device, &mut read)?;
+            let norm = norm_of(&format!("{prefix}.norm"), &mut read)?;
             bytes += weight.stored_bytes() + 4 * d_in + 4;
             linears.push(PackedLinear { weight, norm });
         }
         let linears: [PackedLinear<B>; 4] = linears
             .try_into()
             .map_err(|_| anyhow!("four BitLinears per block"))?;
-        let mut gamma = |name: &str| {
-            read_norm::<B>(
-                file,
-                &format!("blocks.{index}.{name}.gamma"),
-                device,
-                &mut read,
-            )
-        };
+        let mut gamma = |name: &str| norm_of(&format!("blocks.{index}.{name}.gamma"), &mut read);
         let (h, hd) = (c.hidden_size, c.head_dim());
         let layer = Self {
             index,
