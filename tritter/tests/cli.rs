@@ -561,3 +561,73 @@ fn a_recipe_sets_the_budget_of_plan_and_generate() {
     );
     assert_clear_error(&out, &["no memory budget", "gpu_memory_budget"]);
 }
+
+#[test]
+fn streaming_bench_prints_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        tritter_bin(),
+        &[
+            "bench",
+            "streaming",
+            "--preset",
+            "350M",
+            "--ratio",
+            "2",
+            "--prompt-tokens",
+            "4",
+            "--new-tokens",
+            "4",
+            "--batches",
+            "1,2",
+            "--dir",
+            ".",
+        ],
+        dir.path(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}{text}", stderr(&out));
+    assert!(!text.contains("NaN"), "{text}");
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        // A row: the engine, then its batch.
+        let engine = cells.first().copied().unwrap_or("");
+        let batch = cells.get(1).and_then(|b| b.parse::<usize>().ok());
+        if !["resident", "streaming", "storage"].contains(&engine) || batch.is_none() {
+            continue;
+        }
+        assert_eq!(cells.len(), 13, "{line}");
+        let number = |i: usize| -> f64 {
+            let value: f64 = cells[i]
+                .trim_end_matches('%')
+                .parse()
+                .unwrap_or_else(|_| panic!("cell {i} of `{line}`"));
+            assert!(value.is_finite(), "cell {i} of `{line}`");
+            value
+        };
+        let (groups, tokens_per_sec, first_token) = (number(2), number(3), number(5));
+        assert!(tokens_per_sec > 0.0 && first_token > 0.0, "{line}");
+        // The budget is half the model: the streamed engines go through several groups
+        // and move bytes every token; the resident one holds all of it as one.
+        if cells[0] == "resident" {
+            assert_eq!(groups, 1.0, "{line}");
+        } else {
+            assert!(groups > 1.0 && number(6) > 0.0, "{line}");
+        }
+        rows.push((cells[0].to_string(), cells[1].to_string()));
+    }
+    let expected: Vec<(String, String)> = ["resident", "streaming", "storage"]
+        .iter()
+        .flat_map(|e| ["1", "2"].map(|b| (e.to_string(), b.to_string())))
+        .collect();
+    assert_eq!(rows, expected, "{text}");
+    for line in [
+        "first tok s: the median of 5 prefills",
+        "first-token latency, streaming ÷ resident",
+        "streaming batch-2 throughput ÷ batch-1",
+        "ceiling on decode tokens/s",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in {text}");
+    }
+}

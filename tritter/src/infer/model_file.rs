@@ -458,8 +458,13 @@ impl ModelFile {
         }
     }
 
-    /// Drops the file's clean, unmapped pages from the OS page cache now, once.
+    /// Drops the file's pages from this process's mapping, then its clean pages from the
+    /// OS page cache, now, once. The cache keeps a whole folio (up to 2 MiB) while any
+    /// of its pages is mapped, and a large folio read in through the mapping can map
+    /// pages that no tensor's release covers (the header's, before the first tensor):
+    /// left mapped, they kept a model smaller than a folio cached whole.
     pub fn drop_from_page_cache(&self) {
+        self.unmap(0..self.mmap.len());
         evict_cached_pages(&self.file, 0, self.mmap.len());
     }
 
