@@ -383,8 +383,9 @@ impl ModelFile {
     }
 
     /// Drops the mapped pages of `name` from this process's resident set (they stay in
-    /// the OS page cache): after a tensor has been copied to the device, its file pages
-    /// must not count against the memory budget.
+    /// the OS page cache, unless [`ModelFile::set_drop_page_cache`] asked otherwise):
+    /// after a tensor has been copied to the device, its file pages must not count
+    /// against the memory budget.
     pub fn release(&self, name: &str) {
         if let Ok(e) = self.entry(name) {
             self.release_bytes(e.start..e.end);

@@ -354,8 +354,9 @@ impl<B: TritterBackend> LayerGroup<B> {
     }
 
     /// Drops the file pages of codes computed in place from this process's resident
-    /// set, once the device is done with them (they stay in the OS page cache): one
-    /// request for the layers that lie side by side in the file.
+    /// set, once the device is done with them (and from the OS page cache too with
+    /// [`ModelFile::set_drop_page_cache`]): one request for the layers that lie side by
+    /// side in the file.
     fn release(&self, file: &ModelFile) {
         file.release_all(self.layers.iter().flat_map(LayerWeights::mapped_ranges));
     }
