@@ -11,6 +11,11 @@
 //! `lm_head.weight` `[hidden, vocab]` (absent when tied), and every norm gain. The file's
 //! metadata holds `format`, the model `config` (JSON) and the `tokenizer` spec; a
 //! Hugging Face tokenizer's JSON is embedded whole as `tokenizer_json`.
+//!
+//! The data holds the f32 tensors first, then every BitLinear's codes, each by name;
+//! the codes start a multiple of [`CODES_ALIGN`] bytes into the file, the header padded
+//! with spaces to put them there. Readers go by the header's offsets, so any safetensors
+//! file with these tensors loads.
 
 use crate::infer::model_file::evict_cached_pages;
 use crate::model::bitlinear::BitLinear;
@@ -19,13 +24,17 @@ use crate::model::{TritterConfig, TritterModel};
 use crate::train::data::splitmix_stream;
 use anyhow::{Context, Result};
 use burn::prelude::*;
-use safetensors::tensor::{Dtype, TensorView};
-use std::collections::{BTreeMap, HashMap};
+use safetensors::tensor::Dtype;
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
 use tritter_kernels::reference::ternary_quantize_scaled;
 use xxhash_rust::xxh3::xxh3_64;
 
 pub const FORMAT: &str = "tritter-ternary-v1";
+
+/// Where in the file the packed codes start: a multiple of a cache line.
+pub const CODES_ALIGN: usize = 64;
 
 /// Packs ternary values (row-major `[rows, cols]`, each −1, 0 or 1) 4 per byte.
 pub fn pack_ternary(values: &[f32], rows: usize, cols: usize) -> Vec<u8> {
@@ -62,6 +71,62 @@ pub fn unpack_ternary(bytes: &[u8], rows: usize, cols: usize) -> Option<Vec<f32>
 /// [`TritterConfig::bitlinear_shapes`].
 pub const BITLINEAR_NAMES: [&str; 4] = ["attn.qkv", "attn.out", "ffn.gate_up", "ffn.down"];
 
+/// The tensors of one BitLinear of an export: layer `layer`'s `name` (one of
+/// [`BITLINEAR_NAMES`]), a `[d_out, d_in]` matrix stored as packed codes
+/// `[d_out, ceil(d_in / 4)]` (U8), its scale γ (F32 `[1]`) and its input RMSNorm's gain
+/// (F32 `[d_in]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitLinearTensors {
+    pub layer: usize,
+    pub name: &'static str,
+    pub d_in: usize,
+    pub d_out: usize,
+}
+
+impl BitLinearTensors {
+    /// The BitLinears of layer `layer` of a model of `config`, in file order.
+    pub fn of_layer(config: &TritterConfig, layer: usize) -> impl Iterator<Item = Self> {
+        BITLINEAR_NAMES
+            .into_iter()
+            .zip(config.bitlinear_shapes())
+            .map(move |(name, (d_in, d_out))| Self {
+                layer,
+                name,
+                d_in,
+                d_out,
+            })
+    }
+
+    /// Every BitLinear of a model of `config`, layer by layer, in file order.
+    pub fn all(config: &TritterConfig) -> impl Iterator<Item = Self> + '_ {
+        (0..config.num_layers).flat_map(|layer| Self::of_layer(config, layer))
+    }
+
+    /// The packed codes' tensor.
+    pub fn weight(&self) -> String {
+        self.tensor("weight")
+    }
+
+    /// γ's tensor.
+    pub fn scale(&self) -> String {
+        self.tensor("scale")
+    }
+
+    /// The input RMSNorm gain's tensor.
+    pub fn norm(&self) -> String {
+        self.tensor("norm")
+    }
+
+    /// Bytes of one row of packed codes.
+    pub fn row_bytes(&self) -> usize {
+        self.d_in.div_ceil(4)
+    }
+
+    fn tensor(&self, part: &str) -> String {
+        format!("blocks.{}.{}.{part}", self.layer, self.name)
+    }
+}
+
 /// The BitLinear layers of a block with their names, in file order.
 pub fn block_bitlinears<B: Backend>(block: &Block<B>) -> [(&'static str, &BitLinear<B>); 4] {
     let [qkv, out, gate_up, down] = BITLINEAR_NAMES;
@@ -73,7 +138,7 @@ pub fn block_bitlinears<B: Backend>(block: &Block<B>) -> [(&'static str, &BitLin
     ]
 }
 
-/// Tensors of an export in file order, with the checksums written beside them.
+/// Tensors of an export, with the checksums written beside them.
 #[derive(Default)]
 pub struct ExportWriter {
     tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
@@ -89,29 +154,34 @@ impl ExportWriter {
         self.push(name, Dtype::F32, shape, bytes);
     }
 
-    /// A BitLinear's three tensors: packed codes `[d_out, ceil(d_in / 4)]`, scale, norm.
+    /// A BitLinear's three tensors: packed codes, scale, norm.
     pub fn push_bitlinear(
         &mut self,
-        prefix: &str,
-        d_out: usize,
-        d_in: usize,
+        t: &BitLinearTensors,
         packed: Vec<u8>,
         gamma: f32,
         norm: &[f32],
     ) {
-        self.push(
-            format!("{prefix}.weight"),
-            Dtype::U8,
-            vec![d_out, d_in.div_ceil(4)],
-            packed,
-        );
-        self.push_f32(format!("{prefix}.scale"), vec![1], &[gamma]);
-        self.push_f32(format!("{prefix}.norm"), vec![d_in], norm);
+        self.push(t.weight(), Dtype::U8, vec![t.d_out, t.row_bytes()], packed);
+        self.push_f32(t.scale(), vec![1], &[gamma]);
+        self.push_f32(t.norm(), vec![t.d_in], norm);
     }
 
     /// Writes the file through a temporary one, renamed when complete. The metadata
     /// holds `format`, `config`, `tokenizer` (and `tokenizer_json`) and `checksums`:
     /// the xxh3-64 of every tensor's bytes, so a corrupt tensor is found by name.
+    ///
+    /// The tensors lie in the order the safetensors crate writes them in (the f32 ones,
+    /// then the packed codes, each by name), and the header is padded with spaces (as
+    /// the format allows) so that the codes start on a cache line: where every matrix
+    /// is a whole number of lines, as in every preset, the product's 64-byte loads from
+    /// the file's pages never straddle two.
+    ///
+    /// Not layer by layer: streamed from storage with the page cache dropped, the
+    /// kernel's read-ahead through a file laid out in the order the engine reads it ran
+    /// beside the product and slowed batch-16 decode of the 3B preset by a fifth (2 cores
+    /// of an EPYC, ext4 on a virtual disk); in name order, or in reverse layer order,
+    /// it did not.
     pub fn write(
         self,
         config: &TritterConfig,
@@ -124,34 +194,60 @@ impl ExportWriter {
             .iter()
             .map(|(name, _, _, bytes)| (name.as_str(), format!("{:016x}", xxh3_64(bytes))))
             .collect();
-        let mut metadata = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("config".to_string(), serde_json::to_string(config)?),
-            ("tokenizer".to_string(), serde_json::to_string(tokenizer)?),
-            ("checksums".to_string(), serde_json::to_string(&checksums)?),
+        let mut metadata = BTreeMap::from([
+            ("format", FORMAT.to_string()),
+            ("config", serde_json::to_string(config)?),
+            ("tokenizer", serde_json::to_string(tokenizer)?),
+            ("checksums", serde_json::to_string(&checksums)?),
         ]);
         if let Some(json) = tokenizer_json {
-            metadata.insert("tokenizer_json".to_string(), json.to_string());
+            metadata.insert("tokenizer_json", json.to_string());
         }
-        let views: Vec<(String, TensorView<'_>)> = self
-            .tensors
-            .iter()
-            .map(|(name, dtype, shape, bytes)| {
-                (
-                    name.clone(),
-                    TensorView::new(*dtype, shape.clone(), bytes).expect("consistent tensor"),
-                )
-            })
-            .collect();
+        // The widest elements first, so that every tensor is aligned to its own.
+        let mut tensors: Vec<_> = self.tensors.iter().collect();
+        tensors.sort_by(|(a, a_type, _, _), (b, b_type, _, _)| {
+            (b_type.bitsize(), a).cmp(&(a_type.bitsize(), b))
+        });
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::to_value(&metadata)?);
+        let (mut offset, mut codes_at) = (0, None);
+        for (name, dtype, shape, bytes) in &tensors {
+            if *dtype == Dtype::U8 {
+                codes_at.get_or_insert(offset);
+            }
+            let end = offset + bytes.len();
+            header.insert(
+                name.clone(),
+                serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, end] }),
+            );
+            offset = end;
+        }
+        let mut header = serde_json::to_vec(&header)?;
+        let codes_at = 8 + header.len() + codes_at.unwrap_or(offset);
+        header.resize(
+            header.len() + codes_at.next_multiple_of(CODES_ALIGN) - codes_at,
+            b' ',
+        );
+
         let tmp = path.with_extension("safetensors.partial");
-        safetensors::serialize_to_file(views, Some(metadata), &tmp)
+        let write = || -> std::io::Result<std::fs::File> {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+            out.write_all(&(header.len() as u64).to_le_bytes())?;
+            out.write_all(&header)?;
+            for (_, _, _, bytes) in &tensors {
+                out.write_all(bytes)?;
+            }
+            let written = out.into_inner().map_err(|e| e.into_error())?;
+            // On the disk before it replaces what `path` held: a crash leaves the old
+            // file or the new one whole, never a torn one under the old name.
+            written.sync_all()?;
+            Ok(written)
+        };
+        let written = write()
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
             .with_context(|| format!("writing {}", tmp.display()))?;
-        // On the disk before it replaces what `path` held: a crash leaves the old file
-        // or the new one whole, never a torn one under the old name.
-        let written = std::fs::File::open(&tmp)?;
-        written
-            .sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))?;
         std::fs::rename(&tmp, path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         sync_parent(path);
@@ -244,10 +340,14 @@ pub fn export_model<B: Backend>(
             let [d_in, d_out] = layer.weight.dims();
             let (q, gamma) = ternary_quantize_scaled(layer.weight.val(), layer.scale);
             let q = f32_values(q.transpose());
-            out.push_bitlinear(
-                &format!("blocks.{i}.{name}"),
-                d_out,
+            let tensors = BitLinearTensors {
+                layer: i,
+                name,
                 d_in,
+                d_out,
+            };
+            out.push_bitlinear(
+                &tensors,
                 pack_ternary(&q, d_out, d_in),
                 f32_values(gamma)[0],
                 &f32_values(layer.norm.gamma.val()),
@@ -299,35 +399,26 @@ pub fn write_random_export(config: &TritterConfig, seed: u64, path: &Path) -> Re
         }
     }
     let mut next = splitmix_stream(seed ^ 0x5151_5151);
-    for i in 0..config.num_layers {
-        for (name, (d_in, d_out)) in BITLINEAR_NAMES.into_iter().zip(config.bitlinear_shapes()) {
-            let row_bytes = d_in.div_ceil(4);
-            let mut packed = vec![0u8; d_out * row_bytes];
-            for chunk in packed.chunks_mut(8) {
-                let r = next().to_le_bytes();
-                for (b, r) in chunk.iter_mut().zip(r) {
-                    *b = valid[(r as usize * valid.len()) >> 8];
-                }
+    for t in BitLinearTensors::all(config) {
+        let (d_in, row_bytes) = (t.d_in, t.row_bytes());
+        let mut packed = vec![0u8; t.d_out * row_bytes];
+        for chunk in packed.chunks_mut(8) {
+            let r = next().to_le_bytes();
+            for (b, r) in chunk.iter_mut().zip(r) {
+                *b = valid[(r as usize * valid.len()) >> 8];
             }
-            if d_in % 4 != 0 {
-                // Padding codes are 1 (= 0), as the exporter writes them.
-                let keep = d_in % 4;
-                for row in packed.chunks_mut(row_bytes) {
-                    let last = row.last_mut().expect("row");
-                    let mask = (1u8 << (2 * keep)) - 1;
-                    *last = (*last & mask) | (0x55 & !mask);
-                }
-            }
-            let gamma = (1.5 / d_in as f32).sqrt();
-            out.push_bitlinear(
-                &format!("blocks.{i}.{name}"),
-                d_out,
-                d_in,
-                packed,
-                gamma,
-                &vec![1.0; d_in],
-            );
         }
+        if d_in % 4 != 0 {
+            // Padding codes are 1 (= 0), as the exporter writes them.
+            let keep = d_in % 4;
+            for row in packed.chunks_mut(row_bytes) {
+                let last = row.last_mut().expect("row");
+                let mask = (1u8 << (2 * keep)) - 1;
+                *last = (*last & mask) | (0x55 & !mask);
+            }
+        }
+        let gamma = (1.5 / d_in as f32).sqrt();
+        out.push_bitlinear(&t, packed, gamma, &vec![1.0; d_in]);
     }
     out.write(config, &tritter_data::TokenizerSpec::Byte, None, path)
 }
@@ -348,6 +439,47 @@ mod tests {
         );
         assert_eq!(unpack_ternary(&packed, 2, 5).unwrap(), values);
         assert!(unpack_ternary(&[0xff], 1, 4).is_none());
+    }
+
+    /// A standard reader (the safetensors crate) reads every tensor of an export; the
+    /// f32 tensors come first, then the codes, by name, from a cache line on.
+    #[test]
+    fn codes_follow_the_f32_tensors_by_name_from_a_cache_line() {
+        use safetensors::SafeTensors;
+        // Every matrix a whole number of cache lines (rows of 64 or 128 bytes).
+        let config = TritterConfig::preset("test", 264).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        write_random_export(&config, 4, &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let model = crate::infer::model_file::ModelFile::open(&path).unwrap();
+        let mut f32_end = 0;
+        for (name, view) in file.tensors() {
+            assert_eq!(view.data(), model.bytes(&name).unwrap(), "{name}");
+            let at = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+            if view.dtype() == Dtype::F32 {
+                assert_eq!((at - data_start) % 4, 0, "{name} at {at}");
+                f32_end = f32_end.max(at + view.data().len());
+            }
+        }
+        let mut at = f32_end;
+        assert_eq!(at % CODES_ALIGN, 0, "the codes start at byte {at}");
+        let mut codes: Vec<String> = BitLinearTensors::all(&config).map(|t| t.weight()).collect();
+        codes.sort();
+        for name in codes {
+            let view = file.tensor(&name).unwrap();
+            assert_eq!(view.dtype(), Dtype::U8);
+            assert_eq!(
+                view.data().as_ptr() as usize - bytes.as_ptr() as usize,
+                at,
+                "{name}"
+            );
+            assert_eq!(view.data().len() % CODES_ALIGN, 0, "{name}");
+            at += view.data().len();
+        }
+        assert_eq!(at, bytes.len());
     }
 
     /// An export leaves the page cache once written, so the first run reads it in afresh

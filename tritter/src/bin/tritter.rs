@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tritter::device::{run_on, BackendJob, DeviceKind};
-use tritter::export::{export_model, write_random_export, BITLINEAR_NAMES};
+use tritter::export::{export_model, write_random_export, BitLinearTensors};
 use tritter::infer::budget;
 use tritter::infer::kv_bench::{bench_kv_cache, KvBenchShape};
 use tritter::infer::{
@@ -996,21 +996,19 @@ fn storage_read_bandwidth(file: &ModelFile) -> Result<Option<f64>> {
     }
     let start = Instant::now();
     let mut total = 0;
-    for index in 0..file.config.num_layers {
-        for name in BITLINEAR_NAMES {
-            let name = format!("blocks.{index}.{name}.weight");
-            let range = file.range(&name)?;
-            file.populate(&name);
-            // The pages must really be here: one byte of each, read back.
-            let bytes = &file.as_ref()[range.clone()];
-            let mut sum = 0u8;
-            for page in bytes.iter().step_by(4096) {
-                sum = sum.wrapping_add(*page);
-            }
-            std::hint::black_box(sum);
-            file.release(&name);
-            total += range.len();
+    for t in BitLinearTensors::all(&file.config) {
+        let name = t.weight();
+        let range = file.range(&name)?;
+        file.populate(&name);
+        // The pages must really be here: one byte of each, read back.
+        let bytes = &file.as_ref()[range.clone()];
+        let mut sum = 0u8;
+        for page in bytes.iter().step_by(4096) {
+            sum = sum.wrapping_add(*page);
         }
+        std::hint::black_box(sum);
+        file.release(&name);
+        total += range.len();
     }
     Ok(Some(total as f64 / start.elapsed().as_secs_f64()))
 }

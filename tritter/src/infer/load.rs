@@ -3,7 +3,7 @@
 //! what the exporting model computed.
 
 use super::model_file::ModelFile;
-use crate::export::{block_bitlinears, unpack_ternary};
+use crate::export::{unpack_ternary, BitLinearTensors};
 use crate::model::TritterModel;
 use crate::tokenizer::{Tokenizer, TokenizerSpec};
 use anyhow::{anyhow, Result};
@@ -47,25 +47,24 @@ pub fn load_export<B: Backend>(path: &Path, device: &B::Device) -> Result<Loaded
         block.attn.k_norm.gamma = param1(&format!("blocks.{i}.attn.k_norm.gamma"), hd)?;
         block.attn_norm.gamma = param1(&format!("blocks.{i}.attn_norm.gamma"), h)?;
         block.ffn_norm.gamma = param1(&format!("blocks.{i}.ffn_norm.gamma"), h)?;
-        let names: Vec<&str> = block_bitlinears(block).iter().map(|(n, _)| *n).collect();
         let layers = [
             &mut block.attn.qkv,
             &mut block.attn.out,
             &mut block.ffn.gate_up,
             &mut block.ffn.down,
         ];
-        for (name, layer) in names.into_iter().zip(layers) {
-            let prefix = format!("blocks.{i}.{name}");
-            let [d_in, d_out] = layer.weight.dims();
-            let packed = file.bytes(&format!("{prefix}.weight"))?;
+        for (t, layer) in BitLinearTensors::of_layer(&config, i).zip(layers) {
+            let (d_in, d_out) = (t.d_in, t.d_out);
+            let packed = file.bytes(&t.weight())?;
             let q = unpack_ternary(packed, d_out, d_in).ok_or_else(|| {
                 anyhow!(
-                    "{}: tensor `{prefix}.weight` holds an invalid ternary code",
-                    path.display()
+                    "{}: tensor `{}` holds an invalid ternary code",
+                    path.display(),
+                    t.weight()
                 )
             })?;
-            let gamma = file.f32s(&format!("{prefix}.scale"))?[0];
-            layer.norm.gamma = param1(&format!("{prefix}.norm"), d_in)?;
+            let gamma = file.f32s(&t.scale())?[0];
+            layer.norm.gamma = param1(&t.norm(), d_in)?;
             let values: Vec<f32> = q.iter().map(|v| v * gamma).collect();
             layer.weight = Param::from_tensor(
                 Tensor::<B, 2>::from_data(TensorData::new(values, [d_out, d_in]), device)

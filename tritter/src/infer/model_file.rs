@@ -6,7 +6,7 @@
 //! no read of its weights, and a streamed model is verified by its first pass, group by
 //! group, instead of by a whole extra read before it.
 
-use crate::export::{BITLINEAR_NAMES, FORMAT};
+use crate::export::{BitLinearTensors, FORMAT};
 use crate::model::TritterConfig;
 use crate::tokenizer::{ByteTokenizer, HfTokenizer, Tokenizer, TokenizerSpec};
 use anyhow::{anyhow, bail, Context, Result};
@@ -200,15 +200,10 @@ impl ModelFile {
                     Ok((name.clone(), TensorCheck::new(Check::Checksum(sum))))
                 })
                 .collect::<Result<_>>()?,
-            None => (0..config.num_layers)
-                .flat_map(|i| {
-                    BITLINEAR_NAMES
-                        .into_iter()
-                        .zip(config.bitlinear_shapes())
-                        .map(move |(name, (cols, rows))| {
-                            let check = TensorCheck::new(Check::Codes { rows, cols });
-                            (format!("blocks.{i}.{name}.weight"), check)
-                        })
+            None => BitLinearTensors::all(&config)
+                .map(|t| {
+                    let (rows, cols) = (t.d_out, t.d_in);
+                    (t.weight(), TensorCheck::new(Check::Codes { rows, cols }))
                 })
                 .collect(),
         };
@@ -254,15 +249,10 @@ impl ModelFile {
             ] {
                 self.expect(&format!("blocks.{i}.{name}.gamma"), "F32", &[d])?;
             }
-            for (name, (d_in, d_out)) in BITLINEAR_NAMES.into_iter().zip(c.bitlinear_shapes()) {
-                let prefix = format!("blocks.{i}.{name}");
-                self.expect(
-                    &format!("{prefix}.weight"),
-                    "U8",
-                    &[d_out, d_in.div_ceil(4)],
-                )?;
-                self.expect(&format!("{prefix}.scale"), "F32", &[1])?;
-                self.expect(&format!("{prefix}.norm"), "F32", &[d_in])?;
+            for t in BitLinearTensors::of_layer(c, i) {
+                self.expect(&t.weight(), "U8", &[t.d_out, t.row_bytes()])?;
+                self.expect(&t.scale(), "F32", &[1])?;
+                self.expect(&t.norm(), "F32", &[t.d_in])?;
             }
         }
         Ok(())

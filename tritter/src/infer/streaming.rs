@@ -18,7 +18,7 @@ use super::budget::{plan, DeviceMemory, MemoryPlan, PlanRequest};
 use super::generate::{Sampler, SamplingConfig};
 use super::kv_cache::{KvCache, LayerCache};
 use super::model_file::ModelFile;
-use crate::export::BITLINEAR_NAMES;
+use crate::export::BitLinearTensors;
 use crate::model::attention::{attention_mask, contiguous, rope_row, Heads};
 use crate::model::bitlinear::rms_norm;
 use crate::model::ffn::squared_relu_gate;
@@ -110,10 +110,9 @@ impl<B: TritterBackend> LayerWeights<B> {
             read_norm::<B>(file, name, device)
         };
         let mut previous = previous.map(|p| Vec::from(p.linears).into_iter());
-        for (name, (d_in, d_out)) in BITLINEAR_NAMES.into_iter().zip(c.bitlinear_shapes()) {
-            let prefix = format!("blocks.{index}.{name}");
-            let weight_name = format!("{prefix}.weight");
-            let scale_name = format!("{prefix}.scale");
+        for t in BitLinearTensors::of_layer(c, index) {
+            let (d_in, d_out) = (t.d_in, t.d_out);
+            let (weight_name, scale_name) = (t.weight(), t.scale());
             let gamma = file.f32s(&scale_name)?[0];
             read.push(file.range(&scale_name)?);
             file.populate(&weight_name);
@@ -136,7 +135,7 @@ impl<B: TritterBackend> LayerWeights<B> {
                 // The file pages just copied leave this process's resident set.
                 file.release(&weight_name);
             }
-            let norm = norm_of(&format!("{prefix}.norm"), &mut read)?;
+            let norm = norm_of(&t.norm(), &mut read)?;
             bytes += weight.stored_bytes() + 4 * d_in + 4;
             linears.push(PackedLinear { weight, norm });
         }
@@ -1014,8 +1013,12 @@ mod tests {
             let group = loader.next_group().unwrap();
             for (i, layer) in (first..).zip(&group.layers) {
                 assert_eq!(layer.index, i);
-                for (linear, name) in layer.linears.iter().zip(BITLINEAR_NAMES) {
-                    let name = format!("blocks.{i}.{name}.weight");
+                for (linear, t) in layer
+                    .linears
+                    .iter()
+                    .zip(BitLinearTensors::of_layer(&file.config, i))
+                {
+                    let name = t.weight();
                     let PackedStorage::Mapped(codes) = &linear.weight.storage else {
                         panic!("{name} was copied: {:?}", linear.weight.storage);
                     };
@@ -1042,9 +1045,8 @@ mod tests {
         });
         write_random_export(&config, 5, &path).unwrap();
         let file = Arc::new(ModelFile::open(&path).unwrap());
-        let layer_ranges: Vec<_> = (0..config.num_layers)
-            .flat_map(|i| BITLINEAR_NAMES.map(|n| format!("blocks.{i}.{n}.weight")))
-            .map(|name| file.range(&name).unwrap())
+        let layer_ranges: Vec<_> = BitLinearTensors::all(&config)
+            .map(|t| file.range(&t.weight()).unwrap())
             .collect();
         let layer_bytes: usize = layer_ranges.iter().map(|r| r.len()).sum();
         let cached = || -> usize {
