@@ -144,7 +144,7 @@ enum Bench {
         #[arg(long, default_value = "3B")]
         preset: String,
         /// Override the preset's key/value heads (grouped-query attention).
-        #[arg(long, default_value = "4")]
+        #[arg(long, default_value = "2")]
         num_kv_heads: Option<usize>,
         #[arg(long, default_value = "f16")]
         kv_cache: KvCacheType,

@@ -6,6 +6,7 @@
 //! the KV cache for the requested batch and context, and the activations of a prefill
 //! chunk. A plan that does not fit is refused with the part that overflows named.
 
+use super::model_file::MAX_FOLIO;
 use crate::model::TritterConfig;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -408,7 +409,16 @@ pub fn plan(config: &TritterConfig, req: &PlanRequest, device: DeviceMemory) -> 
     let fixed_bytes: u64 = fixed.iter().map(|i| i.bytes).sum::<u64>() + runtime.bytes;
     let layer = layer_device_bytes(config);
     let resident_total = fixed_bytes + staging.bytes + layers as u64 * layer;
-    let streamed_staging = if device.in_place { 0 } else { staging.bytes };
+    // Layers computed in place are the file's pages, which the mapping maps a whole
+    // folio (up to 2 MiB, and no more than the file) at a time: a streamed layer's
+    // codes, side by side in the file, bring in up to a folio past each end, and the
+    // scales and norms of the layer being loaded, read through the mapping, up to two
+    // folios while they are read.
+    let folio = (MAX_FOLIO as u64).min(config.packed_size_bytes() as u64);
+    let (held_layer, streamed_staging) = match device.in_place {
+        true => (layer + 2 * folio, 2 * folio),
+        false => (layer, staging.bytes),
+    };
 
     let group = match req.layer_group_size {
         Some(g) => g,
@@ -422,7 +432,7 @@ pub fn plan(config: &TritterConfig, req: &PlanRequest, device: DeviceMemory) -> 
             } else {
                 layers
             };
-            ((room / (2 * layer)) as usize).clamp(1, most)
+            ((room / (2 * held_layer)) as usize).clamp(1, most)
         }
     };
     let streaming = group < layers;
@@ -437,12 +447,12 @@ pub fn plan(config: &TritterConfig, req: &PlanRequest, device: DeviceMemory) -> 
                     "2 × {group} of {layers} layers × {} packed (one computes, one loads){}",
                     ByteSize(layer),
                     if device.in_place {
-                        ", in the file's mapped pages"
+                        ", in the file's mapped pages, each with a folio past either end"
                     } else {
                         ""
                     }
                 ),
-                bytes: 2 * group as u64 * layer,
+                bytes: 2 * group as u64 * held_layer,
             }
         } else {
             PlanItem {
@@ -452,7 +462,13 @@ pub fn plan(config: &TritterConfig, req: &PlanRequest, device: DeviceMemory) -> 
             }
         },
     );
-    if !(streaming && device.in_place) {
+    if streaming && device.in_place {
+        items.push(PlanItem {
+            part: "staging".into(),
+            detail: "folios of file pages holding the loading layer's scales and norms".into(),
+            bytes: streamed_staging,
+        });
+    } else {
         items.push(staging);
     }
     items.push(runtime);
@@ -579,6 +595,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("even with layer groups of one layer"), "{err}");
+    }
+
+    /// Layers computed in place hold the folios their codes' pages are mapped in: a
+    /// folio past either end of each, and two for the loading layer's scales and norms.
+    #[test]
+    fn in_place_layers_hold_their_folios() {
+        let c = TritterConfig::preset("1B", 264).unwrap();
+        let in_place = DeviceMemory {
+            in_place: true,
+            ..NO_SCRATCH
+        };
+        let r = PlanRequest {
+            layer_group_size: Some(2),
+            stream: true,
+            ..req(1 << 30, 64, 1, KvCacheType::F16)
+        };
+        let folio = MAX_FOLIO as u64;
+        let bytes = |plan: &MemoryPlan, part: &str| {
+            plan.items.iter().find(|i| i.part == part).map(|i| i.bytes)
+        };
+        let copied = plan(&c, &r, NO_SCRATCH).unwrap();
+        let mapped = plan(&c, &r, in_place).unwrap();
+        assert_eq!(copied.layer_bytes, mapped.layer_bytes);
+        assert_eq!(
+            bytes(&copied, "layer buffers"),
+            Some(4 * copied.layer_bytes)
+        );
+        assert_eq!(
+            bytes(&mapped, "layer buffers"),
+            Some(4 * (mapped.layer_bytes + 2 * folio))
+        );
+        assert_eq!(bytes(&mapped, "staging"), Some(2 * folio));
+        // The budget that holds the copied groups does not hold the mapped ones.
+        let tight = PlanRequest {
+            budget: copied.total(),
+            ..r.clone()
+        };
+        assert!(plan(&c, &tight, NO_SCRATCH).is_ok());
+        let err = plan(&c, &tight, in_place).unwrap_err().to_string();
+        assert!(err.contains("folio past either end"), "{err}");
     }
 
     #[test]

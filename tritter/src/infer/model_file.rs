@@ -78,7 +78,7 @@ const PAGE: usize = 4096;
 
 /// The largest folio the page cache holds a file in (a PMD, 2 MiB on x86-64); folios
 /// are aligned to their size in the file.
-const MAX_FOLIO: usize = 2 << 20;
+pub const MAX_FOLIO: usize = 2 << 20;
 
 /// `ranges` joined into runs, in order, wherever their pages touch (share a page or
 /// meet at a page boundary): what [`ModelFile::release_all`] releases, request by request.
