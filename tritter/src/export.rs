@@ -67,8 +67,8 @@ pub fn unpack_ternary(bytes: &[u8], rows: usize, cols: usize) -> Option<Vec<f32>
     Some(out)
 }
 
-/// The BitLinear layers of a block, in file order and in the order of
-/// [`TritterConfig::bitlinear_shapes`].
+/// The BitLinear layers of a block, in the order of [`TritterConfig::bitlinear_shapes`]
+/// (the file holds their tensors by name).
 pub const BITLINEAR_NAMES: [&str; 4] = ["attn.qkv", "attn.out", "ffn.gate_up", "ffn.down"];
 
 /// The tensors of one BitLinear of an export: layer `layer`'s `name` (one of
@@ -84,7 +84,8 @@ pub struct BitLinearTensors {
 }
 
 impl BitLinearTensors {
-    /// The BitLinears of layer `layer` of a model of `config`, in file order.
+    /// The BitLinears of layer `layer` of a model of `config`, in the order of
+    /// [`BITLINEAR_NAMES`].
     pub fn of_layer(config: &TritterConfig, layer: usize) -> impl Iterator<Item = Self> {
         BITLINEAR_NAMES
             .into_iter()
@@ -97,7 +98,8 @@ impl BitLinearTensors {
             })
     }
 
-    /// Every BitLinear of a model of `config`, layer by layer, in file order.
+    /// Every BitLinear of a model of `config`, layer by layer (the order the engine
+    /// reads them in), each layer's in the order of [`BITLINEAR_NAMES`].
     pub fn all(config: &TritterConfig) -> impl Iterator<Item = Self> + '_ {
         (0..config.num_layers).flat_map(|layer| Self::of_layer(config, layer))
     }
@@ -127,7 +129,7 @@ impl BitLinearTensors {
     }
 }
 
-/// The BitLinear layers of a block with their names, in file order.
+/// The BitLinear layers of a block with their names, in the order of [`BITLINEAR_NAMES`].
 pub fn block_bitlinears<B: Backend>(block: &Block<B>) -> [(&'static str, &BitLinear<B>); 4] {
     let [qkv, out, gate_up, down] = BITLINEAR_NAMES;
     [

@@ -986,9 +986,9 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
 }
 
 /// Read bandwidth of the storage under `file`, bytes/s, through the streamed engine's own
-/// read path: every layer's packed codes, in file order, brought into the mapping in one
-/// request each (`MADV_POPULATE_READ`) and released, on one thread, after the file's
-/// pages left the page cache. `None` when they could not be made to leave it.
+/// read path: every layer's packed codes, in the engine's order, brought into the mapping
+/// in one request each (`MADV_POPULATE_READ`) and released, on one thread, after the
+/// file's pages left the page cache. `None` when they could not be made to leave it.
 fn storage_read_bandwidth(file: &ModelFile) -> Result<Option<f64>> {
     file.drop_from_page_cache();
     if file.cached_bytes(0..file.len()) > file.len() / 4 {
