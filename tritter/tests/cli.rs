@@ -630,4 +630,21 @@ fn streaming_bench_prints_every_row() {
     ] {
         assert!(text.contains(line), "missing `{line}` in {text}");
     }
+    // A cold start needs a file the page cache lets go of (not so on tmpfs).
+    if !text.contains("storage read bandwidth: unmeasured") {
+        let cold = text
+            .lines()
+            .find(|l| l.starts_with("cold start to the first token"))
+            .unwrap_or_else(|| panic!("no cold start in {text}"));
+        let seconds: Vec<f64> = cold
+            .split_whitespace()
+            .zip(cold.split_whitespace().skip(1))
+            .filter(|(_, unit)| *unit == "s" || *unit == "s;")
+            .map(|(v, _)| v.trim_start_matches('(').parse().expect(cold))
+            .collect();
+        // The resident engine's time, its loading, the streaming engine's time.
+        assert_eq!(seconds.len(), 3, "{cold}");
+        assert!(seconds.iter().all(|s| *s > 0.0), "{cold}");
+        assert!(seconds[1] < seconds[0], "{cold}");
+    }
 }
