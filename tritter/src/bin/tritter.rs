@@ -860,6 +860,15 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
             .collect()
     };
     let sampling = SamplingConfig::default();
+    let request = |budget, batch, context| PlanRequest {
+        budget,
+        context,
+        batch,
+        kv_cache: *kv_cache,
+        layer_group_size: None,
+        stream: false,
+        prefill_chunk: *prefill_chunk,
+    };
     let mut rows = Vec::new();
     // Resident rows: the same compute with every layer in memory (no transfer).
     // Streaming rows: the file's pages stay in the page cache, as they do for a model
@@ -876,15 +885,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
             "streaming" => (budget, copy),
             _ => (budget, storage.unwrap_or(copy)),
         };
-        let request = PlanRequest {
-            budget,
-            context: prompt_tokens + new_tokens,
-            batch,
-            kv_cache: *kv_cache,
-            layer_group_size: None,
-            stream: false,
-            prefill_chunk: *prefill_chunk,
-        };
+        let request = request(budget, batch, prompt_tokens + new_tokens);
         let mut engine = StreamingEngine::<B>::from_file(file.clone(), request, device)?;
         let groups = engine.plan.num_groups;
         let out = engine.generate(
@@ -936,21 +937,13 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         // than the machine's memory): the resident engine reads every layer before its
         // prefill, the streaming engine while its prefill computes. Engine construction
         // through the first token, batch 1, the median of several.
-        let cold = |name: &str, budget: u64| -> Result<(f64, f64)> {
+        let cold = |budget: u64, from_storage: bool| -> Result<(f64, f64)> {
+            file.set_drop_page_cache(from_storage);
             let mut samples = Vec::with_capacity(FIRST_TOKEN_SAMPLES);
             for _ in 0..FIRST_TOKEN_SAMPLES {
-                file.set_drop_page_cache(name == "storage");
                 file.drop_from_page_cache();
                 let start = Instant::now();
-                let request = PlanRequest {
-                    budget,
-                    context: prompt_tokens + 1,
-                    batch: 1,
-                    kv_cache: *kv_cache,
-                    layer_group_size: None,
-                    stream: false,
-                    prefill_chunk: *prefill_chunk,
-                };
+                let request = request(budget, 1, prompt_tokens + 1);
                 let mut engine = StreamingEngine::<B>::from_file(file.clone(), request, device)?;
                 let load = start.elapsed().as_secs_f64();
                 engine.generate(&prompts(1), 1, &sampling, None, false, |_, _| {})?;
@@ -960,8 +953,8 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
             samples.sort_by(|a, b| a.0.total_cmp(&b.0));
             Ok(samples[samples.len() / 2])
         };
-        let (resident, load) = cold("resident", u64::MAX)?;
-        let (streamed, _) = cold("storage", budget)?;
+        let (resident, load) = cold(u64::MAX, false)?;
+        let (streamed, _) = cold(budget, true)?;
         println!(
             "cold start to the first token (batch 1, the file out of the page cache, median of {FIRST_TOKEN_SAMPLES}): resident {resident:.3} s ({load:.3} s of it loading), storage {streamed:.3} s; storage ÷ resident: {:.2}",
             streamed / resident
