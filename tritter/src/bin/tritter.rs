@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -604,6 +605,8 @@ impl BackendJob for EngineJob<'_> {
             stdout.flush()?;
         }
         let mut printer = TextPrinter::default();
+        // A batch prints its completions at the end: meanwhile, a bar on a terminal.
+        let progress = batch_progress(!single, ids.len(), self.max_new);
         let out = engine.generate(
             &ids,
             self.max_new,
@@ -613,9 +616,16 @@ impl BackendJob for EngineJob<'_> {
             |_, t| {
                 if single {
                     printer.push(t, tokenizer.as_ref(), &mut stdout);
+                } else {
+                    if progress.position() == 0 {
+                        progress.set_message("decoding");
+                    }
+                    progress.inc(1);
                 }
             },
-        )?;
+        );
+        progress.finish_and_clear();
+        let out = out?;
         if single {
             writeln!(stdout)?;
         } else {
@@ -645,6 +655,33 @@ impl BackendJob for EngineJob<'_> {
         }
         Ok(())
     }
+}
+
+/// Progress of a batch's generation on stderr, drawn only where stderr is a terminal:
+/// tokens generated of at most `batch × max_new` (sequences that reach EOS end early),
+/// their rate, and the phase (the prompts' prefill, then decoding). The clock ticks on
+/// its own, since a streamed pass over a large model can take seconds per token.
+fn batch_progress(enabled: bool, batch: usize, max_new: usize) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new((batch * max_new) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "generating [{bar:24}] {pos}/{len} tokens ({rate}) {msg} {elapsed_precise}",
+        )
+        .expect("valid template")
+        .with_key(
+            "rate",
+            |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.1} tokens/s", state.per_sec());
+            },
+        )
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("prefilling {batch} prompts"));
+    bar.enable_steady_tick(std::time::Duration::from_millis(250));
+    bar
 }
 
 /// The model's FFN up-projection shape `(d_out, d_in)`, the largest packed matrix, and
