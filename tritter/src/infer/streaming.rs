@@ -747,6 +747,20 @@ impl<B: TritterBackend> StreamingEngine<B> {
                 );
             }
         }
+        let mut stats = StreamStats {
+            batch: prompts.len(),
+            prompt_tokens: prompts.iter().map(Vec::len).sum(),
+            streaming: self.plan.streaming,
+            ..Default::default()
+        };
+        if max_new == 0 {
+            // Nothing to sample: no pass runs (each pass ends by sampling a token).
+            return Ok(Generation {
+                tokens: vec![Vec::new(); prompts.len()],
+                logits: vec![Vec::new(); prompts.len()],
+                stats,
+            });
+        }
         let start = Instant::now();
         let mut live: Vec<Sequence<B>> = prompts
             .iter()
@@ -763,12 +777,6 @@ impl<B: TritterBackend> StreamingEngine<B> {
             .collect();
         let mut tokens = vec![Vec::new(); prompts.len()];
         let mut logits_out = vec![Vec::new(); prompts.len()];
-        let mut stats = StreamStats {
-            batch: prompts.len(),
-            prompt_tokens: prompts.iter().map(Vec::len).sum(),
-            streaming: self.plan.streaming,
-            ..Default::default()
-        };
         let mut loader = match &self.layers {
             Layers::Streamed { group_size } => Some(LayerLoader::<B>::spawn(
                 self.file.clone(),
@@ -969,12 +977,24 @@ mod tests_support {
         prompts: &[Vec<u32>],
         device: E::Device,
     ) -> Generation {
+        run_for::<E>(path, req, stream, prompts, 8, device)
+    }
+
+    /// Greedy generation of up to `max_new` tokens, with logits.
+    pub fn run_for<E: TritterBackend>(
+        path: &Path,
+        req: PlanRequest,
+        stream: bool,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        device: E::Device,
+    ) -> Generation {
         let mut engine =
             StreamingEngine::<E>::open(path, PlanRequest { stream, ..req }, device).unwrap();
         engine
             .generate(
                 prompts,
-                8,
+                max_new,
                 &SamplingConfig::default(),
                 None,
                 true,
@@ -1027,6 +1047,21 @@ mod tests {
                 }
             }
             loader.recycle(group);
+        }
+    }
+
+    /// No new tokens asked, none generated: no pass runs, resident or streamed.
+    #[test]
+    fn zero_new_tokens_generate_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        write_random_export(&small(None), 3, &path).unwrap();
+        for stream in [false, true] {
+            let req = request(u64::MAX, Some(2), KvCacheType::F32);
+            let out = run_for::<B>(&path, req, stream, &prompts(), 0, Default::default());
+            assert_eq!(out.tokens, vec![Vec::<u32>::new(); 3], "stream {stream}");
+            assert_eq!((out.stats.passes, out.stats.generated_tokens), (0, 0));
+            assert_eq!(out.stats.prompt_tokens, 38);
         }
     }
 
