@@ -464,6 +464,45 @@ fn batched_prompts_match_one_at_a_time() {
     assert_clear_error(&out, &["bad.jsonl:2", "prompt"]);
 }
 
+/// Sampling settings that describe no distribution, and counts of 0, are refused before
+/// the model loads, on the resident and the packed engine alike, naming the flag.
+#[test]
+fn out_of_range_settings_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tritter::TritterConfig::preset("test", 264).unwrap();
+    tritter::export::write_random_export(&config, 2, &dir.path().join("m.safetensors")).unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--temperature", "-1"], "--temperature -1"),
+        (&["--temperature", "NaN"], "--temperature NaN"),
+        (&["--temperature", "1", "--top-k", "0"], "--top-k 0"),
+        (&["--temperature", "1", "--top-p", "0"], "--top-p 0"),
+        (&["--top-p", "1.5"], "--top-p 1.5"),
+        (&["--prefill-chunk", "0"], "--prefill-chunk"),
+    ];
+    for (flags, needle) in cases {
+        for budget in [&[][..], &["--memory-budget", "24MiB"][..]] {
+            let mut args = vec!["generate", "--model", "m.safetensors", "--prompt", "def "];
+            args.extend(flags);
+            args.extend(budget);
+            let out = run(tritter_bin(), &args, dir.path());
+            assert_clear_error(&out, &[needle]);
+            assert!(out.stdout.is_empty(), "{args:?} printed before refusing");
+        }
+    }
+    let out = run(
+        tritter_bin(),
+        &["bench", "streaming", "--preset", "test", "--ratio", "0"],
+        dir.path(),
+    );
+    assert_clear_error(&out, &["--ratio", "above 0"]);
+    let out = run(
+        tritter_bin(),
+        &["bench", "streaming", "--preset", "test", "--batches", "1,0"],
+        dir.path(),
+    );
+    assert_clear_error(&out, &["--batches", "at least 1"]);
+}
+
 /// `[inference]` in a training recipe gives `plan` and `generate` their budget, layer
 /// group size and KV cache where no flag does; a flag still wins, and a bad value is
 /// named with the recipe.

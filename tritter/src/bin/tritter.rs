@@ -76,12 +76,12 @@ enum Command {
         #[arg(long)]
         kv_cache: Option<KvCacheType>,
         /// Prompt tokens per sequence processed at once.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = at_least_one)]
         prefill_chunk: usize,
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
         /// 0 is greedy.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         temperature: f32,
         #[arg(long)]
         top_k: Option<usize>,
@@ -122,7 +122,7 @@ enum Command {
         kv_cache: Option<KvCacheType>,
         #[arg(long)]
         layer_group_size: Option<usize>,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = at_least_one)]
         prefill_chunk: usize,
         /// The backend whose kernels' scratch memory to count (default: cpu).
         #[arg(long)]
@@ -149,16 +149,16 @@ enum Bench {
         num_kv_heads: Option<usize>,
         #[arg(long, default_value = "f16")]
         kv_cache: KvCacheType,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = at_least_one)]
         prefill_chunk: usize,
         /// Model bytes ÷ memory budget.
-        #[arg(long, default_value_t = 4.0)]
+        #[arg(long, default_value_t = 4.0, allow_negative_numbers = true, value_parser = positive_ratio)]
         ratio: f64,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = at_least_one)]
         prompt_tokens: usize,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = at_least_one)]
         new_tokens: usize,
-        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16", value_parser = at_least_one)]
         batches: Vec<usize>,
         /// Where to write the random model (default: a temporary directory).
         #[arg(long)]
@@ -167,16 +167,16 @@ enum Bench {
     /// One layer's decode attention on the CPU against a cache of each length, stored in
     /// f32, f16 and INT4 (default shape: 7B's attention, 32 heads, 8 kv heads, dim 128).
     KvCache {
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = at_least_one)]
         num_heads: usize,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = at_least_one)]
         num_kv_heads: usize,
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = at_least_one)]
         head_dim: usize,
-        #[arg(long, value_delimiter = ',', default_value = "4096,32768,131072")]
+        #[arg(long, value_delimiter = ',', default_value = "4096,32768,131072", value_parser = at_least_one)]
         contexts: Vec<usize>,
         /// Timed calls per storage (the median is reported).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = at_least_one)]
         iters: usize,
     },
 }
@@ -239,6 +239,7 @@ fn main() -> Result<()> {
                 top_p,
                 seed,
             };
+            sampling.check()?;
             let prompts = match (&prompt, &prompts) {
                 (Some(p), _) => vec![p.clone()],
                 (None, Some(file)) => read_prompts(file)?,
@@ -442,6 +443,24 @@ fn main() -> Result<()> {
 }
 
 /// `<bos> <code>` and the prompt's tokens.
+/// A count that must be at least 1, for clap.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("expected at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
+/// A ratio above 0, for clap.
+fn positive_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        Ok(_) => Err("expected a finite number above 0".into()),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
 fn prompt_ids(tokenizer: &dyn Tokenizer, prompt: &str) -> Vec<u32> {
     let mut ids: Vec<u32> = tokenizer
         .bos()

@@ -28,6 +28,27 @@ impl Default for SamplingConfig {
     }
 }
 
+impl SamplingConfig {
+    /// Refuses settings that describe no distribution to draw from: a temperature that
+    /// is negative or not a number, a top-k of 0, a top-p outside (0, 1]. Named by the
+    /// `tritter generate` flags that set them.
+    pub fn check(&self) -> Result<()> {
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            bail!("--temperature {t}: expected a finite number of at least 0 (0 is greedy)");
+        }
+        if self.top_k == Some(0) {
+            bail!("--top-k 0 keeps no token: expected at least 1");
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                bail!("--top-p {p}: expected a probability above 0 and at most 1");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Draws tokens from logits; deterministic for a given seed.
 pub struct Sampler {
     config: SamplingConfig,
@@ -140,6 +161,7 @@ pub fn generate<B: TritterBackend>(
     use_cache: bool,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
+    sampler.config.check()?;
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
@@ -192,6 +214,35 @@ pub fn generate<B: TritterBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_without_a_distribution_are_refused() {
+        let with = |temperature, top_k, top_p| SamplingConfig {
+            temperature,
+            top_k,
+            top_p,
+            seed: 0,
+        };
+        for ok in [
+            with(0.0, None, None),
+            with(0.7, Some(1), Some(1.0)),
+            with(1.0, None, Some(0.01)),
+        ] {
+            assert!(ok.check().is_ok(), "{ok:?}");
+        }
+        for (bad, flag) in [
+            (with(-0.5, None, None), "--temperature -0.5"),
+            (with(f32::NAN, None, None), "--temperature NaN"),
+            (with(f32::INFINITY, None, None), "--temperature inf"),
+            (with(1.0, Some(0), None), "--top-k 0"),
+            (with(1.0, None, Some(0.0)), "--top-p 0"),
+            (with(1.0, None, Some(1.5)), "--top-p 1.5"),
+            (with(1.0, None, Some(f32::NAN)), "--top-p NaN"),
+        ] {
+            let err = bad.check().unwrap_err().to_string();
+            assert!(err.starts_with(flag), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn greedy_and_top_k_one_pick_the_maximum() {

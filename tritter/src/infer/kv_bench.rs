@@ -64,8 +64,12 @@ pub fn bench_kv_cache<B: TritterBackend>(
         head_dim: d,
     } = shape;
     anyhow::ensure!(
-        nkv > 0 && nh % nkv == 0 && d % 2 == 0,
-        "{nh} heads, {nkv} kv heads, head dim {d}"
+        nkv > 0 && nh % nkv == 0,
+        "{nkv} kv heads must divide the {nh} query heads (each serves a whole group)"
+    );
+    anyhow::ensure!(
+        d % 2 == 0,
+        "head dim {d} must be even (the INT4 cache packs two codes to a byte)"
     );
     let mut rng = StdRng::seed_from_u64(11);
     let mut rows = Vec::new();

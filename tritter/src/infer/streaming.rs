@@ -725,6 +725,7 @@ impl<B: TritterBackend> StreamingEngine<B> {
         mut on_token: impl FnMut(usize, u32),
     ) -> Result<Generation> {
         let config = self.file.config.clone();
+        sampling.check()?;
         if prompts.is_empty() {
             bail!("no prompts");
         }
