@@ -59,6 +59,14 @@ fn build_from_source_directories_then_inspect() {
     let out = run(&["build", "--source", "a"], dir.path());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--out"));
+    // No threads to scan with: a usage error naming the flag, and nothing written.
+    let out = run(
+        &["build", "--source", "a", "--out", "ds3", "--jobs", "0"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--jobs"));
+    assert!(!dir.path().join("ds3").exists());
     // A missing source directory is named.
     let out = run(&["build", "--source", "nope", "--out", "ds2"], dir.path());
     assert!(!out.status.success());

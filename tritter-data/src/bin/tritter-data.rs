@@ -42,7 +42,7 @@ enum Command {
         #[arg(long)]
         resume: bool,
         /// Input shards scanned at once (default: the available cores).
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         jobs: Option<usize>,
     },
     /// Print a dataset's manifest summary.
@@ -299,4 +299,13 @@ fn read_code(dir: &std::path::Path, max_bytes: u64) -> Result<Vec<Vec<u8>>> {
         docs.push(content);
     }
     Ok(docs)
+}
+
+/// A count that must be at least 1, for clap.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("expected at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
 }
