@@ -2,8 +2,9 @@
 //!
 //! The model calls [`TritterBackend`]'s ops and never a kernel directly, so the CPU path
 //! and the GPU path are the same model code. Every op has a reference implementation in
-//! [`reference`], written with Burn tensor ops; it is the provided method of the trait, so
-//! a backend without a dedicated kernel uses it, and `Autodiff<B>` differentiates it.
+//! [`reference`](mod@reference), written with Burn tensor ops; it is the provided method
+//! of the trait, so a backend without a dedicated kernel uses it, and `Autodiff<B>`
+//! differentiates it.
 
 mod autodiff;
 pub mod check;
