@@ -236,6 +236,50 @@ impl TrainRecipe {
                 o.grad_clip
             ));
         }
+        // Values outside these ranges train nothing useful, or NaN (`eps` = 0 divides
+        // by a zero second moment), so they are refused with the recipe.
+        for (field, v, ok, expected) in [
+            (
+                "optim.min_lr_ratio",
+                o.min_lr_ratio,
+                (0.0..=1.0).contains(&o.min_lr_ratio),
+                "in [0, 1]",
+            ),
+            (
+                "optim.stage2_lr_ratio",
+                o.stage2_lr_ratio,
+                o.stage2_lr_ratio > 0.0 && o.stage2_lr_ratio <= 1.0,
+                "in (0, 1]",
+            ),
+            (
+                "optim.weight_decay",
+                o.weight_decay,
+                (0.0..f64::INFINITY).contains(&o.weight_decay),
+                "finite and at least 0",
+            ),
+            (
+                "optim.beta1",
+                o.beta1,
+                (0.0..1.0).contains(&o.beta1),
+                "in [0, 1)",
+            ),
+            (
+                "optim.beta2",
+                o.beta2,
+                (0.0..1.0).contains(&o.beta2),
+                "in [0, 1)",
+            ),
+            (
+                "optim.eps",
+                o.eps,
+                o.eps > 0.0 && o.eps.is_finite(),
+                "positive",
+            ),
+        ] {
+            if !ok {
+                return Err(format!("`{field}` = {v}: must be {expected}"));
+            }
+        }
         if self.inference.gpu_memory_budget == Some(ByteSize(0)) {
             return Err("`inference.gpu_memory_budget` = 0: must be positive".into());
         }
@@ -306,6 +350,59 @@ mod tests {
 
     /// `[inference]` survives the copy of the recipe a run keeps (`recipe.toml`), so
     /// `--recipe runs/<name>/recipe.toml` serves the model as the recipe said.
+    #[test]
+    fn optimizer_settings_out_of_range_are_refused() {
+        let text = r#"
+name = "r"
+data = "data.toml"
+[model]
+preset = "test"
+[train]
+steps = 1
+batch_size = 1
+seq_len = 16
+checkpoint_every = 1
+"#;
+        type Set = dyn Fn(&mut OptimSection);
+        let base: TrainRecipe = toml::from_str(text).unwrap();
+        let with = |set: &Set| {
+            let mut recipe = base.clone();
+            set(&mut recipe.optim);
+            recipe.validate()
+        };
+        assert_eq!(with(&|_| {}), Ok(()));
+        let refused: [(&str, &Set); 11] = [
+            ("optim.min_lr_ratio", &|o| o.min_lr_ratio = 2.0),
+            ("optim.min_lr_ratio", &|o| o.min_lr_ratio = -0.1),
+            ("optim.stage2_lr_ratio", &|o| o.stage2_lr_ratio = 0.0),
+            ("optim.stage2_lr_ratio", &|o| o.stage2_lr_ratio = 1.5),
+            ("optim.weight_decay", &|o| o.weight_decay = -0.1),
+            ("optim.weight_decay", &|o| o.weight_decay = f64::NAN),
+            ("optim.beta1", &|o| o.beta1 = 1.0),
+            ("optim.beta2", &|o| o.beta2 = 1.5),
+            ("optim.beta2", &|o| o.beta2 = -0.5),
+            ("optim.eps", &|o| o.eps = 0.0),
+            ("optim.eps", &|o| o.eps = f64::INFINITY),
+        ];
+        for (field, set) in refused {
+            let err = with(set).unwrap_err();
+            assert!(err.starts_with(&format!("`{field}` = ")), "{err}");
+        }
+        // The meaningful edges stay allowed.
+        let allowed: [&Set; 4] = [
+            &|o| o.min_lr_ratio = 0.0,
+            &|o| o.min_lr_ratio = 1.0,
+            &|o| o.stage2_lr_ratio = 1.0,
+            &|o| {
+                o.weight_decay = 0.0;
+                o.beta1 = 0.0;
+            },
+        ];
+        for set in allowed {
+            assert_eq!(with(set), Ok(()));
+        }
+    }
+
     #[test]
     fn the_inference_section_round_trips() {
         let text = r#"
