@@ -22,7 +22,7 @@ use crate::model::bitlinear::BitLinear;
 use crate::model::block::Block;
 use crate::model::{TritterConfig, TritterModel};
 use crate::train::data::splitmix_stream;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use safetensors::tensor::Dtype;
 use std::collections::BTreeMap;
@@ -191,6 +191,7 @@ impl ExportWriter {
         tokenizer_json: Option<&str>,
         path: &Path,
     ) -> Result<u64> {
+        check_out_path(path)?;
         let checksums: BTreeMap<&str, String> = self
             .tensors
             .iter()
@@ -251,6 +252,9 @@ impl ExportWriter {
             })
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path)
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         sync_parent(path);
         let bytes = written.metadata()?.len();
@@ -261,6 +265,28 @@ impl ExportWriter {
         evict_cached_pages(&written, 0, bytes as usize);
         Ok(bytes)
     }
+}
+
+/// Refuses an export destination that cannot become a file: a directory, or a path in a
+/// directory that does not exist. Checked before any work, so a long export does not
+/// fail at its end.
+pub fn check_out_path(path: &Path) -> Result<()> {
+    let shown = path.display();
+    if path.is_dir() {
+        bail!(
+            "--out {shown} is a directory; name the file to write, e.g. {}",
+            path.join("model.safetensors").display()
+        );
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            bail!(
+                "--out {shown}: the directory {} does not exist",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Makes the rename of a file in `path`'s directory durable (Unix: the directory's

@@ -148,6 +148,28 @@ fn truncated_checkpoint_and_export() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Destinations that cannot become the file, refused before the export's work, and
+    // a run that is not there.
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    for (args, needles) in [
+        (
+            ["export", "run", "--out", "out"],
+            &["--out out is a directory"][..],
+        ),
+        (
+            ["export", "run", "--out", "nodir/m.safetensors"],
+            &["the directory nodir does not exist"],
+        ),
+        (
+            ["export", "nope", "--out", "n.safetensors"],
+            &["nope: no such run directory or checkpoint"],
+        ),
+    ] {
+        assert_clear_error(&run(tritter_bin(), &args, dir.path()), needles);
+    }
+    assert!(!dir.path().join("out.safetensors.partial").exists());
+    assert!(!dir.path().join("n.safetensors").exists());
+
     // A truncated safetensors file.
     let bytes = std::fs::read(dir.path().join("m.safetensors")).unwrap();
     std::fs::write(
@@ -161,6 +183,27 @@ fn truncated_checkpoint_and_export() {
         dir.path(),
     );
     assert_clear_error(&out, &["cut.safetensors", "truncated", "tensor `"]);
+
+    // A run directory where the exported file belongs, on both engines.
+    for budget in [&[][..], &["--memory-budget", "64MiB"]] {
+        let args = [&["generate", "--model", "run", "--prompt", "x"][..], budget].concat();
+        let out = run(tritter_bin(), &args, dir.path());
+        assert_clear_error(&out, &["run is a directory", "tritter export"]);
+    }
+
+    // A prompt with no room left in the context for the tokens asked, refused before
+    // anything is printed, on both engines.
+    for budget in [&[][..], &["--memory-budget", "64MiB"]] {
+        let args = [
+            &["generate", "--model", "m.safetensors", "--prompt", "def "][..],
+            &["--max-new-tokens", "100000"],
+            budget,
+        ]
+        .concat();
+        let out = run(tritter_bin(), &args, dir.path());
+        assert_clear_error(&out, &["--max-new-tokens (100000)", "context of"]);
+        assert!(out.stdout.is_empty(), "{:?}", out.stdout);
+    }
 
     // A truncated checkpoint file.
     let ckpt = dir.path().join("run/checkpoint/model-1.mpk");
@@ -501,6 +544,13 @@ fn out_of_range_settings_are_named() {
         dir.path(),
     );
     assert_clear_error(&out, &["--batches", "at least 1"]);
+    let out = run(
+        tritter_bin(),
+        &["bench", "kv-cache", "--num-kv-heads", "5"],
+        dir.path(),
+    );
+    assert_clear_error(&out, &["5 kv heads must divide"]);
+    assert!(out.stdout.is_empty(), "the table began before the refusal");
 }
 
 /// `[inference]` in a training recipe gives `plan` and `generate` their budget, layer

@@ -7,12 +7,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tritter::device::{run_on, BackendJob, DeviceKind};
-use tritter::export::{export_model, write_random_export, BitLinearTensors};
+use tritter::export::{check_out_path, export_model, write_random_export, BitLinearTensors};
 use tritter::infer::budget;
 use tritter::infer::kv_bench::{bench_kv_cache, KvBenchShape};
 use tritter::infer::{
-    generate, load_export, ByteSize, KvCacheType, ModelFile, PlanRequest, Sampler, SamplingConfig,
-    StreamStats, StreamingEngine,
+    generate, generate::check_context, load_export, ByteSize, KvCacheType, ModelFile, PlanRequest,
+    Sampler, SamplingConfig, StreamStats, StreamingEngine,
 };
 use tritter::tokenizer::Tokenizer;
 use tritter::train::load_checkpoint_model;
@@ -184,6 +184,7 @@ enum Bench {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Export { checkpoint, out } => {
+            check_out_path(&out)?;
             let device = Default::default();
             let (model, tokenizer, run_dir) =
                 load_checkpoint_model::<burn::backend::Flex>(&checkpoint, &device)?;
@@ -412,6 +413,7 @@ fn main() -> Result<()> {
                 num_kv_heads,
                 head_dim,
             };
+            shape.check()?;
             println!(
                 "decode attention, one layer: {num_heads} heads, {num_kv_heads} kv heads, head dim {head_dim}; CPU, {} threads",
                 rayon::current_num_threads()
@@ -589,6 +591,7 @@ impl BackendJob for EngineJob<'_> {
             .map(|p| prompt_ids(tokenizer.as_ref(), p))
             .collect();
         let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
+        check_context(longest, self.max_new, file.config.max_seq_len)?;
         let request = PlanRequest {
             budget: self.budget,
             context: longest + self.max_new,
@@ -1122,6 +1125,7 @@ fn run_generate<B: TritterBackend>(
     let loaded = load_export::<B>(path, &device)?;
     let tokenizer = loaded.tokenizer.as_ref();
     let ids = prompt_ids(tokenizer, prompt);
+    check_context(ids.len(), max_new, loaded.model.config.max_seq_len)?;
     let mut sampler = Sampler::new(sampling);
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(prompt.as_bytes())?;

@@ -149,6 +149,17 @@ pub fn forward_logits<B: TritterBackend>(
         .collect())
 }
 
+/// Refuses a prompt of `prompt_len` tokens (the longest of a batch) that leaves no room
+/// for `max_new` more in the model's context of `max_seq_len`, naming both counts.
+pub fn check_context(prompt_len: usize, max_new: usize, max_seq_len: usize) -> Result<()> {
+    if prompt_len + max_new > max_seq_len {
+        bail!(
+            "prompt ({prompt_len} tokens) + --max-new-tokens ({max_new}) exceeds the model's context of {max_seq_len} tokens"
+        );
+    }
+    Ok(())
+}
+
 /// Generates up to `max_new` tokens after `prompt`, calling `on_token` with each as it
 /// comes; stops after `eos`. With `use_cache = false` every step recomputes the whole
 /// sequence (the reference the cache is tested against).
@@ -165,13 +176,7 @@ pub fn generate<B: TritterBackend>(
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
-    let limit = model.config.max_seq_len;
-    if prompt.len() + max_new > limit {
-        bail!(
-            "prompt ({} tokens) + --max-new-tokens ({max_new}) exceeds the model's context of {limit} tokens",
-            prompt.len()
-        );
-    }
+    check_context(prompt.len(), max_new, model.config.max_seq_len)?;
     let device = model.embedding.weight.device();
     let to_tensor = |ids: &[u32]| {
         Tensor::<B, 2, Int>::from_data(

@@ -52,25 +52,34 @@ fn time(iters: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// Runs the benchmark at each context length with `iters` timed calls per storage.
+impl KvBenchShape {
+    /// Refuses a shape the caches cannot hold, naming the constraint it breaks.
+    pub fn check(&self) -> Result<()> {
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        anyhow::ensure!(
+            nkv > 0 && nh % nkv == 0,
+            "{nkv} kv heads must divide the {nh} query heads (each serves a whole group)"
+        );
+        anyhow::ensure!(
+            d % 2 == 0,
+            "head dim {d} must be even (the INT4 cache packs two codes to a byte)"
+        );
+        Ok(())
+    }
+}
+
 pub fn bench_kv_cache<B: TritterBackend>(
     shape: KvBenchShape,
     contexts: &[usize],
     iters: usize,
     device: &B::Device,
 ) -> Result<Vec<KvBenchRow>> {
+    shape.check()?;
     let KvBenchShape {
         num_heads: nh,
         num_kv_heads: nkv,
         head_dim: d,
     } = shape;
-    anyhow::ensure!(
-        nkv > 0 && nh % nkv == 0,
-        "{nkv} kv heads must divide the {nh} query heads (each serves a whole group)"
-    );
-    anyhow::ensure!(
-        d % 2 == 0,
-        "head dim {d} must be even (the INT4 cache packs two codes to a byte)"
-    );
     let mut rng = StdRng::seed_from_u64(11);
     let mut rows = Vec::new();
     for &n in contexts {

@@ -109,6 +109,12 @@ impl ModelFile {
     /// every tensor now.
     pub fn open(path: &Path) -> Result<Self> {
         let shown = path.display();
+        if path.is_dir() {
+            bail!(
+                "{shown} is a directory; a model is one exported file (a training run becomes one \
+                 with `tritter export --out model.safetensors {shown}`)"
+            );
+        }
         let mut file = std::fs::File::open(path).with_context(|| format!("opening {shown}"))?;
         let file_len = file.metadata()?.len() as usize;
         let mut len_bytes = [0u8; 8];

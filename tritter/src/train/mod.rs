@@ -330,6 +330,12 @@ pub fn load_checkpoint_model<B: Backend>(
     path: &Path,
     device: &B::Device,
 ) -> Result<(TritterModel<B>, tritter_data::TokenizerSpec, PathBuf)> {
+    if !path.exists() {
+        bail!(
+            "{}: no such run directory or checkpoint file",
+            path.display()
+        );
+    }
     let (run_dir, model_file) = if path.is_dir() {
         let epoch = latest_checkpoint(path).with_context(|| {
             format!(
