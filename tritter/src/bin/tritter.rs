@@ -274,6 +274,7 @@ fn main() -> Result<()> {
                     drop_page_cache,
                     kv_cache,
                     prefill_chunk,
+                    host_is_device: device == DeviceKind::Cpu,
                 };
                 run_on(device, job)?;
             } else {
@@ -574,6 +575,9 @@ struct EngineJob<'a> {
     drop_page_cache: bool,
     kv_cache: KvCacheType,
     prefill_chunk: usize,
+    /// The device's memory is the host's (the CPU backend), so the budget bounds the
+    /// process's resident set; on a GPU it bounds device memory, which the engine counts.
+    host_is_device: bool,
 }
 
 impl BackendJob for EngineJob<'_> {
@@ -662,17 +666,28 @@ impl BackendJob for EngineJob<'_> {
         }
         eprintln!("{}", out.stats);
         if let (Some(base), Some(peak)) = (baseline, rss::peak()) {
-            eprintln!(
-                "resident set: {} at start, peak {} (engine: {} of a {} budget)",
-                ByteSize(base),
-                ByteSize(peak),
-                ByteSize(peak.saturating_sub(base)),
-                if self.budget == u64::MAX {
-                    "unlimited".to_string()
-                } else {
-                    ByteSize(self.budget).to_string()
-                }
-            );
+            let engine = ByteSize(peak.saturating_sub(base));
+            if self.host_is_device {
+                eprintln!(
+                    "resident set: {} at start, peak {} (engine: {engine}{})",
+                    ByteSize(base),
+                    ByteSize(peak),
+                    if self.budget == u64::MAX {
+                        ", no budget".to_string()
+                    } else {
+                        format!(" of a {} budget", ByteSize(self.budget))
+                    }
+                );
+            } else {
+                // The device runtime's own host memory (driver, shader compiler, staging)
+                // is not device memory; the budget bounds the "held" figure above.
+                eprintln!(
+                    "host resident set: {} at start, peak {} (engine and device runtime: \
+                     {engine}; the budget bounds the peak held on the device, above)",
+                    ByteSize(base),
+                    ByteSize(peak),
+                );
+            }
             eprintln!("engine-peak-rss-bytes {}", peak.saturating_sub(base));
         }
         Ok(())

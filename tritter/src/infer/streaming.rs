@@ -585,7 +585,7 @@ impl std::fmt::Display for StreamStats {
         }
         write!(
             f,
-            "; peak {:.1} MiB held, {:.2} MiB of it KV cache",
+            "; peak {:.1} MiB held on the device, {:.2} MiB of it KV cache",
             self.peak_device_bytes as f64 / (1 << 20) as f64,
             self.peak_kv_bytes as f64 / (1 << 20) as f64
         )
