@@ -348,11 +348,8 @@ mod tests {
         assert!(loaded >= 3, "{loaded} recipes in {}", dir.display());
     }
 
-    /// `[inference]` survives the copy of the recipe a run keeps (`recipe.toml`), so
-    /// `--recipe runs/<name>/recipe.toml` serves the model as the recipe said.
-    #[test]
-    fn optimizer_settings_out_of_range_are_refused() {
-        let text = r#"
+    /// The fields a training recipe must give, and no more.
+    const MINIMAL: &str = r#"
 name = "r"
 data = "data.toml"
 [model]
@@ -363,8 +360,11 @@ batch_size = 1
 seq_len = 16
 checkpoint_every = 1
 "#;
+
+    #[test]
+    fn optimizer_settings_out_of_range_are_refused() {
         type Set = dyn Fn(&mut OptimSection);
-        let base: TrainRecipe = toml::from_str(text).unwrap();
+        let base: TrainRecipe = toml::from_str(MINIMAL).unwrap();
         let with = |set: &Set| {
             let mut recipe = base.clone();
             set(&mut recipe.optim);
@@ -403,24 +403,14 @@ checkpoint_every = 1
         }
     }
 
+    /// `[inference]` survives the copy of the recipe a run keeps (`recipe.toml`), so
+    /// `--recipe runs/<name>/recipe.toml` serves the model as the recipe said.
     #[test]
     fn the_inference_section_round_trips() {
-        let text = r#"
-name = "r"
-data = "data.toml"
-[model]
-preset = "test"
-[train]
-steps = 1
-batch_size = 1
-seq_len = 16
-checkpoint_every = 1
-[inference]
-gpu_memory_budget = "14GiB"
-layer_group_size = 4
-kv_cache = "int4"
-"#;
-        let recipe: TrainRecipe = toml::from_str(text).unwrap();
+        let text = format!(
+            "{MINIMAL}[inference]\ngpu_memory_budget = \"14GiB\"\nlayer_group_size = 4\nkv_cache = \"int4\"\n"
+        );
+        let recipe: TrainRecipe = toml::from_str(&text).unwrap();
         let expected = InferenceSection {
             gpu_memory_budget: Some(ByteSize(14 << 30)),
             layer_group_size: Some(4),
