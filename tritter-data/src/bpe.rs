@@ -43,6 +43,8 @@ pub fn train_bpe(
             SPECIAL_TOKENS.len()
         )));
     }
+    crate::error::check_output_file(out, "--out", "tokenizer.json")
+        .map_err(DataError::Tokenizer)?;
     let start = std::time::Instant::now();
     let docs = read_documents(recipe, options)?;
     if docs.is_empty() {
@@ -100,7 +102,10 @@ pub fn train_bpe(
     let tokens: usize = docs.iter().map(|d| trained.encode(&d.content).len()).sum();
     let partial = out.with_extension("json.partial");
     std::fs::write(&partial, &json).map_err(|e| DataError::io(&partial, e))?;
-    std::fs::rename(&partial, out).map_err(|e| DataError::io(out, e))?;
+    std::fs::rename(&partial, out).map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        DataError::io(out, e)
+    })?;
     Ok(BpeSummary {
         documents: docs.len(),
         bytes,

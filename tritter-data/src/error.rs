@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Errors of the data pipeline. Each names the file or field that was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -38,3 +38,29 @@ impl DataError {
 }
 
 pub type Result<T> = std::result::Result<T, DataError>;
+
+/// Refuses `path` as the destination of a file written at the end of long work (an
+/// export, a trained tokenizer): a directory, or a path in a directory that does not
+/// exist. `flag` names the option the path came from, and a directory is answered with
+/// `file_name` in it as an example. Checked before the work, so it does not fail at its
+/// end.
+pub fn check_output_file(
+    path: &Path,
+    flag: &str,
+    file_name: &str,
+) -> std::result::Result<(), String> {
+    let shown = path.display();
+    if path.is_dir() {
+        return Err(format!(
+            "{flag} {shown} is a directory; name the file to write, e.g. {}",
+            path.join(file_name).display()
+        ));
+    }
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => Err(format!(
+            "{flag} {shown}: the directory {} does not exist",
+            dir.display()
+        )),
+        _ => Ok(()),
+    }
+}

@@ -96,4 +96,24 @@ fn a_vocabulary_too_small_and_an_empty_corpus_are_refused() {
         .to_string();
     assert!(err.contains("no documents"), "{err}");
     assert!(!out.exists());
+    // Destinations that cannot become the file are refused before the training.
+    for (bad, needle) in [
+        (dir.path().to_path_buf(), "is a directory"),
+        (dir.path().join("nodir/t.json"), "does not exist"),
+    ] {
+        let err = train_bpe(&r, 1000, &bad, &BuildOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle) && err.contains("--out"), "{err}");
+    }
+    let mut left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["data.toml", "src"],
+        "nothing but the recipe and its sources"
+    );
 }

@@ -22,7 +22,7 @@ use crate::model::bitlinear::BitLinear;
 use crate::model::block::Block;
 use crate::model::{TritterConfig, TritterModel};
 use crate::train::data::splitmix_stream;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use burn::prelude::*;
 use safetensors::tensor::Dtype;
 use std::collections::BTreeMap;
@@ -267,26 +267,11 @@ impl ExportWriter {
     }
 }
 
-/// Refuses an export destination that cannot become a file: a directory, or a path in a
-/// directory that does not exist. Checked before any work, so a long export does not
-/// fail at its end.
+/// Refuses an export destination that cannot become a file (see
+/// [`tritter_data::error::check_output_file`]).
 pub fn check_out_path(path: &Path) -> Result<()> {
-    let shown = path.display();
-    if path.is_dir() {
-        bail!(
-            "--out {shown} is a directory; name the file to write, e.g. {}",
-            path.join("model.safetensors").display()
-        );
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            bail!(
-                "--out {shown}: the directory {} does not exist",
-                dir.display()
-            );
-        }
-    }
-    Ok(())
+    tritter_data::error::check_output_file(path, "--out", "model.safetensors")
+        .map_err(anyhow::Error::msg)
 }
 
 /// Makes the rename of a file in `path`'s directory durable (Unix: the directory's
