@@ -3,11 +3,12 @@ use std::path::{Path, PathBuf};
 /// Errors of the data pipeline. Each names the file or field that was wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("cannot read {path}: {source}")]
+    /// The OS error is part of the message, not a source of its own, so that a report
+    /// of the chain (anyhow's `Caused by:`) does not say it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("malformed data recipe {path}: {message}")]
     Recipe { path: PathBuf, message: String },
@@ -25,7 +26,7 @@ impl DataError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

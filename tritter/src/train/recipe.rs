@@ -178,10 +178,12 @@ fn default_output_dir() -> PathBuf {
 /// A recipe that could not be used, naming the file and what was wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("cannot read recipe {path}: {source}")]
+    /// The OS error is in the message rather than a source, so a report of the chain
+    /// does not repeat it.
+    #[error("cannot read recipe {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("malformed recipe {path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -189,9 +191,9 @@ pub enum RecipeError {
 
 impl TrainRecipe {
     pub fn from_file(path: &Path) -> Result<Self, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| RecipeError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let mut recipe: TrainRecipe = toml::from_str(&text).map_err(|e| RecipeError::Invalid {
             path: path.to_path_buf(),
