@@ -1,10 +1,21 @@
-//! Resident-set figures of this process (Linux `/proc`; `None` elsewhere).
+//! Resident-set figures of this process, and the memory available to it (Linux `/proc`;
+//! `None` elsewhere).
 
-fn status_field(name: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// A `Name:  <n> kB` line of a `/proc` file, in bytes.
+fn proc_field(file: &str, name: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(file).ok()?;
     let line = status.lines().find(|l| l.starts_with(name))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+fn status_field(name: &str) -> Option<u64> {
+    proc_field("/proc/self/status", name)
+}
+
+/// Memory the kernel reckons it can give without swapping (`MemAvailable`), bytes.
+pub fn available() -> Option<u64> {
+    proc_field("/proc/meminfo", "MemAvailable:")
 }
 
 /// Resets the peak resident set to the current one; returns the current one.

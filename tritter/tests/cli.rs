@@ -491,6 +491,27 @@ fn batched_prompts_match_one_at_a_time() {
         let expected = format!("{p}{}", completions[i]["completion"].as_str().unwrap());
         assert_eq!(text.trim_end_matches('\n'), expected, "prompt {i}");
     }
+    // Without a budget, generation runs on the latent weights and says what they hold.
+    let out = run(
+        tritter_bin(),
+        &[
+            "generate",
+            "--model",
+            "m.safetensors",
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "2",
+        ],
+        dir.path(),
+    );
+    let latent = tritter::infer::ByteSize(tritter::infer::load::latent_bytes(&config));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("resident on latent f32 weights ({latent})")),
+        "{}",
+        stderr(&out)
+    );
     // A malformed prompts file names its line.
     std::fs::write(dir.path().join("bad.jsonl"), "\"ok\"\n{\"text\": 1}\n").unwrap();
     let out = run(

@@ -11,8 +11,11 @@ use tritter::export::{check_out_path, export_model, write_random_export, BitLine
 use tritter::infer::budget;
 use tritter::infer::kv_bench::{bench_kv_cache, KvBenchShape};
 use tritter::infer::{
-    generate, generate::check_context, load_export, ByteSize, KvCacheType, ModelFile, PlanRequest,
-    Sampler, SamplingConfig, StreamStats, StreamingEngine,
+    generate,
+    generate::check_context,
+    load::{check_latent_fits, latent_bytes},
+    load_export, ByteSize, KvCacheType, ModelFile, PlanRequest, Sampler, SamplingConfig,
+    StreamStats, StreamingEngine,
 };
 use tritter::tokenizer::Tokenizer;
 use tritter::train::load_checkpoint_model;
@@ -283,6 +286,7 @@ fn main() -> Result<()> {
                     prompt: &prompts[0],
                     max_new: max_new_tokens,
                     sampling,
+                    host_is_device: device == DeviceKind::Cpu,
                 };
                 run_on(device, job)?;
             }
@@ -1121,11 +1125,23 @@ struct GenerateJob<'a> {
     prompt: &'a str,
     max_new: usize,
     sampling: SamplingConfig,
+    /// The model's weights load into host memory (the CPU backend).
+    host_is_device: bool,
 }
 
 impl BackendJob for GenerateJob<'_> {
     type Output = ();
     fn run<B: TritterBackend>(self, device: B::Device) -> Result<()> {
+        // Opening reads the header only: what loading would hold is known first.
+        let config = ModelFile::open(self.model)?.config;
+        eprintln!(
+            "resident on latent f32 weights ({}); --memory-budget runs the packed 2-bit engine",
+            ByteSize(latent_bytes(&config))
+        );
+        if let (true, Some(available)) = (self.host_is_device, rss::available()) {
+            check_latent_fits(&config, available)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", self.model.display()))?;
+        }
         run_generate::<B>(self.model, self.prompt, self.max_new, self.sampling, device)
     }
 }

@@ -11,6 +11,27 @@ use burn::module::Param;
 use burn::prelude::*;
 use std::path::Path;
 
+/// Bytes of the weights [`load_export`] holds: every parameter as an `f32`.
+pub fn latent_bytes(config: &crate::TritterConfig) -> u64 {
+    4 * config.parameter_count() as u64
+}
+
+/// Refuses to load `config`'s latent weights into host memory that has only `available`
+/// bytes to give: the load would swap or be killed. The packed engine holds the 2-bit
+/// codes instead, or streams them through a budget.
+pub fn check_latent_fits(config: &crate::TritterConfig, available: u64) -> Result<()> {
+    let latent = latent_bytes(config);
+    if latent > available {
+        anyhow::bail!(
+            "resident generation holds the latent weights in f32, {}, more than the {} of memory available; \
+             --memory-budget runs the packed engine on the 2-bit codes instead (streaming them when they do not fit)",
+            super::ByteSize(latent),
+            super::ByteSize(available)
+        );
+    }
+    Ok(())
+}
+
 /// An exported model, loaded.
 pub struct LoadedModel<B: Backend> {
     pub model: TritterModel<B>,
@@ -78,4 +99,24 @@ pub fn load_export<B: Backend>(path: &Path, device: &B::Device) -> Result<Loaded
         tokenizer: file.tokenizer()?,
         tokenizer_spec: file.tokenizer_spec.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latent_weights_larger_than_the_memory_available_are_refused() {
+        let config = crate::TritterConfig::preset("3B", 32_000).unwrap();
+        let latent = latent_bytes(&config);
+        assert_eq!(latent, 4 * config.parameter_count() as u64);
+        assert!(check_latent_fits(&config, latent).is_ok());
+        let err = check_latent_fits(&config, latent - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--memory-budget") && err.contains("GiB"),
+            "{err}"
+        );
+    }
 }
