@@ -1132,31 +1132,42 @@ struct GenerateJob<'a> {
 impl BackendJob for GenerateJob<'_> {
     type Output = ();
     fn run<B: TritterBackend>(self, device: B::Device) -> Result<()> {
-        // Opening reads the header only: what loading would hold is known first.
-        let config = ModelFile::open(self.model)?.config;
+        // Opening reads the header only: what loading would hold, and whether the prompt
+        // leaves room in the context, are known before the weights load.
+        let file = ModelFile::open(self.model)?;
         eprintln!(
             "resident on latent f32 weights ({}); --memory-budget runs the packed 2-bit engine",
-            ByteSize(latent_bytes(&config))
+            ByteSize(latent_bytes(&file.config))
         );
         if let (true, Some(available)) = (self.host_is_device, rss::available()) {
-            check_latent_fits(&config, available)
+            check_latent_fits(&file.config, available)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", self.model.display()))?;
         }
-        run_generate::<B>(self.model, self.prompt, self.max_new, self.sampling, device)
+        let ids = prompt_ids(file.tokenizer()?.as_ref(), self.prompt);
+        check_context(ids.len(), self.max_new, file.config.max_seq_len)?;
+        drop(file);
+        run_generate::<B>(
+            self.model,
+            self.prompt,
+            &ids,
+            self.max_new,
+            self.sampling,
+            device,
+        )
     }
 }
 
+/// Generates after `prompt`, whose token ids are `ids` (checked against the context).
 fn run_generate<B: TritterBackend>(
     path: &std::path::Path,
     prompt: &str,
+    ids: &[u32],
     max_new: usize,
     sampling: SamplingConfig,
     device: B::Device,
 ) -> Result<()> {
     let loaded = load_export::<B>(path, &device)?;
     let tokenizer = loaded.tokenizer.as_ref();
-    let ids = prompt_ids(tokenizer, prompt);
-    check_context(ids.len(), max_new, loaded.model.config.max_seq_len)?;
     let mut sampler = Sampler::new(sampling);
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(prompt.as_bytes())?;
@@ -1165,7 +1176,7 @@ fn run_generate<B: TritterBackend>(
     let mut printer = TextPrinter::default();
     let tokens = generate(
         &loaded.model,
-        &ids,
+        ids,
         max_new,
         &mut sampler,
         Some(tokenizer.eos()),
