@@ -65,3 +65,13 @@ pub fn check_output_file(
         _ => Ok(()),
     }
 }
+
+/// A count on the command line that must be at least 1 (a batch, a size, a number of
+/// tokens): clap's `value_parser` for the binaries of this workspace.
+pub fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("expected at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
+}

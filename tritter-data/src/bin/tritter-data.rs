@@ -4,8 +4,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use tritter_data::{
-    build_dataset, build_shard, merge_shards, BuildOptions, DataRecipe, DatasetManifest,
-    DedupConfig, ShardReader, ShardSpec, Split,
+    build_dataset, build_shard, error::at_least_one, merge_shards, BuildOptions, DataRecipe,
+    DatasetManifest, DedupConfig, ShardReader, ShardSpec, Split,
 };
 
 #[derive(Parser)]
@@ -299,13 +299,4 @@ fn read_code(dir: &std::path::Path, max_bytes: u64) -> Result<Vec<Vec<u8>>> {
         docs.push(content);
     }
     Ok(docs)
-}
-
-/// A count that must be at least 1, for clap.
-fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("expected at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(format!("{e}")),
-    }
 }

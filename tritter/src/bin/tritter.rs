@@ -21,7 +21,7 @@ use tritter::tokenizer::Tokenizer;
 use tritter::train::load_checkpoint_model;
 use tritter::train::recipe::{InferenceSection, TrainRecipe};
 use tritter::TritterConfig;
-use tritter_data::rss;
+use tritter_data::{error::at_least_one, rss};
 use tritter_kernels::packed::{cpu_gemm, interleave, panel_words, Codes, HostWords};
 use tritter_kernels::TritterBackend;
 
@@ -449,16 +449,6 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// `<bos> <code>` and the prompt's tokens.
-/// A count that must be at least 1, for clap.
-fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("expected at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(format!("{e}")),
-    }
-}
-
 /// A ratio above 0, for clap.
 fn positive_ratio(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -468,6 +458,7 @@ fn positive_ratio(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `<bos> <code>` and the prompt's tokens.
 fn prompt_ids(tokenizer: &dyn Tokenizer, prompt: &str) -> Vec<u32> {
     let mut ids: Vec<u32> = tokenizer
         .bos()
