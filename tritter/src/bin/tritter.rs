@@ -14,7 +14,7 @@ use tritter::infer::{
     generate,
     generate::check_context,
     load::{check_latent_fits, latent_bytes},
-    load_export, ByteSize, KvCacheType, ModelFile, PlanRequest, Sampler, SamplingConfig,
+    load_model_file, ByteSize, KvCacheType, ModelFile, PlanRequest, Sampler, SamplingConfig,
     StreamStats, StreamingEngine,
 };
 use tritter::tokenizer::Tokenizer;
@@ -1136,9 +1136,8 @@ impl BackendJob for GenerateJob<'_> {
         }
         let ids = prompt_ids(file.tokenizer()?.as_ref(), self.prompt);
         check_context(ids.len(), self.max_new, file.config.max_seq_len)?;
-        drop(file);
         run_generate::<B>(
-            self.model,
+            &file,
             self.prompt,
             &ids,
             self.max_new,
@@ -1148,16 +1147,17 @@ impl BackendJob for GenerateJob<'_> {
     }
 }
 
-/// Generates after `prompt`, whose token ids are `ids` (checked against the context).
+/// Generates after `prompt`, whose token ids are `ids` (checked against the context),
+/// from the export `file` loaded.
 fn run_generate<B: TritterBackend>(
-    path: &std::path::Path,
+    file: &ModelFile,
     prompt: &str,
     ids: &[u32],
     max_new: usize,
     sampling: SamplingConfig,
     device: B::Device,
 ) -> Result<()> {
-    let loaded = load_export::<B>(path, &device)?;
+    let loaded = load_model_file::<B>(file, &device)?;
     let tokenizer = loaded.tokenizer.as_ref();
     let mut sampler = Sampler::new(sampling);
     let mut stdout = std::io::stdout().lock();

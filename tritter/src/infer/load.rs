@@ -39,8 +39,15 @@ pub struct LoadedModel<B: Backend> {
     pub tokenizer_spec: TokenizerSpec,
 }
 
+/// Opens the exported model at `path` and loads it ([`load_model_file`]).
 pub fn load_export<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
-    let file = ModelFile::open(path)?;
+    load_model_file(&ModelFile::open(path)?, device)
+}
+
+/// Loads an opened export: every parameter as an `f32` on `device`
+/// ([`latent_bytes`] of them), each tensor's bytes checked as it is read.
+pub fn load_model_file<B: Backend>(file: &ModelFile, device: &B::Device) -> Result<LoadedModel<B>> {
+    let path = &file.path;
     let config = file.config.clone();
     let param1 = |name: &str, n: usize| -> Result<Param<Tensor<B, 1>>> {
         Ok(Param::from_tensor(Tensor::from_data(

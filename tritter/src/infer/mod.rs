@@ -13,6 +13,6 @@ pub mod streaming;
 pub use agreement::{check_greedy, compare_generations, Agreement, LOGIT_TOLERANCE};
 pub use budget::{ByteSize, KvCacheType, MemoryPlan, PlanRequest};
 pub use generate::{generate, Sampler, SamplingConfig};
-pub use load::{load_export, LoadedModel};
+pub use load::{load_export, load_model_file, LoadedModel};
 pub use model_file::ModelFile;
 pub use streaming::{StreamStats, StreamingEngine};
