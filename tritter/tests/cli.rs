@@ -740,6 +740,27 @@ fn streaming_bench_prints_every_row() {
     ] {
         assert!(text.contains(line), "missing `{line}` in {text}");
     }
+    // The first-token ratio at each batch, for both streamed engines.
+    for engine in ["streaming", "storage"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("first-token latency, {engine} ÷ resident: ")))
+            .unwrap_or_else(|| panic!("no first-token ratio of {engine} in {text}"));
+        let ratios: Vec<f64> = line
+            .split(": ")
+            .nth(1)
+            .unwrap()
+            .split(", ")
+            .zip(["1", "2"])
+            .map(|(cell, batch)| {
+                let (ratio, at) = cell.split_once(" at batch ").expect(line);
+                assert_eq!(at, batch, "{line}");
+                ratio.parse().expect(line)
+            })
+            .collect();
+        assert_eq!(ratios.len(), 2, "{line}");
+        assert!(ratios.iter().all(|r| r.is_finite() && *r > 0.0), "{line}");
+    }
     // A cold start needs a file the page cache lets go of (not so on tmpfs).
     if !text.contains("storage read bandwidth: unmeasured") {
         let cold = text

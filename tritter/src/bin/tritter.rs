@@ -1040,15 +1040,27 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     let weights = config.ternary_parameter_count() as f64;
     let decode_ceiling = product / weights;
     for engine in ["streaming", "storage"] {
+        // At every batch: a larger batch's prefill computes longer behind the same reads.
+        let first_token = rows
+            .iter()
+            .filter(|r| r.0 == engine)
+            .filter_map(|(_, batch, s)| {
+                let resident = rows.iter().find(|r| r.0 == "resident" && r.1 == *batch)?;
+                Some(format!(
+                    "{:.2} at batch {batch}",
+                    s.first_token_secs / resident.2.first_token_secs
+                ))
+            })
+            .collect::<Vec<_>>();
+        if !first_token.is_empty() {
+            println!(
+                "first-token latency, {engine} ÷ resident: {}",
+                first_token.join(", ")
+            );
+        }
         let Some(one) = batch_one(engine) else {
             continue;
         };
-        if let Some(resident) = &resident {
-            println!(
-                "first-token latency, {engine} ÷ resident: {:.2}",
-                one.first_token_secs / resident.first_token_secs
-            );
-        }
         for (name, batch, s) in &rows {
             if *name == engine && *batch > 1 {
                 println!(
