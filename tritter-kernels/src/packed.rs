@@ -132,12 +132,48 @@ pub struct HostWords {
 struct Line([u32; 16]);
 
 impl HostWords {
+    /// `len` zeroed words. A large buffer (a resident layer's codes) is first advised
+    /// into transparent huge pages, so that zeroing it faults in one 2 MiB page where it
+    /// would fault in 512 small ones: on 2 cores of an EPYC, loading the streaming
+    /// bench's 426 MiB model resident from the page cache took 0.44 s where it took
+    /// 0.55 s, most of the difference page faults.
     pub fn zeroed(len: usize) -> Self {
-        Self {
-            lines: vec![Line([0; 16]); len.div_ceil(16)],
-            len,
+        let n = len.div_ceil(16);
+        let mut lines: Vec<Line> = Vec::with_capacity(n);
+        advise_huge_pages(lines.as_mut_ptr().cast(), n * std::mem::size_of::<Line>());
+        // SAFETY: the capacity holds `n` lines, each written with zeros (a valid `Line`)
+        // before the length covers it.
+        unsafe {
+            std::ptr::write_bytes(lines.as_mut_ptr(), 0, n);
+            lines.set_len(n);
+        }
+        Self { lines, len }
+    }
+}
+
+/// Asks the kernel to back the whole 2 MiB pages within `bytes` at `start` with
+/// transparent huge pages (where it backs them only on request, as by default on many
+/// distributions). Smaller buffers are left alone.
+fn advise_huge_pages(start: *mut u8, bytes: usize) {
+    const HUGE: usize = 2 << 20;
+    if bytes < 2 * HUGE {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let (first, end) = (
+            (start as usize).next_multiple_of(HUGE),
+            start as usize + bytes,
+        );
+        let len = (end - first) / HUGE * HUGE;
+        // SAFETY: the range lies within the allocation at `start`; the advice changes how
+        // its pages are backed, never their contents. A refusal (THP disabled) is fine.
+        unsafe {
+            libc::madvise(first as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = start;
 }
 
 impl std::ops::Deref for HostWords {
