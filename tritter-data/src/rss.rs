@@ -3,8 +3,8 @@
 
 /// A `Name:  <n> kB` line of a `/proc` file, in bytes.
 fn proc_field(file: &str, name: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(file).ok()?;
-    let line = status.lines().find(|l| l.starts_with(name))?;
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find(|l| l.starts_with(name))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }

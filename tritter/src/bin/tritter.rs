@@ -1029,12 +1029,12 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
             streamed / resident
         );
     }
-    let batch_one = |engine: &str| {
+    let row = |engine: &str, batch: usize| {
         rows.iter()
-            .find(|r| r.0 == engine && r.1 == 1)
-            .map(|r| r.2.clone())
+            .find(|r| r.0 == engine && r.1 == batch)
+            .map(|r| &r.2)
     };
-    let resident = batch_one("resident");
+    let resident = row("resident", 1);
     // What the machine allows: each generated token needs one multiply-add per ternary
     // weight, which no batch computes faster than the product's best measured rate.
     let weights = config.ternary_parameter_count() as f64;
@@ -1045,10 +1045,10 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
             .iter()
             .filter(|r| r.0 == engine)
             .filter_map(|(_, batch, s)| {
-                let resident = rows.iter().find(|r| r.0 == "resident" && r.1 == *batch)?;
+                let resident = row("resident", *batch)?;
                 Some(format!(
                     "{:.2} at batch {batch}",
-                    s.first_token_secs / resident.2.first_token_secs
+                    s.first_token_secs / resident.first_token_secs
                 ))
             })
             .collect::<Vec<_>>();
@@ -1058,7 +1058,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
                 first_token.join(", ")
             );
         }
-        let Some(one) = batch_one(engine) else {
+        let Some(one) = row(engine, 1) else {
             continue;
         };
         for (name, batch, s) in &rows {
@@ -1073,8 +1073,8 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         }
     }
     if let (Some(one), Some(resident)) = (
-        batch_one("storage").filter(|one| one.transfer_bandwidth() > 0.0),
-        &resident,
+        row("storage", 1).filter(|one| one.transfer_bandwidth() > 0.0),
+        resident,
     ) {
         // The first pass reads every layer once, none of them in the page cache.
         let layer_bytes = one.bytes_streamed as f64 / one.passes.max(1) as f64;
