@@ -609,8 +609,10 @@ enum Layers<B: TritterBackend> {
 /// One sequence in flight.
 struct Sequence<B: TritterBackend> {
     id: usize,
-    /// Rows entering the next pass: the prompt, then one token per step.
-    hidden: Tensor<B, 2>,
+    /// Rows entering the next pass, in chunks of at most the prefill chunk: the prompt,
+    /// then one token per step. Each layer replaces a chunk by its output, so a long
+    /// prompt's rows are held once, not beside a copy.
+    hidden: Vec<Tensor<B, 2>>,
     cache: KvCache<B>,
     sampler: Sampler,
 }
@@ -763,12 +765,13 @@ impl<B: TritterBackend> StreamingEngine<B> {
             });
         }
         let start = Instant::now();
+        let chunk = self.plan.prefill_chunk.max(1);
         let mut live: Vec<Sequence<B>> = prompts
             .iter()
             .enumerate()
             .map(|(id, p)| Sequence {
                 id,
-                hidden: self.embed(p),
+                hidden: p.chunks(chunk).map(|ids| self.embed(ids)).collect(),
                 cache: KvCache::with_storage(config.num_layers, self.plan.kv_cache),
                 sampler: Sampler::new(SamplingConfig {
                     seed: sampling.seed.wrapping_add(id as u64),
@@ -786,7 +789,6 @@ impl<B: TritterBackend> StreamingEngine<B> {
             )),
             Layers::Resident(_) => None,
         };
-        let chunk = self.plan.prefill_chunk.max(1);
         let (mut peak, mut peak_kv) = (0u64, 0u64);
         while !live.is_empty() {
             // One pass through every layer for every live sequence.
@@ -826,14 +828,13 @@ impl<B: TritterBackend> StreamingEngine<B> {
             }
             stats.passes += 1;
             for s in live.iter_mut() {
-                let len = s.hidden.dims()[0];
-                s.cache.advance(len);
+                s.cache.advance(s.hidden.iter().map(|h| h.dims()[0]).sum());
             }
             let last = Tensor::cat(
                 live.iter()
                     .map(|s| {
-                        let len = s.hidden.dims()[0];
-                        s.hidden.clone().narrow(0, len - 1, 1)
+                        let h = s.hidden.last().expect("a sequence has rows");
+                        h.clone().narrow(0, h.dims()[0] - 1, 1)
                     })
                     .collect(),
                 0,
@@ -859,7 +860,7 @@ impl<B: TritterBackend> StreamingEngine<B> {
                 }
                 on_token(s.id, token);
                 if Some(token) != eos && tokens[s.id].len() < max_new {
-                    s.hidden = self.embed(&[token]);
+                    s.hidden = vec![self.embed(&[token])];
                     next_live.push(s);
                 }
             }
@@ -884,44 +885,35 @@ impl<B: TritterBackend> StreamingEngine<B> {
     }
 }
 
-/// One layer over every live sequence: prompts in chunks of `chunk` rows per sequence,
-/// each chunk of all sequences in one batched product.
+/// One layer over every live sequence: prompts in their chunks (of at most `chunk`
+/// rows), each chunk of all sequences in one batched product. Each chunk's output
+/// replaces its input.
 fn layer_pass<B: TritterBackend>(
     layer: &LayerWeights<B>,
     config: &TritterConfig,
     live: &mut [Sequence<B>],
     chunk: usize,
 ) {
-    let longest = live.iter().map(|s| s.hidden.dims()[0]).max().unwrap_or(0);
-    let mut outputs: Vec<Vec<Tensor<B, 2>>> = (0..live.len()).map(|_| Vec::new()).collect();
-    let mut at = 0;
-    while at < longest {
+    let most = live.iter().map(|s| s.hidden.len()).max().unwrap_or(0);
+    for c in 0..most {
         let mut xs = Vec::new();
         let mut starts = Vec::new();
         let mut caches = Vec::new();
         let mut members = Vec::new();
         for (i, s) in live.iter_mut().enumerate() {
-            let len = s.hidden.dims()[0];
-            if len <= at {
+            let Some(x) = s.hidden.get(c) else {
                 continue;
-            }
-            xs.push(s.hidden.clone().narrow(0, at, chunk.min(len - at)));
-            starts.push(s.cache.len() + at);
+            };
+            debug_assert!(x.dims()[0] <= chunk, "chunks of at most {chunk} rows");
+            xs.push(x.clone());
+            starts.push(s.cache.len() + c * chunk);
             caches.push(s.cache.layer_mut(layer.index));
             members.push(i);
         }
         let ys = layer.forward(config, xs, &starts, caches);
         for (i, y) in members.into_iter().zip(ys) {
-            outputs[i].push(y);
+            live[i].hidden[c] = y;
         }
-        at += chunk;
-    }
-    for (s, out) in live.iter_mut().zip(outputs) {
-        s.hidden = if out.len() == 1 {
-            out.into_iter().next().expect("one chunk")
-        } else {
-            Tensor::cat(out, 0)
-        };
     }
 }
 
