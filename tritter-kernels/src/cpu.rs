@@ -33,6 +33,11 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
+    /// Tiles of `block_q` queries by `block_kv` keys in the block mask of every sequence.
+    pub fn tiles(&self, block_q: usize, block_kv: usize) -> usize {
+        self.batch * self.q_len.div_ceil(block_q) * self.kv_len.div_ceil(block_kv)
+    }
+
     fn group(&self) -> usize {
         self.heads / self.kv_heads
     }
@@ -372,6 +377,27 @@ pub fn attention_forward(
             forward_head_any(q, k, v, shape, &seq, out, lse);
         });
     (out, lse)
+}
+
+/// Memory [`attention_forward`] holds beyond its inputs and output, at most: the tile
+/// classes of the block mask, the log-sum-exp, and for each query head computing at
+/// once (one per thread of the pool) its keys transposed block by block and its block
+/// of accumulators. Nothing of size `q_len × kv_len`, and no repeated key heads.
+pub fn attention_forward_scratch_bytes(shape: AttentionShape) -> usize {
+    let AttentionShape {
+        batch,
+        heads,
+        q_len,
+        kv_len,
+        d,
+        ..
+    } = shape;
+    let running = rayon::current_num_threads().min(batch * heads);
+    let kv_blocks = kv_len.div_ceil(BLOCK_KV);
+    let per_head = kv_blocks * BLOCK_KV * d + BLOCK_Q * d + kv_blocks;
+    shape.tiles(BLOCK_Q, BLOCK_KV) * std::mem::size_of::<crate::mask::Tile>()
+        + 4 * batch * heads * q_len
+        + 4 * running * per_head
 }
 
 fn forward_head_any(

@@ -292,6 +292,22 @@ pub trait TritterBackend: Backend {
         packed::words_scratch_bytes(d_out, d_in)
     }
 
+    /// Device memory [`TritterBackend::flex_attention`] needs beyond its inputs and
+    /// output, at most, for one call of `shape`. The default's: key and value heads
+    /// repeated for every query head, the dense mask, and the scores and probabilities.
+    fn attention_scratch_bytes(shape: cpu::AttentionShape) -> usize {
+        let cpu::AttentionShape {
+            batch,
+            heads,
+            q_len,
+            kv_len,
+            d,
+            ..
+        } = shape;
+        let scores = batch * heads * q_len * kv_len;
+        4 * 2 * batch * heads * kv_len * d + scores + 4 * 2 * scores
+    }
+
     /// Whether an f16 KV cache is better kept in host memory with decode attention on
     /// the CPU ([`kv_int4::Int4KvCache::f16_only`]) than on the device: true where the
     /// device is the CPU.
@@ -597,6 +613,10 @@ impl TritterBackend for burn::backend::Flex {
         packed::rows_scratch_bytes(d_in)
     }
 
+    fn attention_scratch_bytes(shape: cpu::AttentionShape) -> usize {
+        cpu::attention_forward_scratch_bytes(shape)
+    }
+
     fn host_f16_kv_cache() -> bool {
         true
     }
@@ -672,6 +692,10 @@ where
         0
     }
 
+    fn attention_scratch_bytes(shape: cpu::AttentionShape) -> usize {
+        cube::attention::forward_scratch_bytes(shape)
+    }
+
     fn device_int4_kv_cache(
         kv_heads: usize,
         head_dim: usize,
@@ -729,6 +753,11 @@ impl<B: TritterBackend, C: CheckpointStrategy> TritterBackend for Autodiff<B, C>
         causal: bool,
     ) -> Tensor<Self, 4> {
         autodiff::attention(q, k, v, mask, causal)
+    }
+
+    fn attention_scratch_bytes(shape: cpu::AttentionShape) -> usize {
+        // The inner backend's forward; what it keeps for the backward is its output.
+        B::attention_scratch_bytes(shape)
     }
 
     fn flex_attention(

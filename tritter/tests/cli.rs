@@ -313,6 +313,25 @@ fn plans_for_presets_and_refusals() {
             "kv cache",
         ],
     );
+    // With the INT4 cache (5 GiB) it fits 16 GiB, on the CPU and on a GPU: the flash
+    // kernels' prefill holds no scores.
+    for device in ["cpu", "cuda"] {
+        let out = plan(&[
+            "--preset",
+            "7B",
+            "--memory-budget",
+            "16GiB",
+            "--context",
+            "131072",
+            "--kv-cache",
+            "int4",
+            "--device",
+            device,
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{device}: {}", stderr(&out));
+        assert!(text.contains("fits"), "{text}");
+    }
     let out = plan(&["--preset", "7B", "--memory-budget", "lots"]);
     assert_clear_error(&out, &["lots", "not a size"]);
     let out = plan(&["--preset", "9B", "--memory-budget", "1GiB"]);

@@ -580,6 +580,15 @@ where
     (float_from_cube(out, &device), float_from_cube(lse, &device))
 }
 
+/// Device memory [`forward`] needs beyond its inputs and output: the log-sum-exp and the
+/// mask's tensors (tile classes, document ids); the scores stay in each cube's shared
+/// memory and registers, and key heads are read in place by the query heads sharing them.
+pub fn forward_scratch_bytes(shape: crate::cpu::AttentionShape) -> usize {
+    let lse = shape.batch * shape.heads * shape.q_len;
+    let docs = shape.batch * shape.kv_len;
+    4 * (lse + docs + shape.tiles(BLOCK_Q, BLOCK_KV))
+}
+
 /// [`flash_backward`] on Burn's CubeCL backends: `(dq, dk, dv)`.
 #[allow(clippy::type_complexity)]
 pub fn backward<R, F, I, BT>(

@@ -341,10 +341,7 @@ fn main() -> Result<()> {
             };
             let memory = match DeviceKind::parse(&device)? {
                 DeviceKind::Cpu => budget::DeviceMemory::of::<burn::backend::Flex>(),
-                _ => budget::DeviceMemory {
-                    scratch: tritter_kernels::packed::words_scratch_bytes,
-                    in_place: false,
-                },
+                _ => budget::DeviceMemory::cube(),
             };
             let plan = budget::plan(&config, &request, memory)
                 .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;

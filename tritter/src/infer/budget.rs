@@ -11,6 +11,7 @@ use crate::model::TritterConfig;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use tritter_kernels::cpu::AttentionShape;
 use tritter_kernels::TritterBackend;
 
 /// A byte count parsed from `2GiB`, `512 MiB`, `1.5GB`, `64M` or `1048576`.
@@ -272,11 +273,17 @@ pub fn layer_device_bytes(config: &TritterConfig) -> u64 {
 
 /// Activation bytes of one prefill chunk through one layer (the largest transient the
 /// engine creates), plus the hidden states of every prompt position and the logits.
-fn activation_bytes(config: &TritterConfig, req: &PlanRequest, scratch: u64) -> (u64, String) {
-    let (h, f, nh, hd) = (
+fn activation_bytes(
+    config: &TritterConfig,
+    req: &PlanRequest,
+    scratch: u64,
+    device: DeviceMemory,
+) -> (u64, String) {
+    let (h, f, nh, nkv, hd) = (
         config.hidden_size,
         config.ffn_size,
         config.num_heads,
+        config.num_kv_heads,
         config.head_dim(),
     );
     let chunk = req.prefill_chunk.min(req.context).max(1);
@@ -288,16 +295,29 @@ fn activation_bytes(config: &TritterConfig, req: &PlanRequest, scratch: u64) -> 
     let per_row = 4
         * (2 * h
             + 2 * config.qkv_size()
-            + 2 * (nh + config.num_kv_heads) * hd
+            + 2 * (nh + nkv) * hd
             + 2 * nh * hd
             + 3 * h
             + 2 * f
             + 2 * f)
         + 5 * (2 * f).max(config.qkv_size());
-    // Attention of one sequence at a time: scores and probabilities, GQA-repeated keys
-    // and values, and one layer's cache copied on append.
-    let attention =
-        4 * (2 * nh * chunk * ctx + 2 * nh * ctx * hd + 2 * config.num_kv_heads * ctx * hd);
+    // Attention of one sequence at a time to one layer's cache: its keys and values in
+    // f32 as the attention reads them (the f32 cache copied on append; the f16 and INT4
+    // caches dequantized, and an f16 cache on the device also copied on append), and
+    // what the backend's attention holds besides.
+    let copy = match req.kv_cache {
+        KvCacheType::F16 if !device.host_f16 => 6,
+        _ => 4,
+    };
+    let attention = copy * 2 * nkv * ctx * hd
+        + (device.attention)(AttentionShape {
+            batch: 1,
+            heads: nh,
+            kv_heads: nkv,
+            q_len: chunk,
+            kv_len: ctx,
+            d: hd,
+        });
     let hidden = 4 * req.batch * ctx * h;
     let logits = 4 * req.batch * config.vocab_size * 2;
     let total = (rows * per_row + attention + hidden + logits) as u64 + scratch;
@@ -319,6 +339,11 @@ pub struct DeviceMemory {
     /// Whether streamed layers are computed in place, in the file's mapped pages, rather
     /// than copied to the device ([`TritterBackend::computes_in_place`]).
     pub in_place: bool,
+    /// Extra memory of one attention call ([`TritterBackend::attention_scratch_bytes`]).
+    pub attention: fn(AttentionShape) -> usize,
+    /// Whether an f16 cache lives in host memory, appended in place
+    /// ([`TritterBackend::host_f16_kv_cache`]).
+    pub host_f16: bool,
 }
 
 impl DeviceMemory {
@@ -326,6 +351,18 @@ impl DeviceMemory {
         Self {
             scratch: B::ternary_scratch_bytes,
             in_place: B::computes_in_place(),
+            attention: B::attention_scratch_bytes,
+            host_f16: B::host_f16_kv_cache(),
+        }
+    }
+
+    /// A CubeCL backend's (CUDA, wgpu), known without creating one.
+    pub fn cube() -> Self {
+        Self {
+            scratch: tritter_kernels::packed::words_scratch_bytes,
+            in_place: false,
+            attention: tritter_kernels::cube::attention::forward_scratch_bytes,
+            host_f16: false,
         }
     }
 }
@@ -383,7 +420,7 @@ pub fn plan(config: &TritterConfig, req: &PlanRequest, device: DeviceMemory) -> 
         .map(|&(d_in, d_out)| (device.scratch)(d_out, d_in))
         .max()
         .unwrap_or(0) as u64;
-    let (act, act_detail) = activation_bytes(config, req, scratch);
+    let (act, act_detail) = activation_bytes(config, req, scratch, device);
     fixed.push(PlanItem {
         part: "activations".into(),
         detail: act_detail,
@@ -517,6 +554,8 @@ mod tests {
     const NO_SCRATCH: DeviceMemory = DeviceMemory {
         scratch: |_, _| 0,
         in_place: false,
+        attention: |_| 0,
+        host_f16: true,
     };
 
     fn req(budget: u64, context: usize, batch: usize, kv: KvCacheType) -> PlanRequest {
@@ -574,6 +613,33 @@ mod tests {
             .map(|i| i.bytes)
             .sum();
         assert!(others + bigger > 16 << 30);
+    }
+
+    /// 7B at 128K tokens with the INT4 cache fits a 16 GiB device: the attention of a
+    /// prefill chunk to that context holds no scores on the flash kernels (CPU and
+    /// CubeCL), where materializing them for 32 heads would take 8 GiB.
+    #[test]
+    fn flash_attention_keeps_long_prefills_small() {
+        let c = TritterConfig::preset("7B", 264).unwrap();
+        let r = req(16 << 30, 128 * 1024, 1, KvCacheType::Int4);
+        let activations = |device: DeviceMemory| {
+            let plan = plan(&c, &r, device).unwrap();
+            assert!(plan.total() <= 16 << 30);
+            plan.items
+                .iter()
+                .find(|i| i.part == "activations")
+                .unwrap()
+                .bytes
+        };
+        // Hidden states of every position (2 GiB) and one layer's keys and values in
+        // f32 (1 GiB) are most of it.
+        for device in [
+            DeviceMemory::of::<burn::backend::Flex>(),
+            DeviceMemory::cube(),
+        ] {
+            let act = activations(device) as f64 / (1u64 << 30) as f64;
+            assert!((3.0..3.5).contains(&act), "{act} GiB");
+        }
     }
 
     #[test]
