@@ -71,8 +71,68 @@ struct Head {
     value_scale: Vec<f16>,
     value_zero: Vec<f16>,
     /// The most recent keys and values, `[tokens][head_dim]`.
-    recent_keys: Vec<f16>,
-    recent_values: Vec<f16>,
+    recent_keys: Window,
+    recent_values: Window,
+}
+
+/// Keys or values held in full precision, `[tokens][head_dim]`: f16, or f32 for a cache
+/// that keeps the model's own numbers ([`Int4KvCache::f32_only`]).
+#[derive(Debug, Clone)]
+enum Window {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self::F16(Vec::new())
+    }
+}
+
+impl Window {
+    fn push(&mut self, new: &[f32]) {
+        match self {
+            Self::F16(window) => {
+                let at = window.len();
+                window.resize(at + new.len(), f16::ZERO);
+                window[at..].convert_from_f32_slice(new);
+            }
+            Self::F32(window) => window.extend_from_slice(new),
+        }
+    }
+
+    /// The `k`-th `[d]` row, as f32.
+    fn row(&self, k: usize, row: &mut [f32]) {
+        let d = row.len();
+        match self {
+            // Eight at a time with the CPU's conversion instructions where it has them.
+            Self::F16(window) => window[k * d..(k + 1) * d].convert_to_f32_slice(row),
+            Self::F32(window) => row.copy_from_slice(&window[k * d..(k + 1) * d]),
+        }
+    }
+
+    /// Elements `span`, as f32.
+    fn to_f32(&self, span: std::ops::Range<usize>) -> Vec<f32> {
+        match self {
+            Self::F16(window) => window[span].iter().map(|x| x.to_f32()).collect(),
+            Self::F32(window) => window[span].to_vec(),
+        }
+    }
+
+    /// Drops the first `n` elements.
+    fn drain(&mut self, n: usize) {
+        match self {
+            Self::F16(window) => drop(window.drain(..n)),
+            Self::F32(window) => drop(window.drain(..n)),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::F16(window) => 2 * window.len(),
+            Self::F32(window) => 4 * window.len(),
+        }
+    }
 }
 
 impl Head {
@@ -105,13 +165,6 @@ impl Head {
             }
         }
     }
-}
-
-/// The `k`-th `[d]` row of an f16 window, as f32.
-fn recent_row(window: &[f16], k: usize, row: &mut [f32]) {
-    let d = row.len();
-    // Eight at a time with the CPU's conversion instructions where it has them.
-    window[k * d..(k + 1) * d].convert_to_f32_slice(row);
 }
 
 /// One layer's INT4 cache for one sequence: `kv_heads` heads of `head_dim` channels.
@@ -179,6 +232,17 @@ impl Int4KvCache {
         Self::new(kv_heads, head_dim, DEFAULT_GROUP, usize::MAX)
     }
 
+    /// [`Int4KvCache::f16_only`] in f32: the keys and values exactly as computed,
+    /// appended in place and attended to by the same decode attention.
+    pub fn f32_only(kv_heads: usize, head_dim: usize) -> Self {
+        let mut cache = Self::f16_only(kv_heads, head_dim);
+        for head in &mut cache.heads {
+            head.recent_keys = Window::F32(Vec::new());
+            head.recent_values = Window::F32(Vec::new());
+        }
+        cache
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.kv_heads
     }
@@ -196,7 +260,7 @@ impl Int4KvCache {
         self.head_dim.div_ceil(self.group)
     }
 
-    /// Bytes held (codes, scales and zero points, the f16 window).
+    /// Bytes held (codes, scales and zero points, the full-precision window).
     pub fn bytes(&self) -> usize {
         self.heads
             .iter()
@@ -206,9 +270,9 @@ impl Int4KvCache {
                     + 2 * (h.key_scale.len()
                         + h.key_zero.len()
                         + h.value_scale.len()
-                        + h.value_zero.len()
-                        + h.recent_keys.len()
-                        + h.recent_values.len())
+                        + h.value_zero.len())
+                    + h.recent_keys.bytes()
+                    + h.recent_values.bytes()
             })
             .sum()
     }
@@ -222,14 +286,8 @@ impl Int4KvCache {
         assert_eq!(values.len(), self.kv_heads * tokens * d, "values");
         for (h, head) in self.heads.iter_mut().enumerate() {
             let span = h * tokens * d..(h + 1) * tokens * d;
-            for (window, new) in [
-                (&mut head.recent_keys, &keys[span.clone()]),
-                (&mut head.recent_values, &values[span]),
-            ] {
-                let at = window.len();
-                window.resize(at + new.len(), f16::ZERO);
-                window[at..].convert_from_f32_slice(new);
-            }
+            head.recent_keys.push(&keys[span.clone()]);
+            head.recent_values.push(&values[span]);
         }
         self.in_recent += tokens;
         if self.in_recent >= self.recent.saturating_add(self.group) {
@@ -246,19 +304,13 @@ impl Int4KvCache {
             for k in 0..groups {
                 let span = k * g * d..(k + 1) * g * d;
                 let head = &self.heads[h];
-                let keys: Vec<f32> = head.recent_keys[span.clone()]
-                    .iter()
-                    .map(|x| x.to_f32())
-                    .collect();
-                let values: Vec<f32> = head.recent_values[span]
-                    .iter()
-                    .map(|x| x.to_f32())
-                    .collect();
+                let keys = head.recent_keys.to_f32(span.clone());
+                let values = head.recent_values.to_f32(span);
                 self.quantize_group(h, &keys, &values);
             }
             let head = &mut self.heads[h];
-            head.recent_keys.drain(..groups * g * d);
-            head.recent_values.drain(..groups * g * d);
+            head.recent_keys.drain(groups * g * d);
+            head.recent_values.drain(groups * g * d);
         }
         self.quantized += groups * g;
         self.in_recent -= groups * g;
@@ -321,8 +373,8 @@ impl Int4KvCache {
                     head.key_row(t, g, k);
                     head.value_row(t, g, v);
                 } else {
-                    recent_row(&head.recent_keys, t - self.quantized, k);
-                    recent_row(&head.recent_values, t - self.quantized, v);
+                    head.recent_keys.row(t - self.quantized, k);
+                    head.recent_values.row(t - self.quantized, v);
                 }
             }
         }
@@ -393,7 +445,7 @@ impl Int4KvCache {
             }
         }
         for t in first.max(self.quantized)..n {
-            recent_row(&head.recent_keys, t - self.quantized, &mut row);
+            head.recent_keys.row(t - self.quantized, &mut row);
             for r in 0..rows {
                 scores[r * n + t] = dot(&queries[r * d..(r + 1) * d], &row) * scale;
             }
@@ -419,7 +471,7 @@ impl Int4KvCache {
             }
         }
         for t in first.max(self.quantized)..n {
-            recent_row(&head.recent_values, t - self.quantized, &mut row);
+            head.recent_values.row(t - self.quantized, &mut row);
             for r in 0..rows {
                 axpy(scores[r * n + t], &row, &mut out[r * d..(r + 1) * d]);
             }
@@ -548,6 +600,41 @@ mod tests {
                     "{kv_heads}×{per_kv} d {d} len {len}: head {h}"
                 );
             }
+        }
+    }
+
+    /// The f32 cache holds the keys and values exactly as appended, a few at a time as
+    /// prefill chunks and decode steps append them, and attends to them as the exact
+    /// attention does.
+    #[test]
+    fn the_f32_cache_keeps_exact_values() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (kv_heads, per_kv, d) = (2, 3, 64);
+        let mut cache = Int4KvCache::f32_only(kv_heads, d);
+        let mut appended = vec![Vec::new(); kv_heads];
+        for tokens in [7, 1, 1, 300, 1] {
+            let k = random(&mut rng, kv_heads * tokens * d);
+            cache.append(&k, &k, tokens);
+            for (h, all) in appended.iter_mut().enumerate() {
+                all.extend_from_slice(&k[h * tokens * d..(h + 1) * tokens * d]);
+            }
+        }
+        let len = cache.len();
+        assert_eq!((len, cache.quantized_len()), (310, 0));
+        assert_eq!(cache.bytes(), 2 * 4 * kv_heads * len * d);
+        let (keys, values) = cache.dequantize();
+        assert_eq!(keys, appended.concat());
+        assert_eq!(values, keys);
+        let nh = kv_heads * per_kv;
+        let q = random(&mut rng, nh * d);
+        let got = cache.decode_attention(&q, nh, None);
+        for h in 0..nh {
+            let kv = &keys[(h / per_kv) * len * d..(h / per_kv + 1) * len * d];
+            let reference = attention(&q[h * d..(h + 1) * d], kv, kv, d);
+            assert!(
+                rel_l2(&got[h * d..(h + 1) * d], &reference) < 1e-6,
+                "head {h}"
+            );
         }
     }
 

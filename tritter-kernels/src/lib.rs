@@ -308,10 +308,11 @@ pub trait TritterBackend: Backend {
         4 * 2 * batch * heads * kv_len * d + scores + 4 * 2 * scores
     }
 
-    /// Whether an f16 KV cache is better kept in host memory with decode attention on
-    /// the CPU ([`kv_int4::Int4KvCache::f16_only`]) than on the device: true where the
-    /// device is the CPU.
-    fn host_f16_kv_cache() -> bool {
+    /// Whether a full-precision (f32 or f16) KV cache is better kept in host memory,
+    /// appended in place, with decode attention on the CPU
+    /// ([`kv_int4::Int4KvCache::f32_only`], [`kv_int4::Int4KvCache::f16_only`]), than on
+    /// the device: true where the device is the CPU.
+    fn host_kv_cache() -> bool {
         false
     }
 
@@ -617,7 +618,7 @@ impl TritterBackend for burn::backend::Flex {
         cpu::attention_forward_scratch_bytes(shape)
     }
 
-    fn host_f16_kv_cache() -> bool {
+    fn host_kv_cache() -> bool {
         true
     }
 }

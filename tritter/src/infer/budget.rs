@@ -306,7 +306,7 @@ fn activation_bytes(
     // caches dequantized, and an f16 cache on the device also copied on append), and
     // what the backend's attention holds besides.
     let copy = match req.kv_cache {
-        KvCacheType::F16 if !device.host_f16 => 6,
+        KvCacheType::F16 if !device.host_cache => 6,
         _ => 4,
     };
     let attention = copy * 2 * nkv * ctx * hd
@@ -341,9 +341,9 @@ pub struct DeviceMemory {
     pub in_place: bool,
     /// Extra memory of one attention call ([`TritterBackend::attention_scratch_bytes`]).
     pub attention: fn(AttentionShape) -> usize,
-    /// Whether an f16 cache lives in host memory, appended in place
-    /// ([`TritterBackend::host_f16_kv_cache`]).
-    pub host_f16: bool,
+    /// Whether f32 and f16 caches live in host memory, appended in place
+    /// ([`TritterBackend::host_kv_cache`]).
+    pub host_cache: bool,
 }
 
 impl DeviceMemory {
@@ -352,7 +352,7 @@ impl DeviceMemory {
             scratch: B::ternary_scratch_bytes,
             in_place: B::computes_in_place(),
             attention: B::attention_scratch_bytes,
-            host_f16: B::host_f16_kv_cache(),
+            host_cache: B::host_kv_cache(),
         }
     }
 
@@ -362,7 +362,7 @@ impl DeviceMemory {
             scratch: tritter_kernels::packed::words_scratch_bytes,
             in_place: false,
             attention: tritter_kernels::cube::attention::forward_scratch_bytes,
-            host_f16: false,
+            host_cache: false,
         }
     }
 }
@@ -555,7 +555,7 @@ mod tests {
         scratch: |_, _| 0,
         in_place: false,
         attention: |_| 0,
-        host_f16: true,
+        host_cache: true,
     };
 
     fn req(budget: u64, context: usize, batch: usize, kv: KvCacheType) -> PlanRequest {

@@ -2,8 +2,8 @@
 //! values of every position seen so far, `[batch, kv_heads, len, head_dim]` on the
 //! device in f32 or f16; or, for one sequence, KIVI INT4 codes — in device memory where
 //! the backend has the kernels (`TritterBackend::device_int4_kv_cache`: CUDA, wgpu), in
-//! host memory ([`tritter_kernels::kv_int4`]) elsewhere, as is the f16 cache on the CPU —
-//! with decode attention that reads them directly.
+//! host memory ([`tritter_kernels::kv_int4`]) elsewhere, as are the f32 and f16 caches on
+//! the CPU, appended in place — with decode attention that reads them directly.
 
 use super::budget::{KvCacheType, INT4_GROUP, INT4_RECENT_WINDOW};
 use burn::prelude::*;
@@ -44,12 +44,13 @@ impl<B: TritterBackend> LayerCache<B> {
     /// Stores new keys and values, `[batch, kv_heads, new, head_dim]` (batch 1 for INT4).
     pub fn push(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) {
         let [batch, kv_heads, new, head_dim] = k.dims();
-        let host_f16 = self.kind == KvCacheType::F16 && B::host_f16_kv_cache() && batch == 1;
-        if self.kind == KvCacheType::Int4 || host_f16 {
+        // Full precision in host memory, appended in place, where the device is the host.
+        let host_full = self.kind != KvCacheType::Int4 && B::host_kv_cache() && batch == 1;
+        if self.kind == KvCacheType::Int4 || host_full {
             assert_eq!(batch, 1, "the INT4 KV cache holds one sequence");
             if matches!(self.stored, Stored::Empty) {
                 // INT4 codes on the device where it has the kernels, else in host memory.
-                let device = (!host_f16)
+                let device = (!host_full)
                     .then(|| {
                         B::device_int4_kv_cache(
                             kv_heads,
@@ -62,8 +63,12 @@ impl<B: TritterBackend> LayerCache<B> {
                     .flatten();
                 self.stored = match device {
                     Some(cache) => Stored::Device(cache),
-                    None if host_f16 => {
-                        Stored::Host(Int4KvCache::f16_only(kv_heads, head_dim), k.device())
+                    None if host_full => {
+                        let cache = match self.kind {
+                            KvCacheType::F16 => Int4KvCache::f16_only(kv_heads, head_dim),
+                            _ => Int4KvCache::f32_only(kv_heads, head_dim),
+                        };
+                        Stored::Host(cache, k.device())
                     }
                     None => Stored::Host(
                         Int4KvCache::new(kv_heads, head_dim, INT4_GROUP, INT4_RECENT_WINDOW),
@@ -77,7 +82,7 @@ impl<B: TritterBackend> LayerCache<B> {
                     cache.append(k.reshape(shape), v.reshape(shape));
                 }
                 Stored::Host(cache, _) => cache.append(&host(k), &host(v), new),
-                _ => unreachable!("an INT4 or host f16 layer holds its cache"),
+                _ => unreachable!("an INT4 or host layer holds its cache"),
             }
             return;
         }
