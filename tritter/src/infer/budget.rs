@@ -302,9 +302,9 @@ fn activation_bytes(
             + 2 * f)
         + 5 * (2 * f).max(config.qkv_size());
     // Attention of one sequence at a time to one layer's cache: its keys and values in
-    // f32 as the attention reads them (the f32 cache copied on append; the f16 and INT4
-    // caches dequantized, and an f16 cache on the device also copied on append), and
-    // what the backend's attention holds besides.
+    // f32 as the attention reads them (copied out of a host cache, dequantized from
+    // INT4, or, on a device, the f32 cache copied on append and the f16 one copied on
+    // append and cast), and what the backend's attention holds besides.
     let copy = match req.kv_cache {
         KvCacheType::F16 if !device.host_cache => 6,
         _ => 4,
