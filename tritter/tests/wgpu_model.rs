@@ -3,7 +3,8 @@
 //! to BitLinear's roundings (an int8 activation or a ternary weight on the other side of
 //! a rounding boundary when the float sums before it are ordered differently): observed
 //! 0.4–1.4% relative on the logits and 0.3–1.6% on the gradients, depending on the draw
-//! of the weights.
+//! of the weights. The tests draw one fixed set: 1.6–1.7% on the logits and about 1.5–1.6%
+//! through the INT4 cache.
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::{Autodiff, Flex};
@@ -166,10 +167,18 @@ fn twin_models<C: Backend, G: Backend>(
     cpu: &C::Device,
     gpu: &G::Device,
 ) -> (TritterModel<C>, TritterModel<G>) {
+    // One fixed draw of the weights, so that a run is repeatable: how far BitLinear's
+    // roundings move the logits depends on the draw (1.3–3.2% over unseeded runs of the
+    // INT4 prefill). The tests run side by side and the backend's generator is shared:
+    // each seeds and draws alone.
+    static DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let drawn = {
+        let _alone = DRAW.lock().unwrap_or_else(|e| e.into_inner());
+        C::seed(cpu, 5);
+        config.init::<C>(cpu).into_record()
+    };
     let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let bytes = recorder
-        .record(config.init::<C>(cpu).into_record(), ())
-        .unwrap();
+    let bytes = recorder.record(drawn, ()).unwrap();
     (
         config
             .init::<C>(cpu)
