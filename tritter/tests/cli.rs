@@ -185,7 +185,7 @@ fn truncated_checkpoint_and_export() {
     assert_clear_error(&out, &["cut.safetensors", "truncated", "tensor `"]);
 
     // A run directory where the exported file belongs, on both engines.
-    for budget in [&[][..], &["--memory-budget", "64MiB"]] {
+    for budget in [&["--latent"][..], &["--memory-budget", "64MiB"]] {
         let args = [&["generate", "--model", "run", "--prompt", "x"][..], budget].concat();
         let out = run(tritter_bin(), &args, dir.path());
         assert_clear_error(&out, &["run is a directory", "tritter export"]);
@@ -193,7 +193,7 @@ fn truncated_checkpoint_and_export() {
 
     // A prompt with no room left in the context for the tokens asked, refused before
     // anything is printed, on both engines.
-    for budget in [&[][..], &["--memory-budget", "64MiB"]] {
+    for budget in [&["--latent"][..], &["--memory-budget", "64MiB"]] {
         let args = [
             &["generate", "--model", "m.safetensors", "--prompt", "def "][..],
             &["--max-new-tokens", "100000"],
@@ -510,26 +510,44 @@ fn batched_prompts_match_one_at_a_time() {
         let expected = format!("{p}{}", completions[i]["completion"].as_str().unwrap());
         assert_eq!(text.trim_end_matches('\n'), expected, "prompt {i}");
     }
-    // Without a budget, generation runs on the latent weights and says what they hold.
-    let out = run(
-        tritter_bin(),
-        &[
+    // Without a budget, the packed engine plans the model into the memory available
+    // and holds it resident; with --latent, the training model runs on the latent
+    // weights and says what they hold. Both give the same greedy text.
+    let generate = |flag: &str| {
+        let mut args = vec![
             "generate",
             "--model",
             "m.safetensors",
             "--prompt",
-            "x",
-            "--max-new-tokens",
-            "2",
-        ],
-        dir.path(),
-    );
-    let latent = tritter::infer::ByteSize(tritter::infer::load::latent_bytes(&config));
-    assert!(out.status.success(), "{}", stderr(&out));
+            "def add(a, b):",
+        ];
+        args.extend(["--max-new-tokens", "12", flag]);
+        let out = run(tritter_bin(), &args, dir.path());
+        assert!(out.status.success(), "{}", stderr(&out));
+        out
+    };
+    let packed = generate("--prefill-chunk=256");
     assert!(
-        stderr(&out).contains(&format!("resident on latent f32 weights ({latent})")),
+        stderr(&packed).contains("of memory available (--memory-budget sets one)")
+            && stderr(&packed).contains("every layer resident"),
         "{}",
-        stderr(&out)
+        stderr(&packed)
+    );
+    let reference = generate("--latent");
+    let latent = tritter::infer::ByteSize(tritter::infer::load::latent_bytes(&config));
+    assert!(
+        stderr(&reference).contains(&format!("resident on latent f32 weights ({latent})")),
+        "{}",
+        stderr(&reference)
+    );
+    assert_eq!(packed.stdout, reference.stdout);
+    assert_eq!(
+        String::from_utf8_lossy(&packed.stdout).trim_end_matches('\n'),
+        format!(
+            "{}{}",
+            prompts[0],
+            completions[0]["completion"].as_str().unwrap()
+        )
     );
     // A malformed prompts file names its line.
     std::fs::write(dir.path().join("bad.jsonl"), "\"ok\"\n{\"text\": 1}\n").unwrap();
@@ -563,7 +581,7 @@ fn out_of_range_settings_are_named() {
         (&["--prefill-chunk", "0"], "--prefill-chunk"),
     ];
     for (flags, needle) in cases {
-        for budget in [&[][..], &["--memory-budget", "24MiB"][..]] {
+        for budget in [&["--latent"][..], &[], &["--memory-budget", "24MiB"]] {
             let mut args = vec!["generate", "--model", "m.safetensors", "--prompt", "def "];
             args.extend(flags);
             args.extend(budget);

@@ -44,9 +44,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Generate text from an exported model, streaming tokens to stdout. With
-    /// `--memory-budget`, the packed engine plans the model into the budget and streams
-    /// layer groups when it does not fit (or always, with `--stream`).
+    /// Generate text from an exported model, streaming tokens to stdout. The packed
+    /// engine plans the model into the budget (`--memory-budget`; on the CPU, by default,
+    /// the memory available) and streams layer groups when it does not fit (or always,
+    /// with `--stream`).
     Generate {
         #[arg(long)]
         model: PathBuf,
@@ -56,9 +57,16 @@ enum Command {
         /// together, one completion per line on stdout.
         #[arg(long, alias = "batch-file", conflicts_with = "prompt")]
         prompts: Option<PathBuf>,
-        /// Bytes the engine may hold on the device, e.g. `2GiB`.
+        /// Bytes the engine may hold on the device, e.g. `2GiB` (default: on the CPU, the
+        /// memory available; on a GPU, no limit).
         #[arg(long)]
         memory_budget: Option<ByteSize>,
+        /// Generate with the training model on latent f32 weights instead of the packed
+        /// engine: the quantization-aware forward, which quantizes every weight on every
+        /// step, and holds 16 times the packed codes. The reference the engine is checked
+        /// against; slow.
+        #[arg(long, conflicts_with_all = ["prompts", "memory_budget", "layer_group_size", "stream", "drop_page_cache", "kv_cache"])]
+        latent: bool,
         /// Layers per streamed group (default: the largest that fits twice).
         #[arg(long)]
         layer_group_size: Option<usize>,
@@ -217,6 +225,7 @@ fn main() -> Result<()> {
             prompts,
             memory_budget,
             layer_group_size,
+            latent,
             recipe,
             stream,
             drop_page_cache,
@@ -253,34 +262,7 @@ fn main() -> Result<()> {
             if memory_budget.is_none() && layer_group_size.is_some() {
                 bail!("--layer-group-size needs --memory-budget");
             }
-            // The packed engine runs budgets, batches and the f16 and INT4 caches.
-            if memory_budget.is_some()
-                || stream
-                || drop_page_cache
-                || prompt.is_none()
-                || kv_cache != KvCacheType::F32
-            {
-                let budget = match (memory_budget, stream) {
-                    (Some(b), _) => b.0,
-                    (None, true) => bail!("--stream needs --memory-budget"),
-                    (None, false) => u64::MAX,
-                };
-                let job = EngineJob {
-                    model: &model,
-                    prompts,
-                    batch_file: prompt.is_none(),
-                    max_new: max_new_tokens,
-                    sampling,
-                    budget,
-                    layer_group_size,
-                    stream,
-                    drop_page_cache,
-                    kv_cache,
-                    prefill_chunk,
-                    host_is_device: device == DeviceKind::Cpu,
-                };
-                run_on(device, job)?;
-            } else {
+            if latent {
                 let job = GenerateJob {
                     model: &model,
                     prompt: &prompts[0],
@@ -288,8 +270,32 @@ fn main() -> Result<()> {
                     sampling,
                     host_is_device: device == DeviceKind::Cpu,
                 };
-                run_on(device, job)?;
+                return run_on(device, job);
             }
+            let budget = match (memory_budget, stream, device) {
+                (Some(b), _, _) => Budget::Given(b.0),
+                (None, true, _) => bail!("--stream needs --memory-budget"),
+                (None, false, DeviceKind::Cpu) => match rss::available() {
+                    Some(bytes) => Budget::Available(bytes),
+                    None => Budget::Unlimited,
+                },
+                (None, false, _) => Budget::Unlimited,
+            };
+            let job = EngineJob {
+                model: &model,
+                prompts,
+                batch_file: prompt.is_none(),
+                max_new: max_new_tokens,
+                sampling,
+                budget,
+                layer_group_size,
+                stream,
+                drop_page_cache,
+                kv_cache,
+                prefill_chunk,
+                host_is_device: device == DeviceKind::Cpu,
+            };
+            run_on(device, job)?;
         }
         Command::Plan {
             model,
@@ -555,13 +561,43 @@ fn read_prompts(path: &Path) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
+/// Where the engine's budget comes from.
+#[derive(Clone, Copy)]
+enum Budget {
+    /// `--memory-budget` or the recipe's `gpu_memory_budget`.
+    Given(u64),
+    /// No budget given, on the CPU: the memory available (`MemAvailable`).
+    Available(u64),
+    /// No budget given, on a GPU.
+    Unlimited,
+}
+
+impl Budget {
+    fn bytes(self) -> u64 {
+        match self {
+            Budget::Given(b) | Budget::Available(b) => b,
+            Budget::Unlimited => u64::MAX,
+        }
+    }
+}
+
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Budget::Given(b) => write!(f, "a {} budget", ByteSize(*b)),
+            Budget::Available(b) => write!(f, "the {} of memory available", ByteSize(*b)),
+            Budget::Unlimited => write!(f, "no budget"),
+        }
+    }
+}
+
 struct EngineJob<'a> {
     model: &'a Path,
     prompts: Vec<String>,
     batch_file: bool,
     max_new: usize,
     sampling: SamplingConfig,
-    budget: u64,
+    budget: Budget,
     layer_group_size: Option<usize>,
     stream: bool,
     drop_page_cache: bool,
@@ -589,7 +625,7 @@ impl BackendJob for EngineJob<'_> {
         let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
         check_context(longest, self.max_new, file.config.max_seq_len)?;
         let request = PlanRequest {
-            budget: self.budget,
+            budget: self.budget.bytes(),
             context: longest + self.max_new,
             batch: ids.len(),
             kv_cache: self.kv_cache,
@@ -597,10 +633,25 @@ impl BackendJob for EngineJob<'_> {
             stream: self.stream,
             prefill_chunk: self.prefill_chunk,
         };
-        let mut engine = StreamingEngine::<B>::from_file(file, request, device)?;
+        let mut engine = StreamingEngine::<B>::from_file(file, request, device).map_err(|e| {
+            match self.budget {
+                Budget::Available(_) => {
+                    e.context(format!("no --memory-budget: planned into {}", self.budget))
+                }
+                _ => e,
+            }
+        })?;
         let plan = &engine.plan;
-        if self.budget != u64::MAX {
-            eprintln!("{plan}");
+        match self.budget {
+            Budget::Given(_) => eprintln!("{plan}"),
+            _ if plan.streaming => eprintln!("{plan}"),
+            _ => {}
+        }
+        if !matches!(self.budget, Budget::Given(_)) {
+            eprintln!(
+                "packed engine, planned into {} (--memory-budget sets one)",
+                self.budget
+            );
         }
         eprintln!(
             "{}",
@@ -664,10 +715,9 @@ impl BackendJob for EngineJob<'_> {
                     "resident set: {} at start, peak {} (engine: {engine}{})",
                     ByteSize(base),
                     ByteSize(peak),
-                    if self.budget == u64::MAX {
-                        ", no budget".to_string()
-                    } else {
-                        format!(" of a {} budget", ByteSize(self.budget))
+                    match self.budget {
+                        Budget::Given(b) => format!(" of a {} budget", ByteSize(b)),
+                        budget => format!(", {budget}"),
                     }
                 );
             } else {
@@ -1136,7 +1186,7 @@ impl BackendJob for GenerateJob<'_> {
         // leaves room in the context, are known before the weights load.
         let file = ModelFile::open(self.model)?;
         eprintln!(
-            "resident on latent f32 weights ({}); --memory-budget runs the packed 2-bit engine",
+            "resident on latent f32 weights ({}), the training model's forward; without --latent the packed 2-bit engine runs",
             ByteSize(latent_bytes(&file.config))
         );
         if let (true, Some(available)) = (self.host_is_device, rss::available()) {
