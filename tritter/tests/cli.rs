@@ -596,6 +596,32 @@ fn out_of_range_settings_are_named() {
         dir.path(),
     );
     assert_clear_error(&out, &["--ratio", "above 0"]);
+    // A budget too small to stream the model is refused before anything is measured,
+    // with the plan and the largest ratio that runs.
+    let out = run(
+        tritter_bin(),
+        &[
+            "bench",
+            "streaming",
+            "--preset",
+            "test",
+            "--ratio",
+            "50",
+            "--dir",
+            ".",
+        ],
+        dir.path(),
+    );
+    assert_clear_error(
+        &out,
+        &[
+            "model ÷ 50",
+            "smallest plan that streams it",
+            "or less runs it",
+            "exceeded by",
+        ],
+    );
+    assert!(out.stdout.is_empty(), "measured before refusing");
     let out = run(
         tritter_bin(),
         &["bench", "streaming", "--preset", "test", "--batches", "1,0"],

@@ -911,6 +911,39 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         ByteSize(bytes),
         start.elapsed().as_secs_f64()
     );
+    let budget = (bytes as f64 / ratio) as u64;
+    // A budget the streaming rows cannot run in is refused before anything is measured:
+    // a small model's layers are small beside the plan's fixed parts.
+    let mut smallest = None;
+    for &batch in batches {
+        let request = PlanRequest {
+            budget: u64::MAX,
+            context: prompt_tokens + new_tokens,
+            batch,
+            kv_cache: *kv_cache,
+            layer_group_size: Some(1),
+            stream: true,
+            prefill_chunk: *prefill_chunk,
+        };
+        let plan = budget::plan(config, &request, budget::DeviceMemory::of::<B>())?;
+        if smallest
+            .as_ref()
+            .is_none_or(|s: &budget::MemoryPlan| plan.total() > s.total())
+        {
+            smallest = Some(plan);
+        }
+    }
+    if let Some(mut plan) = smallest.filter(|p| p.total() > budget) {
+        plan.budget = budget;
+        let need = plan.total();
+        bail!(
+            "preset {preset}: the budget, model ÷ {ratio} = {}, is below the smallest plan that streams it at batch {}, {} with one layer per group; --ratio {:.2} or less runs it\n{plan}",
+            ByteSize(budget),
+            plan.batch,
+            ByteSize(need),
+            (bytes as f64 / need as f64 * 100.0).floor() / 100.0
+        );
+    }
     let file = std::sync::Arc::new(ModelFile::open(&path)?);
     let copy = memcpy_bandwidth();
     // The file comes into the page cache as a first launch brings it, through the
@@ -924,7 +957,6 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     let storage = storage_read_bandwidth(&file)?;
     let (d_out, d_in, packed) = up_projection(config);
     let (rearrange, words) = interleave_bandwidth(d_out, d_in, &packed);
-    let budget = (bytes as f64 / ratio) as u64;
     let threads = rayon::current_num_threads();
     println!(
         "streaming bench: preset {preset}, model {} ({} layers), budget {} (model ÷ {ratio}), prompt {prompt_tokens} + {new_tokens} new tokens, {kv_cache} KV cache, {threads} threads",
