@@ -347,7 +347,9 @@ fn main() -> Result<()> {
             };
             let memory = match DeviceKind::parse(&device)? {
                 DeviceKind::Cpu => budget::DeviceMemory::of::<burn::backend::Flex>(),
-                _ => budget::DeviceMemory::cube(),
+                // CUDA and wgpu run one CubeCL implementation of the backend's
+                // kernels, so wgpu's type gives the plan `generate` makes on either.
+                _ => budget::DeviceMemory::of::<burn::backend::Wgpu>(),
             };
             let plan = budget::plan(&config, &request, memory)
                 .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;

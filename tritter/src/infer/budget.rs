@@ -355,16 +355,6 @@ impl DeviceMemory {
             host_cache: B::host_kv_cache(),
         }
     }
-
-    /// A CubeCL backend's (CUDA, wgpu), known without creating one.
-    pub fn cube() -> Self {
-        Self {
-            scratch: tritter_kernels::packed::words_scratch_bytes,
-            in_place: false,
-            attention: tritter_kernels::cube::attention::forward_scratch_bytes,
-            host_cache: false,
-        }
-    }
 }
 
 /// Fits `config` into `req.budget` on `device`, or explains by how much it does not.
@@ -635,7 +625,7 @@ mod tests {
         // f32 (1 GiB) are most of it.
         for device in [
             DeviceMemory::of::<burn::backend::Flex>(),
-            DeviceMemory::cube(),
+            DeviceMemory::of::<burn::backend::Wgpu>(),
         ] {
             let act = activations(device) as f64 / (1u64 << 30) as f64;
             assert!((3.0..3.5).contains(&act), "{act} GiB");
