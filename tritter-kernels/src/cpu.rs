@@ -73,7 +73,7 @@ fn fma_available() -> bool {
     *AVAILABLE.get_or_init(|| {
         std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
-            && !crate::packed::portable_kernels_forced()
+            && crate::isa::allows(crate::isa::Tier::Avx2)
     })
 }
 
@@ -84,6 +84,7 @@ fn avx512_available() -> bool {
         fma_available()
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
+            && crate::isa::allows(crate::isa::Tier::Avx512)
     })
 }
 

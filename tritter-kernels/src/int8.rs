@@ -12,7 +12,7 @@
 //! is the reference's `Σ q·x` exactly, and the same bits as [`crate::packed`]'s product
 //! of the exported layer.
 //!
-//! CPUs without AVX-512 VNNI (or with `TRITTER_PORTABLE_KERNELS` set) keep the `f32`
+//! CPUs without AVX-512 VNNI (or with `TRITTER_CPU_KERNELS` below `avx512`) keep the `f32`
 //! product of the dequantized operands ([`crate::cpu::matmul`]).
 
 use crate::packed::{int8_code, int8_inv_scale, round_clamped};

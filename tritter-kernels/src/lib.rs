@@ -11,6 +11,7 @@ pub mod check;
 pub mod cpu;
 pub mod cube;
 pub mod int8;
+pub mod isa;
 pub mod kv_int4;
 pub mod mask;
 pub mod packed;

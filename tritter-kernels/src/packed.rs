@@ -331,7 +331,8 @@ fn interleave_columns(
 fn transpose_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx512f") && !portable_kernels_forced()
+        std::arch::is_x86_feature_detected!("avx512f")
+            && crate::isa::allows(crate::isa::Tier::Avx512)
     })
 }
 
@@ -494,7 +495,7 @@ fn use_avx512() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
-            && !portable_kernels_forced()
+            && crate::isa::allows(crate::isa::Tier::Avx512)
     })
 }
 
@@ -548,7 +549,9 @@ struct Tiles {
 }
 
 impl Tiles {
-    fn new(x: &[f32], tokens: usize, d_in: usize) -> Self {
+    /// `by_place`: each run of 16 codes in the AVX2 kernel's order, inputs
+    /// `0, 4, 8, 12, 1, 5, 9, 13, …` (four groups by place in a weight byte).
+    fn new(x: &[f32], tokens: usize, d_in: usize, by_place: bool) -> Self {
         let columns = d_in.div_ceil(16);
         let stride = 16 * columns;
         let (rows, inv_scales, sums) = quantize_rows(x, d_in, stride);
@@ -557,7 +560,14 @@ impl Tiles {
         for (t, row) in rows.chunks_exact(stride).enumerate() {
             let tile = &mut codes[(t / width) * width * stride..][..width * stride];
             for (c, sixteen) in row.chunks_exact(16).enumerate() {
-                tile[(c * width + t % width) * 16..][..16].copy_from_slice(sixteen);
+                let run = &mut tile[(c * width + t % width) * 16..][..16];
+                if by_place {
+                    for (i, code) in run.iter_mut().enumerate() {
+                        *code = sixteen[4 * (i % 4) + i / 4];
+                    }
+                } else {
+                    run.copy_from_slice(sixteen);
+                }
             }
         }
         Self {
@@ -856,10 +866,139 @@ mod vnni {
     }
 }
 
-/// Whether `TRITTER_PORTABLE_KERNELS` asks for the portable kernels instead of the ones
-/// for the CPU's vector extensions (VNNI here, AVX2 + FMA in [`crate::cpu`]).
-pub(crate) fn portable_kernels_forced() -> bool {
-    std::env::var_os("TRITTER_PORTABLE_KERNELS").is_some()
+/// AVX2 kernel, for CPUs without AVX-512 VNNI. Half a panel (8 rows, one per 32-bit lane)
+/// at a time: shifting each word by `2j` and masking every byte to 2 bits gives vector
+/// `j`, whose byte `k` in each row's lane is the code of input `4k + j`. The tile's
+/// activations are stored in that order (inputs `j, 4 + j, 8 + j, 12 + j` together), so
+/// each vector multiplies four inputs of eight rows against one broadcast with
+/// `vpmaddubsw`: four unpacking steps per 16 inputs, where the VNNI kernel takes four
+/// multishifts. `Σ c·x` collects in 16-bit pair sums of at most 2·2·128 = 512, widened to
+/// 32 bits every 15 columns; `Σ q·x = Σ c·x − Σ x` as in the VNNI kernel.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{PanelJob, PANEL_ROWS};
+    use std::arch::x86_64::*;
+
+    /// Columns summed in 16 bits between widenings: each adds four pair sums of at most
+    /// 512 to a lane, and 15 × 4 × 512 = 30,720 < 2¹⁵.
+    const WIDEN: usize = 15;
+    /// Tokens computed together: their sums and a half panel's four weight vectors fit
+    /// the 16 registers.
+    const GROUP: usize = 8;
+
+    /// `Σ c·x` of 8 rows (`words`: their column words, 16 apart) for `NT` tokens.
+    #[inline(always)]
+    unsafe fn sums<const NT: usize>(
+        words: *const u32,
+        columns: usize,
+        x: *const i8,
+        width: usize,
+        ahead: &[u8],
+    ) -> [__m256i; NT] {
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        // Few tokens: one chain per place, so that the additions do not wait on each other.
+        let chains = if NT <= 2 { 4 } else { 1 };
+        let ahead_lines = ahead.len().div_ceil(64);
+        let mut wide = [_mm256_setzero_si256(); NT];
+        let mut start = 0;
+        while start < columns {
+            let end = (start + WIDEN).min(columns);
+            let mut acc = [[_mm256_setzero_si256(); NT]; 4];
+            for c in start..end {
+                if c < ahead_lines {
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(64 * c).cast());
+                }
+                let packed = _mm256_loadu_si256(words.add(c * PANEL_ROWS).cast());
+                let w = [
+                    _mm256_and_si256(packed, mask),
+                    _mm256_and_si256(_mm256_srli_epi32::<2>(packed), mask),
+                    _mm256_and_si256(_mm256_srli_epi32::<4>(packed), mask),
+                    _mm256_and_si256(_mm256_srli_epi32::<6>(packed), mask),
+                ];
+                let x = x.add(c * width * 16);
+                for (j, w) in w.iter().enumerate() {
+                    for (t, acc) in acc[j % chains].iter_mut().enumerate() {
+                        let four = x.add(t * 16 + 4 * j).cast::<i32>().read_unaligned();
+                        let products = _mm256_maddubs_epi16(*w, _mm256_set1_epi32(four));
+                        *acc = _mm256_add_epi16(*acc, products);
+                    }
+                }
+            }
+            for chain in &acc[..chains] {
+                for (wide, acc) in wide.iter_mut().zip(chain) {
+                    *wide = _mm256_add_epi32(*wide, _mm256_madd_epi16(*acc, ones));
+                }
+            }
+            start = end;
+        }
+        wide
+    }
+
+    /// Writes rows `8·half..` of the panel for tokens `first..first + NT` of the tile.
+    #[inline(always)]
+    unsafe fn store<const NT: usize>(
+        acc: [__m256i; NT],
+        job: &PanelJob,
+        first: usize,
+        half: usize,
+    ) {
+        let PanelJob {
+            x,
+            first_token,
+            gamma,
+            y,
+            d_out,
+            first_row,
+            ..
+        } = *job;
+        let row = first_row + 8 * half;
+        let rows = (d_out - row).min(8) as i32;
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), lanes);
+        let gamma = _mm256_set1_ps(gamma);
+        for (t, acc) in acc.iter().enumerate() {
+            let token = first_token + first + t;
+            let sum = _mm256_set1_epi32(x.sums[token]);
+            let inv = _mm256_set1_ps(x.inv_scales[token]);
+            // `(a as f32 · 1/s) · γ`, the reference's order.
+            let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(*acc, sum));
+            let v = _mm256_mul_ps(_mm256_mul_ps(v, inv), gamma);
+            _mm256_maskstore_ps(y.0.add(token * d_out + row), mask, v);
+        }
+    }
+
+    /// One [`PanelJob`] of 1 to 16 tokens, its codes in the AVX2 order.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn panel(job: &PanelJob) {
+        let (columns, width) = (job.x.columns, job.x.width);
+        for half in 0..PANEL_ROWS / 8 {
+            if job.first_row + 8 * half >= job.d_out {
+                break;
+            }
+            let words = job.words.as_ptr().add(8 * half);
+            let mut first = 0;
+            while first < job.tokens {
+                let n = (job.tokens - first).min(GROUP);
+                let x = job.codes.as_ptr().add(16 * first);
+                let ahead = if half == 0 && first == 0 {
+                    job.ahead
+                } else {
+                    &[]
+                };
+                macro_rules! run {
+                    ($($n:literal)*) => {
+                        match n {
+                            $($n => store::<$n>(sums::<$n>(words, columns, x, width, ahead), job, first, half),)*
+                            _ => unreachable!("groups hold 1 to {GROUP} tokens"),
+                        }
+                    };
+                }
+                run!(1 2 3 4 5 6 7 8);
+                first += n;
+            }
+        }
+    }
 }
 
 /// Whether the AVX-512 VNNI kernels of [`crate::int8`] run on this CPU.
@@ -872,22 +1011,56 @@ pub(crate) fn use_vnni() -> bool {
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
-                && !portable_kernels_forced()
+                && crate::isa::allows(crate::isa::Tier::Avx512)
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
-/// Whether this module's AVX-512 VNNI + VBMI kernel runs on this CPU.
-pub fn vector_kernel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| vnni::available() && !portable_kernels_forced())
+/// The CPU product's kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Portable Rust: each output an `i8` dot product the compiler vectorizes.
+    Portable,
+    /// AVX2: `vpmaddubsw` on codes split by their place in each byte.
+    Avx2,
+    /// AVX-512 VNNI + VBMI: `vpdpbusd` on codes unpacked with `vpmultishiftqb`.
+    Vnni,
+}
+
+impl Kernel {
+    /// The kernels this CPU can run, narrowest first, whatever `TRITTER_CPU_KERNELS` says.
+    pub fn supported() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                kernels.push(Kernel::Avx2);
+            }
+            if vnni::available() {
+                kernels.push(Kernel::Vnni);
+            }
+        }
+        kernels
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+
+    /// The widest kernel this CPU runs within `TRITTER_CPU_KERNELS` ([`crate::isa`]).
+    pub fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let allowed = |k: &Kernel| match k {
+                Kernel::Portable => true,
+                Kernel::Avx2 => crate::isa::allows(crate::isa::Tier::Avx2),
+                Kernel::Vnni => crate::isa::allows(crate::isa::Tier::Avx512),
+            };
+            let supported = Kernel::supported();
+            *supported
+                .iter()
+                .rfind(|k| allowed(k))
+                .unwrap_or(&Kernel::Portable)
+        })
+    }
 }
 
 /// The product on the CPU: `x` `[tokens, d_in]` row-major against a `[d_out, d_in]`
@@ -895,8 +1068,8 @@ pub fn vector_kernel() -> bool {
 /// once per tile of up to 16 tokens, in registers. Codes in the export's rows are
 /// multiplied in place: each task rearranges its panels into a per-thread scratch
 /// ([`rows_scratch_bytes`]), then runs every tile over it — the same numbers as from the
-/// CPU layout, bit for bit. AVX-512 VNNI + VBMI where the CPU has them (set
-/// `TRITTER_PORTABLE_KERNELS` to force the portable kernel), portable Rust otherwise.
+/// CPU layout, bit for bit. The kernel is [`Kernel::best`]: AVX-512 VNNI + VBMI, else
+/// AVX2, else portable Rust; every kernel gives the same bits.
 pub fn cpu_gemm(
     x: &[f32],
     tokens: usize,
@@ -905,7 +1078,28 @@ pub fn cpu_gemm(
     d_in: usize,
     gamma: f32,
 ) -> Vec<f32> {
-    gemm(x, tokens, codes, d_out, d_in, gamma, vector_kernel())
+    gemm(x, tokens, codes, d_out, d_in, gamma, Kernel::best())
+}
+
+/// [`cpu_gemm`] with a given kernel, for tests and benchmarks that compare them.
+///
+/// # Panics
+/// Where this CPU cannot run `kernel` (see [`Kernel::supported`]), besides
+/// [`cpu_gemm`]'s own cases.
+pub fn cpu_gemm_with(
+    kernel: Kernel,
+    x: &[f32],
+    tokens: usize,
+    codes: Codes,
+    d_out: usize,
+    d_in: usize,
+    gamma: f32,
+) -> Vec<f32> {
+    assert!(
+        Kernel::supported().contains(&kernel),
+        "this CPU cannot run the {kernel:?} kernel"
+    );
+    gemm(x, tokens, codes, d_out, d_in, gamma, kernel)
 }
 
 /// Scratch bytes [`cpu_gemm`] keeps on each thread of the pool for codes in rows of
@@ -935,7 +1129,7 @@ fn gemm(
     d_out: usize,
     d_in: usize,
     gamma: f32,
-    vector: bool,
+    kernel: Kernel,
 ) -> Vec<f32> {
     assert_eq!(x.len(), tokens * d_in, "{tokens} tokens of {d_in} inputs");
     let row_bytes = d_in.div_ceil(4);
@@ -954,7 +1148,7 @@ fn gemm(
     }
     // Every element is written below, once, by the task holding its row's panel.
     let mut y = Vec::<f32>::with_capacity(tokens * d_out);
-    let x = Tiles::new(x, tokens, d_in);
+    let x = Tiles::new(x, tokens, d_in, kernel == Kernel::Avx2);
     let out = Output(y.as_mut_ptr());
     let panel_size = PANEL_ROWS * x.columns;
     let panels = d_out.div_ceil(PANEL_ROWS);
@@ -979,16 +1173,17 @@ fn gemm(
                         first_row: (first + p) * PANEL_ROWS,
                         ahead: if tile == 0 { ahead[p] } else { &[] },
                     };
-                    #[cfg(target_arch = "x86_64")]
-                    if vector {
-                        // SAFETY: the CPU has the features (`vector_kernel`); the panel
-                        // holds `columns` whole column blocks, the tile `columns` runs of
-                        // `width × 16` codes; stores stay in this panel's columns of
-                        // the tile's tokens' rows.
-                        unsafe { vnni::panel(&job) };
-                        continue;
+                    // SAFETY (vector kernels): the CPU has the features (`Kernel::
+                    // supported`); the panel holds `columns` whole column blocks, the tile
+                    // `columns` runs of `width × 16` codes (in the AVX2 kernel's order for
+                    // it); stores stay in this panel's columns of the tile's tokens' rows.
+                    match kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Vnni => unsafe { vnni::panel(&job) },
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx2 => unsafe { avx2::panel(&job) },
+                        _ => panel_portable(&job),
                     }
-                    panel_portable(&job);
                 }
             }
         };
@@ -1087,19 +1282,23 @@ mod tests {
             let mut layout = vec![0u32; panel_words(d_out, d_in)];
             interleave(&bytes, d_out, d_in, &mut layout);
             let product =
-                |codes: Codes, vector: bool| gemm(&xv, tokens, codes, d_out, d_in, gamma, vector);
-            let portable = product(Codes::Panels(&layout), false);
-            let fast = product(Codes::Panels(&layout), vector_kernel());
-            // In place from the export's rows, each task rearranging into its scratch.
-            for vector in [false, vector_kernel()] {
-                let rows = product(Codes::Rows(&bytes), vector);
-                assert_eq!(rows, portable, "in place {tokens}x{d_in}x{d_out}");
+                |codes: Codes, kernel: Kernel| gemm(&xv, tokens, codes, d_out, d_in, gamma, kernel);
+            let portable = product(Codes::Panels(&layout), Kernel::Portable);
+            // Integer accumulation: every kernel gives the same bits, from the CPU layout
+            // and in place from the export's rows (each task rearranging into its scratch).
+            for kernel in Kernel::supported() {
+                let panels = product(Codes::Panels(&layout), kernel);
+                assert_eq!(panels, portable, "{kernel:?} {tokens}x{d_in}x{d_out}");
+                let rows = product(Codes::Rows(&bytes), kernel);
+                assert_eq!(
+                    rows, portable,
+                    "{kernel:?} in place {tokens}x{d_in}x{d_out}"
+                );
             }
+            let fast = product(Codes::Panels(&layout), Kernel::best());
             let words = upload_words::<Flex>(&bytes, d_out, d_in, gamma, &device);
             let dev: Vec<f32> = matmul_words(x, &words).into_data().to_vec().unwrap();
             let norm = reference.iter().map(|v| v * v).sum::<f32>().sqrt();
-            // Integer accumulation: both CPU kernels give the same bits.
-            assert_eq!(portable, fast);
             let mut rounding = vec![0.5f32, 1.5, 2.5, -0.5, -2.5, 126.5, -127.5, 3.4999];
             rounding
                 .iter_mut()
@@ -1164,17 +1363,35 @@ mod tests {
         }
     }
 
+    /// Sums at the kernels' limits stay exact: tokens of all-±127 codes against rows of
+    /// +1 and −1 codes (the AVX2 kernel's 16-bit pair sums at their largest), one token
+    /// and a whole tile, so `Σ = ±127·d_in` in every kernel.
     #[test]
     fn integer_accumulation_is_exact() {
-        // One token of all-127 activations against a row of +1 codes: Σ = 127·d_in exactly.
         let d_in = 1000;
-        let bytes = vec![0b1010_1010u8; d_in / 4];
-        let x = vec![2.0f32; d_in];
-        let mut words = vec![0u32; panel_words(1, d_in)];
-        interleave(&bytes, 1, d_in, &mut words);
-        let y = cpu_gemm(&x, 1, Codes::Panels(&words), 1, d_in, 1.0);
-        // inv_scale = 2/127: y = 127·1000·(2/127) = 2000.
-        assert!((y[0] - 2000.0).abs() < 1e-2, "{}", y[0]);
+        // Row 0 all +1 (code 2), row 1 all −1 (code 0).
+        let mut bytes = vec![0b1010_1010u8; d_in / 4];
+        bytes.extend(vec![0u8; d_in / 4]);
+        let mut words = vec![0u32; panel_words(2, d_in)];
+        interleave(&bytes, 2, d_in, &mut words);
+        for tokens in [1, 16] {
+            // Token t: all 2.0 (codes 127) or all −2.0 (codes −127).
+            let sign = |t: usize| if t.is_multiple_of(2) { 1.0f32 } else { -1.0 };
+            let x: Vec<f32> = (0..tokens * d_in).map(|i| 2.0 * sign(i / d_in)).collect();
+            for kernel in Kernel::supported() {
+                let y = gemm(&x, tokens, Codes::Panels(&words), 2, d_in, 1.0, kernel);
+                for t in 0..tokens {
+                    // inv_scale = 2/127: y = ±127·1000·(2/127) = ±2000.
+                    for (row, want) in [(0, 2000.0 * sign(t)), (1, -2000.0 * sign(t))] {
+                        let got = y[t * 2 + row];
+                        assert!(
+                            (got - want).abs() < 1e-2,
+                            "{kernel:?} token {t} row {row}: {got}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// The vectorized quantizer (each code read back from its rounding's bits) gives the

@@ -1,0 +1,66 @@
+//! The packed ternary product of inference on the CPU, each kernel this CPU runs
+//! (portable, AVX2, AVX-512 VNNI), at the layer shapes of the `1B` and `3B` presets, for
+//! 1 token (decode) and 16 (a batch, or a prefill tile), with the weights in the CPU
+//! layout and in cache. G multiply-adds/s count `tokens·d_in·d_out`.
+//!
+//! `cargo bench -p tritter-kernels --bench cpu_packed`
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use std::hint::black_box;
+use std::time::Duration;
+use tritter_kernels::packed::{cpu_gemm_with, interleave, panel_words, Codes, Kernel};
+
+fn bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cpu_packed");
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    // (d_in, d_out): 1B's attention and FFN up/down, 3B's FFN down.
+    for (d_in, d_out) in [
+        (2048usize, 2048usize),
+        (2048, 5632),
+        (5632, 2048),
+        (6912, 2560),
+    ] {
+        let row_bytes = d_in.div_ceil(4);
+        // Codes 0, 1, 2 (weights −1, 0, +1) in a fixed scatter.
+        let bytes: Vec<u8> = (0..d_out * row_bytes)
+            .map(|i| {
+                let b = (i * 2_654_435_761usize) >> 7;
+                (0..4).fold(0u8, |acc, k| {
+                    acc | ((((b >> (3 * k)) % 3) as u8) << (2 * k))
+                })
+            })
+            .collect();
+        let mut words = vec![0u32; panel_words(d_out, d_in)];
+        interleave(&bytes, d_out, d_in, &mut words);
+        for tokens in [1, 16] {
+            let x: Vec<f32> = (0..tokens * d_in)
+                .map(|i| ((i * 7919) % 255) as f32 - 127.0)
+                .collect();
+            group.throughput(criterion::Throughput::Elements(
+                (tokens * d_in * d_out) as u64,
+            ));
+            for kernel in Kernel::supported() {
+                group.bench_function(format!("{kernel:?} {tokens}×{d_in}×{d_out}"), |b| {
+                    b.iter(|| {
+                        black_box(cpu_gemm_with(
+                            kernel,
+                            black_box(&x),
+                            tokens,
+                            Codes::Panels(&words),
+                            d_out,
+                            d_in,
+                            1.0,
+                        ))
+                    })
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
