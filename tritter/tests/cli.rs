@@ -427,7 +427,7 @@ fn streaming_holds_a_model_four_times_its_budget() {
             "even with layer groups of one layer",
         ],
     );
-    // --stream without a budget, int4 before its kernels exist.
+    // Without a budget the CPU streams within the memory available, in the groups asked.
     let out = run(
         tritter_bin(),
         &[
@@ -435,12 +435,39 @@ fn streaming_holds_a_model_four_times_its_budget() {
             "--model",
             "big.safetensors",
             "--prompt",
-            "x",
+            "def f(x):",
+            "--max-new-tokens",
+            "6",
             "--stream",
+            "--layer-group-size",
+            "4",
         ],
         dir.path(),
     );
-    assert_clear_error(&out, &["--stream needs --memory-budget"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("of memory available"), "{err}");
+    assert!(err.contains("streaming 6 groups of 4 layers"), "{err}");
+    assert_eq!(out.stdout, text);
+    // A GPU has no such default: streaming there needs a budget, refused before the
+    // device is opened.
+    for flags in [&["--stream"][..], &["--layer-group-size", "2"]] {
+        let mut args = vec![
+            "generate",
+            "--model",
+            "big.safetensors",
+            "--prompt",
+            "x",
+            "--device",
+            "wgpu",
+        ];
+        args.extend(flags);
+        let out = run(tritter_bin(), &args, dir.path());
+        assert_clear_error(
+            &out,
+            &[&format!("{} needs --memory-budget on a GPU", flags[0])],
+        );
+    }
 }
 
 #[test]

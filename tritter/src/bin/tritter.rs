@@ -259,9 +259,6 @@ fn main() -> Result<()> {
                 (None, None) => unreachable!("clap requires one"),
             };
             let device = DeviceKind::parse(&device)?;
-            if memory_budget.is_none() && layer_group_size.is_some() {
-                bail!("--layer-group-size needs --memory-budget");
-            }
             if latent {
                 let job = GenerateJob {
                     model: &model,
@@ -272,15 +269,32 @@ fn main() -> Result<()> {
                 };
                 return run_on(device, job);
             }
-            let budget = match (memory_budget, stream, device) {
-                (Some(b), _, _) => Budget::Given(b.0),
-                (None, true, _) => bail!("--stream needs --memory-budget"),
-                (None, false, DeviceKind::Cpu) => match rss::available() {
+            let budget = match (memory_budget, device) {
+                (Some(b), _) => Budget::Given(b.0),
+                (None, DeviceKind::Cpu) => match rss::available() {
                     Some(bytes) => Budget::Available(bytes),
                     None => Budget::Unlimited,
                 },
-                (None, false, _) => Budget::Unlimited,
+                (None, _) => Budget::Unlimited,
             };
+            // Streaming's groups are sized within a budget: on the CPU the memory
+            // available serves, a GPU needs one given.
+            if matches!(budget, Budget::Unlimited) {
+                let flag = match (stream, layer_group_size) {
+                    (true, _) => Some("--stream"),
+                    (false, Some(_)) => Some("--layer-group-size"),
+                    (false, None) => None,
+                };
+                if let Some(flag) = flag {
+                    bail!(
+                        "{flag} needs --memory-budget {}",
+                        match device {
+                            DeviceKind::Cpu => "where the memory available is unknown",
+                            _ => "on a GPU",
+                        }
+                    );
+                }
+            }
             let job = EngineJob {
                 model: &model,
                 prompts,
