@@ -537,11 +537,35 @@ pub const TILE_TOKENS: usize = 16;
 /// Panels per parallel task: their weights stay in cache while every tile passes.
 const PANELS_PER_TASK: usize = 4;
 
+/// How [`Tiles`] lays out the int8 codes for a kernel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Runs of 16 codes in input order (VNNI).
+    Inputs,
+    /// Runs of 16 codes in the AVX2 kernel's order, inputs `0, 4, 8, 12, 1, 5, 9, 13,
+    /// …` (four groups by place in a weight byte).
+    ByPlace,
+    /// Each token's codes as one row of `i16` (portable).
+    Rows,
+}
+
+impl Order {
+    fn of(kernel: Kernel) -> Self {
+        match kernel {
+            Kernel::Vnni => Order::Inputs,
+            Kernel::Avx2 => Order::ByPlace,
+            Kernel::Portable => Order::Rows,
+        }
+    }
+}
+
 /// Int8 activations in tiles for the CPU product: for each tile of `width` tokens and
 /// each column of 16 inputs, `width` runs of 16 codes (zero-padded past `d_in` and past
-/// the last token), so a tile's codes for one column lie together.
+/// the last token), so a tile's codes for one column lie together; or, for the portable
+/// kernel, each token's codes in a row of `i16` (`wide`).
 struct Tiles {
     codes: Vec<i8>,
+    wide: Vec<i16>,
     width: usize,
     columns: usize,
     inv_scales: Vec<f32>,
@@ -549,19 +573,25 @@ struct Tiles {
 }
 
 impl Tiles {
-    /// `by_place`: each run of 16 codes in the AVX2 kernel's order, inputs
-    /// `0, 4, 8, 12, 1, 5, 9, 13, …` (four groups by place in a weight byte).
-    fn new(x: &[f32], tokens: usize, d_in: usize, by_place: bool) -> Self {
+    fn new(x: &[f32], tokens: usize, d_in: usize, order: Order) -> Self {
         let columns = d_in.div_ceil(16);
         let stride = 16 * columns;
         let (rows, inv_scales, sums) = quantize_rows(x, d_in, stride);
         let width = tokens.clamp(1, TILE_TOKENS);
-        let mut codes = vec![0i8; tokens.div_ceil(width) * width * stride];
+        let (mut codes, mut wide) = (Vec::new(), Vec::new());
+        if order == Order::Rows {
+            wide = rows.iter().map(|&code| code as i16).collect();
+        } else {
+            codes = vec![0i8; tokens.div_ceil(width) * width * stride];
+        }
         for (t, row) in rows.chunks_exact(stride).enumerate() {
+            if order == Order::Rows {
+                break;
+            }
             let tile = &mut codes[(t / width) * width * stride..][..width * stride];
             for (c, sixteen) in row.chunks_exact(16).enumerate() {
                 let run = &mut tile[(c * width + t % width) * 16..][..16];
-                if by_place {
+                if order == Order::ByPlace {
                     for (i, code) in run.iter_mut().enumerate() {
                         *code = sixteen[4 * (i % 4) + i / 4];
                     }
@@ -572,6 +602,7 @@ impl Tiles {
         }
         Self {
             codes,
+            wide,
             width,
             columns,
             inv_scales,
@@ -579,11 +610,11 @@ impl Tiles {
         }
     }
 
-    /// Tile `i`'s codes and its number of tokens.
+    /// Tile `i`'s codes (empty in [`Order::Rows`]) and its number of tokens.
     fn tile(&self, i: usize, tokens: usize) -> (&[i8], usize) {
         let size = self.width * 16 * self.columns;
         (
-            &self.codes[i * size..(i + 1) * size],
+            self.codes.get(i * size..(i + 1) * size).unwrap_or_default(),
             (tokens - i * self.width).min(self.width),
         )
     }
@@ -616,14 +647,14 @@ struct PanelJob<'a> {
     ahead: &'a [u8],
 }
 
-/// `LUT[b]`: the four codes of byte `b` as `i8` weights.
-const LUT: [[i8; 4]; 256] = {
-    let mut lut = [[0i8; 4]; 256];
+/// `LUT[b]`: the four codes of byte `b` as `i16` weights `q = code − 1`.
+const LUT: [[i16; 4]; 256] = {
+    let mut lut = [[0i16; 4]; 256];
     let mut b = 0;
     while b < 256 {
         let mut k = 0;
         while k < 4 {
-            lut[b][k] = ((b >> (2 * k)) & 3) as i8 - 1;
+            lut[b][k] = ((b >> (2 * k)) & 3) as i16 - 1;
             k += 1;
         }
         b += 1;
@@ -631,13 +662,34 @@ const LUT: [[i8; 4]; 256] = {
     lut
 };
 
-/// Portable kernel: `y[t, o] = Σ q·x · (1/s)·γ` for one [`PanelJob`]. The panel's codes
-/// are unpacked once into `i8` rows, each token's codes gathered into one row, and each
-/// output is an `i8` dot product the compiler vectorizes.
+thread_local! {
+    /// The portable kernel's panel, unpacked into rows of `i16` weights.
+    static UNPACKED: std::cell::RefCell<Vec<i16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `Σ w·x` of one row of weights against `N` tokens' rows: `i16` products summed in
+/// `i32`, which the compiler turns into pairwise multiply-adds (`pmaddwd` on x86,
+/// `smlal` on Arm).
+#[inline(always)]
+fn dots<const N: usize>(w: &[i16], x: [&[i16]; N]) -> [i32; N] {
+    let x = x.map(|x| &x[..w.len()]);
+    let mut sums = [0i32; N];
+    for (i, &w) in w.iter().enumerate() {
+        let w = w as i32;
+        for (sum, x) in sums.iter_mut().zip(&x) {
+            *sum += w * x[i] as i32;
+        }
+    }
+    sums
+}
+
+/// Portable kernel: `y[t, o] = Σ q·x · (1/s)·γ` for one [`PanelJob`], in plain Rust
+/// the compiler vectorizes (SSE2, NEON, …). The panel's codes are unpacked once into
+/// rows of `i16` weights, and each row is a dot product with up to four tokens' rows of
+/// `i16` codes at a time, summed exactly in `i32`.
 fn panel_portable(job: &PanelJob) {
     let PanelJob {
         words,
-        codes,
         tokens,
         first_token,
         x,
@@ -645,37 +697,42 @@ fn panel_portable(job: &PanelJob) {
         y,
         d_out,
         first_row,
-        ahead: _,
+        ..
     } = *job;
-    let (width, columns) = (x.width, x.columns);
-    let d = 16 * columns;
+    let d = 16 * x.columns;
     let rows = (d_out - first_row).min(PANEL_ROWS);
-    let mut weights = vec![0i8; rows * d];
-    for (r, row) in weights.chunks_exact_mut(d).enumerate() {
-        for (c, sixteen) in row.chunks_exact_mut(16).enumerate() {
-            let bytes = words[c * PANEL_ROWS + r].to_le_bytes();
-            for (four, &b) in sixteen.chunks_exact_mut(4).zip(&bytes) {
-                four.copy_from_slice(&LUT[b as usize]);
+    let token_row = |t: usize| &x.wide[(first_token + t) * d..][..d];
+    UNPACKED.with_borrow_mut(|weights| {
+        weights.resize(rows * d, 0);
+        for (r, row) in weights.chunks_exact_mut(d).enumerate() {
+            for (c, sixteen) in row.chunks_exact_mut(16).enumerate() {
+                let bytes = words[c * PANEL_ROWS + r].to_le_bytes();
+                for (four, &b) in sixteen.chunks_exact_mut(4).zip(&bytes) {
+                    four.copy_from_slice(&LUT[b as usize]);
+                }
             }
         }
-    }
-    let mut activations = vec![0i8; d];
-    for t in 0..tokens {
-        for (c, sixteen) in activations.chunks_exact_mut(16).enumerate() {
-            sixteen.copy_from_slice(&codes[(c * width + t) * 16..][..16]);
-        }
-        let token = first_token + t;
         for (r, row) in weights.chunks_exact(d).enumerate() {
-            let acc: i32 = row
-                .iter()
-                .zip(&activations)
-                .map(|(&q, &a)| q as i32 * a as i32)
-                .sum();
-            let v = acc as f32 * x.inv_scales[token] * gamma;
-            // SAFETY: row `first_row + r < d_out` of token `token`, this task's column.
-            unsafe { *y.0.add(token * d_out + first_row + r) = v };
+            let write = |t: usize, acc: i32| {
+                let token = first_token + t;
+                let v = acc as f32 * x.inv_scales[token] * gamma;
+                // SAFETY: row `first_row + r < d_out` of token `token`, this task's column.
+                unsafe { *y.0.add(token * d_out + first_row + r) = v };
+            };
+            let mut t = 0;
+            while t + 4 <= tokens {
+                let sums = dots(row, std::array::from_fn::<_, 4, _>(|i| token_row(t + i)));
+                for (i, acc) in sums.into_iter().enumerate() {
+                    write(t + i, acc);
+                }
+                t += 4;
+            }
+            while t < tokens {
+                write(t, dots(row, [token_row(t)])[0]);
+                t += 1;
+            }
         }
-    }
+    });
 }
 
 /// AVX-512 VNNI + VBMI kernel. Codes `c = q + 1 ∈ {0, 1, 2}` are multiplied as unsigned
@@ -1021,7 +1078,7 @@ pub(crate) fn use_vnni() -> bool {
 /// The CPU product's kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// Portable Rust: each output an `i8` dot product the compiler vectorizes.
+    /// Portable Rust: outer products of 16 rows in 16-bit lanes the compiler vectorizes.
     Portable,
     /// AVX2: `vpmaddubsw` on codes split by their place in each byte.
     Avx2,
@@ -1148,7 +1205,7 @@ fn gemm(
     }
     // Every element is written below, once, by the task holding its row's panel.
     let mut y = Vec::<f32>::with_capacity(tokens * d_out);
-    let x = Tiles::new(x, tokens, d_in, kernel == Kernel::Avx2);
+    let x = Tiles::new(x, tokens, d_in, Order::of(kernel));
     let out = Output(y.as_mut_ptr());
     let panel_size = PANEL_ROWS * x.columns;
     let panels = d_out.div_ceil(PANEL_ROWS);
