@@ -1,14 +1,18 @@
 //! The packed ternary product of inference on the CPU, each kernel this CPU runs
 //! (portable, AVX2, AVX-512 VNNI), at the layer shapes of the `1B` and `3B` presets, for
 //! 1 token (decode) and 16 (a batch, or a prefill tile), with the weights in the CPU
-//! layout and in cache. G multiply-adds/s count `tokens·d_in·d_out`.
+//! layout and in cache. G multiply-adds/s count `tokens·d_in·d_out`. Also the
+//! rearrangement of the export's rows into that layout by each transposer, in bytes of
+//! codes per second.
 //!
 //! `cargo bench -p tritter-kernels --bench cpu_packed`
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 use std::time::Duration;
-use tritter_kernels::packed::{cpu_gemm_with, interleave, panel_words, Codes, Kernel};
+use tritter_kernels::packed::{
+    cpu_gemm_with, interleave, interleave_with, panel_words, Codes, Kernel, Transpose,
+};
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("cpu_packed");
@@ -35,6 +39,13 @@ fn bench(c: &mut Criterion) {
             .collect();
         let mut words = vec![0u32; panel_words(d_out, d_in)];
         interleave(&bytes, d_out, d_in, &mut words);
+        // Rearranging the export's rows into the CPU layout, in bytes of codes.
+        group.throughput(criterion::Throughput::Bytes(bytes.len() as u64));
+        for transpose in Transpose::supported() {
+            group.bench_function(format!("interleave {transpose:?} {d_out}×{d_in}"), |b| {
+                b.iter(|| interleave_with(transpose, black_box(&bytes), d_out, d_in, &mut words))
+            });
+        }
         for tokens in [1, 16] {
             let x: Vec<f32> = (0..tokens * d_in)
                 .map(|i| ((i * 7919) % 255) as f32 - 127.0)

@@ -48,6 +48,15 @@ pub fn allows(tier: Tier) -> bool {
     tier <= ceiling()
 }
 
+/// The widest of `supported` (narrowest first, the first always allowed) whose tier,
+/// `tier(choice)`, `TRITTER_CPU_KERNELS` allows.
+pub fn widest<T: Copy>(supported: &[T], tier: impl Fn(T) -> Tier) -> T {
+    *supported
+        .iter()
+        .rfind(|&&choice| allows(tier(choice)))
+        .unwrap_or(&supported[0])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

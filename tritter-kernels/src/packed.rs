@@ -254,6 +254,25 @@ pub fn panel_words(d_out: usize, d_in: usize) -> usize {
 /// # Panics
 /// Where `bytes` or `words` has the wrong length.
 pub fn interleave(bytes: &[u8], d_out: usize, d_in: usize, words: &mut [u32]) {
+    interleave_with(Transpose::best(), bytes, d_out, d_in, words)
+}
+
+/// [`interleave`] with a given transposer, for tests and benchmarks that compare them.
+///
+/// # Panics
+/// Where this CPU cannot run `transpose` (see [`Transpose::supported`]), besides
+/// [`interleave`]'s own cases.
+pub fn interleave_with(
+    transpose: Transpose,
+    bytes: &[u8],
+    d_out: usize,
+    d_in: usize,
+    words: &mut [u32],
+) {
+    assert!(
+        Transpose::supported().contains(&transpose),
+        "this CPU cannot run the {transpose:?} transposer"
+    );
     let (row_bytes, columns) = (d_in.div_ceil(4), d_in.div_ceil(16));
     assert_eq!(bytes.len(), d_out * row_bytes, "a {d_out}×{d_in} matrix");
     assert_eq!(words.len(), panel_words(d_out, d_in), "CPU layout words");
@@ -262,7 +281,8 @@ pub fn interleave(bytes: &[u8], d_out: usize, d_in: usize, words: &mut [u32]) {
         .par_chunks_exact_mut(PANEL_ROWS * columns)
         .enumerate()
         .for_each(|(p, panel)| {
-            interleave_panel(
+            interleave_panel_with(
+                transpose,
                 panel_rows(bytes, d_out, row_bytes, p),
                 row_bytes,
                 panel,
@@ -281,16 +301,92 @@ fn panel_rows(bytes: &[u8], d_out: usize, row_bytes: usize, p: usize) -> &[u8] {
 /// cache-line-aligned `panel` around the caches (a buffer read later, not a scratch).
 /// `ahead`: bytes to bring into cache meanwhile (else each row's own next lines).
 fn interleave_panel(rows: &[u8], row_bytes: usize, panel: &mut [u32], stream: bool, ahead: &[u8]) {
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if transpose_available() {
-        // SAFETY: the CPU has AVX-512F; `rows` holds `rows.len() / row_bytes` whole rows,
-        // and `panel` 16 words for each of its columns.
-        done = unsafe { vnni::interleave_blocks(rows, row_bytes, panel, stream, ahead) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (stream, ahead);
+    interleave_panel_with(Transpose::best(), rows, row_bytes, panel, stream, ahead)
+}
+
+/// [`interleave_panel`] with a given transposer.
+fn interleave_panel_with(
+    transpose: Transpose,
+    rows: &[u8],
+    row_bytes: usize,
+    panel: &mut [u32],
+    stream: bool,
+    ahead: &[u8],
+) {
+    // SAFETY (vector transposers): the CPU has the features (`Transpose::supported`);
+    // `rows` holds `rows.len() / row_bytes` whole rows, and `panel` 16 words for each of
+    // its columns.
+    let done = match transpose {
+        #[cfg(target_arch = "x86_64")]
+        Transpose::Avx512 => unsafe {
+            vnni::interleave_blocks(rows, row_bytes, panel, stream, ahead)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Transpose::Avx2 => unsafe {
+            avx2::interleave_blocks(rows, row_bytes, panel, stream, ahead)
+        },
+        _ => {
+            let _ = (stream, ahead);
+            0
+        }
+    };
     interleave_columns(rows, row_bytes, done..panel.len() / PANEL_ROWS, panel);
+}
+
+/// The vector transposers' prefetch while row `row` of 64-byte block `block` of a panel
+/// is read at `at`: line `16·block + row` of `ahead`, else the row's own bytes 256 on.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_ahead(at: *const u8, ahead: &[u8], block: usize, row: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    let next = match ahead.is_empty() {
+        true => at.wrapping_add(256),
+        false => ahead
+            .as_ptr()
+            .wrapping_add((64 * (16 * block + row)).min(ahead.len() - 1)),
+    };
+    _mm_prefetch::<_MM_HINT_T1>(next.cast());
+}
+
+/// How [`interleave`] and the in-place product rearrange rows into panels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transpose {
+    /// Word by word.
+    Portable,
+    /// 8 × 8 word transposes in AVX2 registers, two per 8 columns of a panel.
+    Avx2,
+    /// 16 × 16 word transposes in AVX-512 registers.
+    Avx512,
+}
+
+impl Transpose {
+    /// The transposers this CPU can run, narrowest first.
+    pub fn supported() -> Vec<Transpose> {
+        let mut all = vec![Transpose::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                all.push(Transpose::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                all.push(Transpose::Avx512);
+            }
+        }
+        all
+    }
+
+    /// The widest one within `TRITTER_CPU_KERNELS` ([`crate::isa`]).
+    pub fn best() -> Transpose {
+        use crate::isa::Tier;
+        static BEST: std::sync::OnceLock<Transpose> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            crate::isa::widest(&Transpose::supported(), |t| match t {
+                Transpose::Portable => Tier::Portable,
+                Transpose::Avx2 => Tier::Avx2,
+                Transpose::Avx512 => Tier::Avx512,
+            })
+        })
+    }
 }
 
 /// Sixteen zero codes (code 1).
@@ -324,16 +420,6 @@ fn interleave_columns(
             panel[c * PANEL_ROWS + r] = row.map_or(PAD_WORD, |row| row_word(row, c));
         }
     }
-}
-
-/// Whether [`interleave`] transposes with AVX-512F.
-#[cfg(target_arch = "x86_64")]
-fn transpose_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && crate::isa::allows(crate::isa::Tier::Avx512)
-    })
 }
 
 /// Moves the export's bytes to the device as 32-bit words, 16 codes each (rows padded
@@ -865,12 +951,7 @@ mod vnni {
             for (i, r) in r.iter_mut().enumerate().take(present) {
                 let at = rows.as_ptr().add(i * row_bytes + 64 * block);
                 // Sixteen rows read side by side outrun the hardware prefetcher.
-                let line = 64 * (16 * block + i);
-                let next = match ahead.is_empty() {
-                    true => at.wrapping_add(256),
-                    false => ahead.as_ptr().wrapping_add(line.min(ahead.len() - 1)),
-                };
-                _mm_prefetch::<_MM_HINT_T1>(next.cast());
+                super::prefetch_ahead(at, ahead, block, i);
                 *r = _mm512_loadu_si512(at.cast());
             }
             // Pairs of rows, then quads: `u[4g + k]` holds column `4L + k` of rows
@@ -1056,6 +1137,72 @@ mod avx2 {
             }
         }
     }
+
+    /// [`super::interleave`]'s whole blocks of 8 columns in one panel: 32 bytes of each
+    /// of the 16 rows, transposed as two 8 × 8 matrices of words in registers. Returns
+    /// the columns written; the rest are the caller's.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn interleave_blocks(
+        rows: &[u8],
+        row_bytes: usize,
+        panel: &mut [u32],
+        stream: bool,
+        ahead: &[u8],
+    ) -> usize {
+        let present = rows.len() / row_bytes.max(1);
+        let pad = _mm256_set1_epi32(super::PAD_WORD as i32);
+        // Streaming stores where asked and the panel is aligned to cache lines.
+        let stream = stream && (panel.as_ptr() as usize).is_multiple_of(64);
+        let blocks = row_bytes / 32;
+        for block in 0..blocks {
+            let out = panel.as_mut_ptr().add(8 * block * PANEL_ROWS);
+            for half in 0..2 {
+                let mut r = [pad; 8];
+                for (i, r) in r.iter_mut().enumerate() {
+                    let row = 8 * half + i;
+                    if row >= present {
+                        break;
+                    }
+                    let at = rows.as_ptr().add(row * row_bytes + 32 * block);
+                    // A line per row and 64 bytes, as in the AVX-512 transposer.
+                    if block % 2 == 0 {
+                        super::prefetch_ahead(at, ahead, block / 2, row);
+                    }
+                    *r = _mm256_loadu_si256(at.cast());
+                }
+                // Pairs of rows, then quads: `u[4g + k]` holds column `k` (low lane) and
+                // `k + 4` (high lane) of rows `4g..4g + 4`.
+                let mut u = [pad; 8];
+                for g in 0..2 {
+                    let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+                    let (t0, t1) = (_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+                    let (t2, t3) = (_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
+                    u[4 * g] = _mm256_unpacklo_epi64(t0, t2);
+                    u[4 * g + 1] = _mm256_unpackhi_epi64(t0, t2);
+                    u[4 * g + 2] = _mm256_unpacklo_epi64(t1, t3);
+                    u[4 * g + 3] = _mm256_unpackhi_epi64(t1, t3);
+                }
+                for k in 0..4 {
+                    for (column, v) in [
+                        (k, _mm256_permute2x128_si256::<0x20>(u[k], u[4 + k])),
+                        (k + 4, _mm256_permute2x128_si256::<0x31>(u[k], u[4 + k])),
+                    ] {
+                        let at = out.add(column * PANEL_ROWS + 8 * half).cast();
+                        if stream {
+                            _mm256_stream_si256(at, v);
+                        } else {
+                            _mm256_storeu_si256(at, v);
+                        }
+                    }
+                }
+            }
+        }
+        // The streaming stores are complete before the buffer changes hands.
+        if stream {
+            _mm_sfence();
+        }
+        8 * blocks
+    }
 }
 
 /// Whether the AVX-512 VNNI kernels of [`crate::int8`] run on this CPU.
@@ -1104,18 +1251,14 @@ impl Kernel {
 
     /// The widest kernel this CPU runs within `TRITTER_CPU_KERNELS` ([`crate::isa`]).
     pub fn best() -> Kernel {
+        use crate::isa::Tier;
         static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
-            let allowed = |k: &Kernel| match k {
-                Kernel::Portable => true,
-                Kernel::Avx2 => crate::isa::allows(crate::isa::Tier::Avx2),
-                Kernel::Vnni => crate::isa::allows(crate::isa::Tier::Avx512),
-            };
-            let supported = Kernel::supported();
-            *supported
-                .iter()
-                .rfind(|k| allowed(k))
-                .unwrap_or(&Kernel::Portable)
+            crate::isa::widest(&Kernel::supported(), |k| match k {
+                Kernel::Portable => Tier::Portable,
+                Kernel::Avx2 => Tier::Avx2,
+                Kernel::Vnni => Tier::Avx512,
+            })
         })
     }
 }
@@ -1377,9 +1520,9 @@ mod tests {
         }
     }
 
-    /// The vector rearrangement (16 × 16 word transposes, streaming stores) gives the
-    /// portable one's words: whole and partial blocks of 16 words, missing rows, a
-    /// partial last word, aligned and unaligned destinations.
+    /// The vector rearrangements (16 × 16 and 8 × 8 word transposes, streaming stores)
+    /// give the portable one's words: whole and partial blocks of 8 and 16 words,
+    /// missing rows, a partial last word, aligned and unaligned destinations.
     #[test]
     fn interleave_paths_agree() {
         for (d_out, d_in) in [
@@ -1389,21 +1532,40 @@ mod tests {
             (40, 518),
             (17, 3),
             (64, 4096),
+            (21, 384),
+            (9, 140),
         ] {
             let (bytes, q) = random_packed(d_out, d_in, (d_out * d_in) as u64);
             let row_bytes = d_in.div_ceil(4);
-            let mut aligned = HostWords::zeroed(panel_words(d_out, d_in));
-            interleave(&bytes, d_out, d_in, &mut aligned);
-            let mut unaligned = vec![0u32; panel_words(d_out, d_in) + 1];
-            interleave(&bytes, d_out, d_in, &mut unaligned[1..]);
-            let mut portable = vec![0u32; panel_words(d_out, d_in)];
             let columns = d_in.div_ceil(16);
+            let mut portable = vec![0u32; panel_words(d_out, d_in)];
             for (p, panel) in portable.chunks_exact_mut(16 * columns).enumerate() {
                 let rows = &bytes[16 * p * row_bytes..(16 * p + 16).min(d_out) * row_bytes];
                 interleave_columns(rows, row_bytes, 0..columns, panel);
             }
+            // Each transposer, streaming into an aligned buffer and storing into an
+            // unaligned one, prefetching each row's next lines or other bytes.
+            for transpose in Transpose::supported() {
+                let by = |words: &mut [u32], stream: bool, ahead: &[u8]| {
+                    for (p, panel) in words.chunks_exact_mut(16 * columns).enumerate() {
+                        let rows = &bytes[16 * p * row_bytes..(16 * p + 16).min(d_out) * row_bytes];
+                        interleave_panel_with(transpose, rows, row_bytes, panel, stream, ahead);
+                    }
+                };
+                let mut aligned = HostWords::zeroed(panel_words(d_out, d_in));
+                by(&mut aligned, true, &[]);
+                let mut unaligned = vec![0u32; panel_words(d_out, d_in) + 1];
+                by(&mut unaligned[1..], false, &bytes[..bytes.len().min(100)]);
+                assert_eq!(&aligned[..], &portable[..], "{transpose:?} {d_out}×{d_in}");
+                assert_eq!(
+                    &unaligned[1..],
+                    &portable[..],
+                    "{transpose:?} {d_out}×{d_in}"
+                );
+            }
+            let mut aligned = HostWords::zeroed(panel_words(d_out, d_in));
+            interleave(&bytes, d_out, d_in, &mut aligned);
             assert_eq!(&aligned[..], &portable[..], "{d_out}×{d_in}");
-            assert_eq!(&aligned[..], &unaligned[1..], "{d_out}×{d_in}");
             // Every code is where the layout says, and padding is zero weights.
             for o in 0..d_out.div_ceil(16) * 16 {
                 for c in 0..columns * 16 {
