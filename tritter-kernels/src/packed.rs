@@ -414,10 +414,25 @@ fn interleave_columns(
     columns: std::ops::Range<usize>,
     panel: &mut [u32],
 ) {
+    let panel = &mut panel[columns.start * PANEL_ROWS..columns.end * PANEL_ROWS];
     for r in 0..PANEL_ROWS {
-        let row = rows.get(r * row_bytes..(r + 1) * row_bytes);
-        for c in columns.clone() {
-            panel[c * PANEL_ROWS + r] = row.map_or(PAD_WORD, |row| row_word(row, c));
+        let Some(row) = rows.get(r * row_bytes..(r + 1) * row_bytes) else {
+            panel
+                .iter_mut()
+                .skip(r)
+                .step_by(PANEL_ROWS)
+                .for_each(|w| *w = PAD_WORD);
+            continue;
+        };
+        // Whole words straight from the row's bytes; the last, partial one padded.
+        let bytes = row.get(4 * columns.start..).unwrap_or_default();
+        let whole = (bytes.len() / 4).min(columns.len());
+        let words = panel.chunks_exact_mut(PANEL_ROWS);
+        for (column, four) in words.zip(bytes.chunks_exact(4)).take(whole) {
+            column[r] = u32::from_le_bytes(four.try_into().expect("four bytes"));
+        }
+        for c in columns.start + whole..columns.end {
+            panel[(c - columns.start) * PANEL_ROWS + r] = row_word(row, c);
         }
     }
 }
