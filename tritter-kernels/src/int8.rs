@@ -46,6 +46,8 @@ pub fn quantize_activations(x: &[f32], d_in: usize) -> (Activations, Vec<f32>) {
 }
 
 fn quantize_activations_with(x: &[f32], d_in: usize, vector: bool) -> (Activations, Vec<f32>) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = vector;
     let tokens = x.len() / d_in.max(1);
     let stride = d_in.div_ceil(4) * 4;
     let padded = tokens.div_ceil(TILE_TOKENS) * TILE_TOKENS;
@@ -115,6 +117,7 @@ impl Panels {
         self.d_in.div_ceil(4)
     }
 
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn panel_bytes(&self) -> usize {
         panel_bytes(self.d_in)
     }
@@ -138,6 +141,8 @@ fn quantize_weights_with(
     gamma: f32,
     vector: bool,
 ) -> (Panels, Vec<f32>) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = vector;
     assert_eq!(w.len(), d_in * d_out, "a {d_in}×{d_out} weight");
     let gamma = gamma.max(crate::reference::QUANT_EPS);
     let panel_bytes = panel_bytes(d_in);
@@ -209,6 +214,11 @@ pub fn matmul(x: &Activations, tokens: usize, w: &Panels, gamma: f32) -> Vec<f32
             unsafe {
                 vnni::rows(x, first, out, d_out, w, gamma)
             }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!(
+                "tokens {first}.. ({} outputs, γ {gamma}): no integer product",
+                out.len()
+            );
         });
     // SAFETY: every task wrote each of its `tokens_in_task · d_out` values.
     unsafe { y.set_len(tokens * d_out) };

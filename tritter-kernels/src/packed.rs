@@ -362,6 +362,7 @@ pub enum Transpose {
 impl Transpose {
     /// The transposers this CPU can run, narrowest first.
     pub fn supported() -> Vec<Transpose> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut all = vec![Transpose::Portable];
         #[cfg(target_arch = "x86_64")]
         {
@@ -670,6 +671,8 @@ struct Tiles {
     width: usize,
     columns: usize,
     inv_scales: Vec<f32>,
+    /// Each token's `Σ x` (the vector kernels multiply codes `q + 1`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     sums: Vec<i32>,
 }
 
@@ -732,7 +735,8 @@ unsafe impl Sync for Output {}
 struct PanelJob<'a> {
     /// The panel's `columns × 16` words.
     words: &'a [u32],
-    /// The tile's codes: `columns` runs of `width × 16`.
+    /// The tile's codes: `columns` runs of `width × 16` (the vector kernels').
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     codes: &'a [i8],
     /// Tokens in the tile, and the first one's index.
     tokens: usize,
@@ -745,6 +749,7 @@ struct PanelJob<'a> {
     first_row: usize,
     /// Bytes to bring into cache while the panel computes, a line per column: the next
     /// task's export rows, when computing in place (empty otherwise).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     ahead: &'a [u8],
 }
 
@@ -1251,6 +1256,7 @@ pub enum Kernel {
 impl Kernel {
     /// The kernels this CPU can run, narrowest first, whatever `TRITTER_CPU_KERNELS` says.
     pub fn supported() -> Vec<Kernel> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut kernels = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
