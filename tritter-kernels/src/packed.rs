@@ -1323,10 +1323,16 @@ pub fn cpu_gemm_with(
     gemm(x, tokens, codes, d_out, d_in, gamma, kernel)
 }
 
-/// Scratch bytes [`cpu_gemm`] keeps on each thread of the pool for codes in rows of
-/// `d_in` inputs.
+/// Scratch bytes [`cpu_gemm`] keeps on the threads of the pool for products of `d_in`
+/// inputs: per thread, the panels of a task rearranged from codes in rows, and, where
+/// the portable kernel runs, a panel unpacked into `i16` weights.
 pub fn rows_scratch_bytes(d_in: usize) -> usize {
-    rayon::current_num_threads() * PANELS_PER_TASK * PANEL_ROWS * d_in.div_ceil(16) * 4
+    let columns = d_in.div_ceil(16);
+    let unpacked = match Kernel::best() {
+        Kernel::Portable => PANEL_ROWS * 16 * columns * 2,
+        _ => 0,
+    };
+    rayon::current_num_threads() * (PANELS_PER_TASK * PANEL_ROWS * columns * 4 + unpacked)
 }
 
 /// Where a product's codes are.
