@@ -254,7 +254,7 @@ pub fn panel_words(d_out: usize, d_in: usize) -> usize {
 /// # Panics
 /// Where `bytes` or `words` has the wrong length.
 pub fn interleave(bytes: &[u8], d_out: usize, d_in: usize, words: &mut [u32]) {
-    interleave_with(Transpose::best(), bytes, d_out, d_in, words)
+    interleave_by(Transpose::best(), bytes, d_out, d_in, words)
 }
 
 /// [`interleave`] with a given transposer, for tests and benchmarks that compare them.
@@ -273,6 +273,11 @@ pub fn interleave_with(
         Transpose::supported().contains(&transpose),
         "this CPU cannot run the {transpose:?} transposer"
     );
+    interleave_by(transpose, bytes, d_out, d_in, words)
+}
+
+/// [`interleave`] by `transpose`, one this CPU runs.
+fn interleave_by(transpose: Transpose, bytes: &[u8], d_out: usize, d_in: usize, words: &mut [u32]) {
     let (row_bytes, columns) = (d_in.div_ceil(4), d_in.div_ceil(16));
     assert_eq!(bytes.len(), d_out * row_bytes, "a {d_out}×{d_in} matrix");
     assert_eq!(words.len(), panel_words(d_out, d_in), "CPU layout words");
@@ -682,28 +687,10 @@ impl Tiles {
         let stride = 16 * columns;
         let (rows, inv_scales, sums) = quantize_rows(x, d_in, stride);
         let width = tokens.clamp(1, TILE_TOKENS);
-        let (mut codes, mut wide) = (Vec::new(), Vec::new());
-        if order == Order::Rows {
-            wide = rows.iter().map(|&code| code as i16).collect();
-        } else {
-            codes = vec![0i8; tokens.div_ceil(width) * width * stride];
-        }
-        for (t, row) in rows.chunks_exact(stride).enumerate() {
-            if order == Order::Rows {
-                break;
-            }
-            let tile = &mut codes[(t / width) * width * stride..][..width * stride];
-            for (c, sixteen) in row.chunks_exact(16).enumerate() {
-                let run = &mut tile[(c * width + t % width) * 16..][..16];
-                if order == Order::ByPlace {
-                    for (i, code) in run.iter_mut().enumerate() {
-                        *code = sixteen[4 * (i % 4) + i / 4];
-                    }
-                } else {
-                    run.copy_from_slice(sixteen);
-                }
-            }
-        }
+        let (codes, wide) = match order {
+            Order::Rows => (Vec::new(), rows.iter().map(|&code| code as i16).collect()),
+            _ => (tiled(&rows, tokens, width, stride, order), Vec::new()),
+        };
         Self {
             codes,
             wide,
@@ -722,6 +709,26 @@ impl Tiles {
             (tokens - i * self.width).min(self.width),
         )
     }
+}
+
+/// The vector kernels' tiles of [`Tiles`]: `rows` (`tokens` rows of `stride` codes) as
+/// `width` runs of 16 codes per column of each tile, in `order`.
+fn tiled(rows: &[i8], tokens: usize, width: usize, stride: usize, order: Order) -> Vec<i8> {
+    let mut codes = vec![0i8; tokens.div_ceil(width) * width * stride];
+    for (t, row) in rows.chunks_exact(stride).enumerate() {
+        let tile = &mut codes[(t / width) * width * stride..][..width * stride];
+        for (c, sixteen) in row.chunks_exact(16).enumerate() {
+            let run = &mut tile[(c * width + t % width) * 16..][..16];
+            if order == Order::ByPlace {
+                for (i, code) in run.iter_mut().enumerate() {
+                    *code = sixteen[4 * (i % 4) + i / 4];
+                }
+            } else {
+                run.copy_from_slice(sixteen);
+            }
+        }
+    }
+    codes
 }
 
 /// Where the tasks write `y`: disjoint columns of every token's row.
@@ -1245,7 +1252,8 @@ pub(crate) fn use_vnni() -> bool {
 /// The CPU product's kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
-    /// Portable Rust: outer products of 16 rows in 16-bit lanes the compiler vectorizes.
+    /// Portable Rust: `i16` dot products of each weight row with four tokens at a time,
+    /// which the compiler vectorizes.
     Portable,
     /// AVX2: `vpmaddubsw` on codes split by their place in each byte.
     Avx2,
@@ -1567,7 +1575,7 @@ mod tests {
             let columns = d_in.div_ceil(16);
             let mut portable = vec![0u32; panel_words(d_out, d_in)];
             for (p, panel) in portable.chunks_exact_mut(16 * columns).enumerate() {
-                let rows = &bytes[16 * p * row_bytes..(16 * p + 16).min(d_out) * row_bytes];
+                let rows = panel_rows(&bytes, d_out, row_bytes, p);
                 interleave_columns(rows, row_bytes, 0..columns, panel);
             }
             // Each transposer, streaming into an aligned buffer and storing into an
@@ -1575,7 +1583,7 @@ mod tests {
             for transpose in Transpose::supported() {
                 let by = |words: &mut [u32], stream: bool, ahead: &[u8]| {
                     for (p, panel) in words.chunks_exact_mut(16 * columns).enumerate() {
-                        let rows = &bytes[16 * p * row_bytes..(16 * p + 16).min(d_out) * row_bytes];
+                        let rows = panel_rows(&bytes, d_out, row_bytes, p);
                         interleave_panel_with(transpose, rows, row_bytes, panel, stream, ahead);
                     }
                 };
