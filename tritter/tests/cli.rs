@@ -764,27 +764,99 @@ fn a_recipe_sets_the_budget_of_plan_and_generate() {
 
 #[test]
 fn streaming_bench_prints_every_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = run(
-        tritter_bin(),
-        &[
-            "bench",
-            "streaming",
-            "--preset",
-            "350M",
-            "--ratio",
-            "2",
-            "--prompt-tokens",
-            "4",
-            "--new-tokens",
-            "4",
-            "--batches",
-            "1,2",
-            "--dir",
-            ".",
-        ],
-        dir.path(),
+    let text = streaming_bench(&[
+        "--preset",
+        "350M",
+        "--ratio",
+        "2",
+        "--prompt-tokens",
+        "4",
+        "--new-tokens",
+        "4",
+    ]);
+    assert!(text.contains("ceiling on decode tokens/s"), "{text}");
+    assert!(
+        text.contains("rearranging packed codes into the CPU layout"),
+        "{text}"
     );
+    // A cold start needs a file the page cache lets go of (not so on tmpfs).
+    if !text.contains("storage read bandwidth: unmeasured") {
+        let cold = text
+            .lines()
+            .find(|l| l.starts_with("cold start to the first token"))
+            .unwrap_or_else(|| panic!("no cold start in {text}"));
+        let seconds: Vec<f64> = cold
+            .split_whitespace()
+            .zip(cold.split_whitespace().skip(1))
+            .filter(|(_, unit)| *unit == "s" || *unit == "s;")
+            .map(|(v, _)| v.trim_start_matches('(').parse().expect(cold))
+            .collect();
+        // The resident engine's time, its loading, the streaming engine's time.
+        assert_eq!(seconds.len(), 3, "{cold}");
+        assert!(seconds.iter().all(|s| *s > 0.0), "{cold}");
+        assert!(seconds[1] < seconds[0], "{cold}");
+    }
+}
+
+/// The bench on a GPU backend (wgpu: lavapipe in CI): the same rows, with the
+/// host-to-device bandwidth as the transfers' limit, and the streamed engines holding
+/// less than the budget on the device.
+#[test]
+fn streaming_bench_runs_on_wgpu() {
+    let text = streaming_bench(&[
+        "--preset",
+        "125M",
+        "--ratio",
+        "1.4",
+        "--prompt-tokens",
+        "2",
+        "--new-tokens",
+        "2",
+        "--device",
+        "wgpu",
+    ]);
+    let upload = text
+        .lines()
+        .find_map(|l| l.strip_prefix("host-to-device bandwidth ("))
+        .unwrap_or_else(|| panic!("no host-to-device bandwidth in {text}"));
+    let gib: f64 = upload
+        .split(": ")
+        .nth(1)
+        .and_then(|v| v.strip_suffix(" GiB/s"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("`{upload}`"));
+    assert!(gib > 0.0, "{upload}");
+    assert!(
+        text.contains("ceiling on streamed decode steps/s"),
+        "{text}"
+    );
+    // No CPU product on a GPU run.
+    assert!(!text.contains("packed ternary product"), "{text}");
+    let budget: f64 = text
+        .split("budget ")
+        .nth(1)
+        .and_then(|rest| rest.split(" MiB").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no budget in MiB in {text}"));
+    for line in text.lines() {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        let streamed = ["streaming", "storage"].contains(cells.first().unwrap_or(&""));
+        if !streamed || cells.get(1).is_none_or(|b| b.parse::<usize>().is_err()) {
+            continue;
+        }
+        let peak: f64 = cells[11].parse().expect(line);
+        assert!(peak > 0.0 && peak <= budget, "{line}: budget {budget} MiB");
+    }
+}
+
+/// Runs `tritter bench streaming` at batches 1 and 2 with `args`, checks that every row
+/// is there with finite figures and the streamed engines' first-token ratios, and returns
+/// its output.
+fn streaming_bench(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = vec!["bench", "streaming", "--batches", "1,2", "--dir", "."];
+    all.extend_from_slice(args);
+    let out = run(tritter_bin(), &all, dir.path());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}{text}", stderr(&out));
     assert!(!text.contains("NaN"), "{text}");
@@ -826,7 +898,6 @@ fn streaming_bench_prints_every_row() {
         "first tok s: the median of 5 prefills",
         "first-token latency, streaming ÷ resident",
         "streaming batch-2 throughput ÷ batch-1",
-        "ceiling on decode tokens/s",
     ] {
         assert!(text.contains(line), "missing `{line}` in {text}");
     }
@@ -851,21 +922,5 @@ fn streaming_bench_prints_every_row() {
         assert_eq!(ratios.len(), 2, "{line}");
         assert!(ratios.iter().all(|r| r.is_finite() && *r > 0.0), "{line}");
     }
-    // A cold start needs a file the page cache lets go of (not so on tmpfs).
-    if !text.contains("storage read bandwidth: unmeasured") {
-        let cold = text
-            .lines()
-            .find(|l| l.starts_with("cold start to the first token"))
-            .unwrap_or_else(|| panic!("no cold start in {text}"));
-        let seconds: Vec<f64> = cold
-            .split_whitespace()
-            .zip(cold.split_whitespace().skip(1))
-            .filter(|(_, unit)| *unit == "s" || *unit == "s;")
-            .map(|(v, _)| v.trim_start_matches('(').parse().expect(cold))
-            .collect();
-        // The resident engine's time, its loading, the streaming engine's time.
-        assert_eq!(seconds.len(), 3, "{cold}");
-        assert!(seconds.iter().all(|s| *s > 0.0), "{cold}");
-        assert!(seconds[1] < seconds[0], "{cold}");
-    }
+    text.into_owned()
 }

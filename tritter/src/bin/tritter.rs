@@ -148,9 +148,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Streaming against resident generation on the CPU: a random-weight model `--ratio`
-    /// times the budget, batch 1 and batch 16, streamed with the file in the page cache
-    /// and from storage (its pages dropped from the page cache after use).
+    /// Streaming against resident generation: a random-weight model `--ratio` times the
+    /// budget, batch 1 and batch 16, streamed with the file in the page cache and from
+    /// storage (its pages dropped from the page cache after use), on the CPU or, with
+    /// `--device cuda|wgpu`, on a GPU with the host-to-device bandwidth as the limit.
     Streaming {
         /// Preset of the random model (byte vocabulary).
         #[arg(long, default_value = "3B")]
@@ -174,6 +175,9 @@ enum Bench {
         /// Where to write the random model (default: a temporary directory).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// `cpu`, `cuda` or `wgpu`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// One layer's decode attention on the CPU against a cache of each length, stored in
     /// f32, f16 and INT4 (default shape: 7B's attention, 32 heads, 8 kv heads, dim 128).
@@ -404,6 +408,7 @@ fn main() -> Result<()> {
                     new_tokens,
                     batches,
                     dir,
+                    device,
                 },
         } => {
             let mut config = TritterConfig::preset(&preset, 264)?;
@@ -420,7 +425,16 @@ fn main() -> Result<()> {
                 prompt_tokens,
                 new_tokens,
             };
-            bench_streaming(&shape, &batches, dir)?
+            let kind = DeviceKind::parse(&device)?;
+            run_on(
+                kind,
+                StreamingBenchJob {
+                    shape: &shape,
+                    batches: &batches,
+                    dir,
+                    kind,
+                },
+            )?
         }
         Command::Bench {
             bench:
@@ -902,7 +916,57 @@ struct StreamingBench {
 /// Prefills timed for each row's first-token latency.
 const FIRST_TOKEN_SAMPLES: usize = 5;
 
-fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBuf>) -> Result<()> {
+/// Host-to-device bandwidth through the loader's own path, bytes/s: packed codes moved
+/// by `ternary_reupload` into device buffers already allocated, as the loader refills a
+/// spent group's, then the device synchronized; enough copies of the `[d_out, d_in]`
+/// matrix for 256 MiB a round, best of five rounds.
+fn upload_bandwidth<B: TritterBackend>(
+    d_out: usize,
+    d_in: usize,
+    packed: &[u8],
+    device: &B::Device,
+) -> Result<f64> {
+    let copies = (256usize << 20).div_ceil(packed.len());
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("device error: {e:?}"));
+    let mut buffers: Vec<_> = (0..copies)
+        .map(|_| B::ternary_upload(packed, d_out, d_in, 1.0, device))
+        .collect();
+    sync()?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        buffers = buffers
+            .into_iter()
+            .map(|b| B::ternary_reupload(b, packed, 1.0, device))
+            .collect();
+        sync()?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok((copies * packed.len()) as f64 / best)
+}
+
+/// [`bench_streaming`] on the backend of `kind`.
+struct StreamingBenchJob<'a> {
+    shape: &'a StreamingBench,
+    batches: &'a [usize],
+    dir: Option<PathBuf>,
+    kind: DeviceKind,
+}
+
+impl BackendJob for StreamingBenchJob<'_> {
+    type Output = ();
+    fn run<B: TritterBackend>(self, device: B::Device) -> Result<()> {
+        bench_streaming::<B>(self.shape, self.batches, self.dir, self.kind, device)
+    }
+}
+
+fn bench_streaming<B: TritterBackend>(
+    shape: &StreamingBench,
+    batches: &[usize],
+    dir: Option<PathBuf>,
+    kind: DeviceKind,
+    device: B::Device,
+) -> Result<()> {
     let StreamingBench {
         name: preset,
         config,
@@ -913,8 +977,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         new_tokens,
     } = shape;
     let (ratio, prompt_tokens, new_tokens) = (*ratio, *prompt_tokens, *new_tokens);
-    type B = burn::backend::Flex;
-    let device = burn::backend::flex::FlexDevice;
+    let on_cpu = kind == DeviceKind::Cpu;
     let temp = tempfile::tempdir()?;
     let dir = dir.unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
@@ -972,13 +1035,23 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     file.verify_all()?;
     let storage = storage_read_bandwidth(&file)?;
     let (d_out, d_in, packed) = up_projection(config);
-    let (rearrange, words) = interleave_bandwidth(d_out, d_in, &packed);
+    // The CPU computes in place from the file's pages; a GPU's limit is the upload.
+    let upload = if on_cpu {
+        None
+    } else {
+        Some(upload_bandwidth::<B>(d_out, d_in, &packed, &device)?)
+    };
     let threads = rayon::current_num_threads();
     println!(
-        "streaming bench: preset {preset}, model {} ({} layers), budget {} (model ÷ {ratio}), prompt {prompt_tokens} + {new_tokens} new tokens, {kv_cache} KV cache, {threads} threads",
+        "streaming bench: preset {preset}, model {} ({} layers), budget {} (model ÷ {ratio}), prompt {prompt_tokens} + {new_tokens} new tokens, {kv_cache} KV cache, {}",
         ByteSize(bytes),
         config.num_layers,
-        ByteSize(budget)
+        ByteSize(budget),
+        if on_cpu {
+            format!("{threads} threads")
+        } else {
+            format!("--device {kind}")
+        }
     );
     println!(
         "memory copy bandwidth (1 thread): {:.2} GiB/s",
@@ -993,11 +1066,26 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
             "storage read bandwidth: unmeasured, the page cache kept the model file (its filesystem ignores the request to drop it); the storage rows read from memory"
         ),
     }
-    println!(
-        "rearranging packed codes into the CPU layout ({threads} threads): {:.2} GiB/s",
-        rearrange / (1u64 << 30) as f64
-    );
-    let product = print_product_rates(d_out, d_in, &packed, &words);
+    let product = match upload {
+        None => {
+            let (rearrange, words) = interleave_bandwidth(d_out, d_in, &packed);
+            println!(
+                "rearranging packed codes into the CPU layout ({threads} threads): {:.2} GiB/s",
+                rearrange / (1u64 << 30) as f64
+            );
+            Some(print_product_rates(d_out, d_in, &packed, &words))
+        }
+        Some(upload) => {
+            println!(
+                "host-to-device bandwidth (packed codes from host memory into device buffers, through the loader's upload): {:.2} GiB/s",
+                upload / (1u64 << 30) as f64
+            );
+            None
+        }
+    };
+    // The transfers' limit: the upload on a GPU, the copy from memory on the CPU; from
+    // storage, the slower of that and the read.
+    let link = upload.unwrap_or(copy);
     println!(
         "{:<10} {:>5} {:>6} {:>9} {:>10} {:>11} {:>10} {:>10} {:>8} {:>10} {:>12} {:>9} {:>7}",
         "engine",
@@ -1033,6 +1121,22 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         stream: false,
         prefill_chunk: *prefill_chunk,
     };
+    if !on_cpu {
+        // A GPU runtime compiles (and tunes) each kernel for its shapes on first use:
+        // one short streamed generation at each batch first, so that no row's figures
+        // include compilation.
+        for &batch in batches {
+            let request = request(budget, batch, prompt_tokens + new_tokens);
+            StreamingEngine::<B>::from_file(file.clone(), request, device.clone())?.generate(
+                &prompts(batch),
+                2,
+                &sampling,
+                None,
+                false,
+                |_, _| {},
+            )?;
+        }
+    }
     let mut rows = Vec::new();
     // Resident rows: the same compute with every layer in memory (no transfer).
     // Streaming rows: the file's pages stay in the page cache, as they do for a model
@@ -1045,12 +1149,12 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     {
         file.set_drop_page_cache(name == "storage");
         let (budget, limit) = match name {
-            "resident" => (u64::MAX, copy),
-            "streaming" => (budget, copy),
-            _ => (budget, storage.unwrap_or(copy)),
+            "resident" => (u64::MAX, link),
+            "streaming" => (budget, link),
+            _ => (budget, storage.unwrap_or(link).min(link)),
         };
         let request = request(budget, batch, prompt_tokens + new_tokens);
-        let mut engine = StreamingEngine::<B>::from_file(file.clone(), request, device)?;
+        let mut engine = StreamingEngine::<B>::from_file(file.clone(), request, device.clone())?;
         let groups = engine.plan.num_groups;
         let out = engine.generate(
             &prompts(batch),
@@ -1108,7 +1212,8 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
                 file.drop_from_page_cache();
                 let start = Instant::now();
                 let request = request(budget, 1, prompt_tokens + 1);
-                let mut engine = StreamingEngine::<B>::from_file(file.clone(), request, device)?;
+                let mut engine =
+                    StreamingEngine::<B>::from_file(file.clone(), request, device.clone())?;
                 let load = start.elapsed().as_secs_f64();
                 engine.generate(&prompts(1), 1, &sampling, None, false, |_, _| {})?;
                 samples.push((start.elapsed().as_secs_f64(), load));
@@ -1133,7 +1238,7 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
     // What the machine allows: each generated token needs one multiply-add per ternary
     // weight, which no batch computes faster than the product's best measured rate.
     let weights = config.ternary_parameter_count() as f64;
-    let decode_ceiling = product / weights;
+    let decode_ceiling = product.map(|product| product / weights);
     for engine in ["streaming", "storage"] {
         // At every batch: a larger batch's prefill computes longer behind the same reads.
         let first_token = rows
@@ -1158,11 +1263,18 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
         };
         for (name, batch, s) in &rows {
             if *name == engine && *batch > 1 {
+                let ceiling = decode_ceiling
+                    .map(|c| {
+                        format!(
+                            " (this machine's ceiling: {:.2})",
+                            c / one.decode_tokens_per_sec()
+                        )
+                    })
+                    .unwrap_or_default();
                 println!(
-                    "{engine} batch-{batch} throughput ÷ batch-1: {:.2} overall, {:.2} after the prefill (this machine's ceiling: {:.2})",
+                    "{engine} batch-{batch} throughput ÷ batch-1: {:.2} overall, {:.2} after the prefill{ceiling}",
                     s.tokens_per_sec() / one.tokens_per_sec(),
                     s.decode_tokens_per_sec() / one.decode_tokens_per_sec(),
-                    decode_ceiling / one.decode_tokens_per_sec()
                 );
             }
         }
@@ -1181,12 +1293,31 @@ fn bench_streaming(shape: &StreamingBench, batches: &[usize], dir: Option<PathBu
             read / resident.first_token_secs
         );
     }
-    println!(
-        "ceiling on decode tokens/s at any batch: {:.1}, every token's {:.2} G multiply-adds over ternary weights at the packed product's best rate at 16 tokens ({:.1} G/s)",
-        decode_ceiling,
-        weights * 1e-9,
-        product * 1e-9
-    );
+    match (product, upload) {
+        (Some(product), _) => println!(
+            "ceiling on decode tokens/s at any batch: {:.1}, every token's {:.2} G multiply-adds over ternary weights at the packed product's best rate at 16 tokens ({:.1} G/s)",
+            product / weights,
+            weights * 1e-9,
+            product * 1e-9
+        ),
+        (None, Some(upload)) => {
+            // Every streamed pass (one decode step of the whole batch) moves every layer.
+            let pass = rows
+                .iter()
+                .find(|r| r.0 == "streaming")
+                .map(|r| r.2.bytes_streamed as f64 / r.2.passes.max(1) as f64)
+                .unwrap_or(0.0);
+            if pass > 0.0 {
+                println!(
+                    "ceiling on streamed decode steps/s: {:.1}, each step's {} of layers at the host-to-device bandwidth ({:.2} GiB/s); a step serves every sequence of the batch",
+                    upload / pass,
+                    ByteSize(pass as u64),
+                    upload / (1u64 << 30) as f64
+                );
+            }
+        }
+        (None, None) => {}
+    }
     Ok(())
 }
 

@@ -455,6 +455,12 @@ impl ModelFile {
         }
     }
 
+    /// Whether released pages also leave the OS page cache
+    /// ([`ModelFile::set_drop_page_cache`]).
+    pub fn drops_page_cache(&self) -> bool {
+        self.drop_page_cache.load(Ordering::Relaxed)
+    }
+
     /// Drops the file's pages from this process's mapping, then its clean pages from the
     /// OS page cache, now, once. The cache keeps a whole folio (up to 2 MiB) while any
     /// of its pages is mapped, and a large folio read in through the mapping can map

@@ -105,6 +105,10 @@ impl<B: TritterBackend> LayerWeights<B> {
         // pages must leave the resident set like every other tensor's: left mapped, they
         // would also hold in the page cache the folios they share with their neighbours.
         let mut read = Vec::with_capacity(12);
+        // The codes copied to the device, released again once the layer's norms are
+        // unmapped: a folio they share with a norm stays in the page cache while the
+        // norm is mapped, and storage reads must not find it there on the next pass.
+        let mut copied = Vec::with_capacity(4);
         let norm_of = |name: &str, read: &mut Vec<std::ops::Range<usize>>| {
             read.push(file.range(name)?);
             read_norm::<B>(file, name, device)
@@ -121,7 +125,7 @@ impl<B: TritterBackend> LayerWeights<B> {
             let data = &(**file).as_ref()[range.clone()];
             let old = previous.as_mut().and_then(Iterator::next);
             let mapped = if in_place {
-                let codes = MappedCodes::new(file.clone(), range);
+                let codes = MappedCodes::new(file.clone(), range.clone());
                 B::ternary_map(codes, d_out, d_in, gamma)
             } else {
                 None
@@ -134,6 +138,7 @@ impl<B: TritterBackend> LayerWeights<B> {
             if !matches!(weight.storage, PackedStorage::Mapped(_)) {
                 // The file pages just copied leave this process's resident set.
                 file.release(&weight_name);
+                copied.push(range);
             }
             let norm = norm_of(&t.norm(), &mut read)?;
             bytes += weight.stored_bytes() + 4 * d_in + 4;
@@ -154,6 +159,9 @@ impl<B: TritterBackend> LayerWeights<B> {
             bytes: bytes + 4 * (2 * hd + 2 * h),
         };
         file.unmap_all(read);
+        if file.drops_page_cache() {
+            file.release_all(copied);
+        }
         Ok(layer)
     }
 
