@@ -1,7 +1,7 @@
 //! The packed ternary product of inference on the CPU, each kernel this CPU runs
 //! (portable, AVX2, AVX-512 VNNI), at the layer shapes of the `1B` and `3B` presets, for
-//! 1 token (decode) and 16 (a batch, or a prefill tile), with the weights in the CPU
-//! layout and in cache. G multiply-adds/s count `tokens·d_in·d_out`. Also the
+//! 1 token (decode) and 16 (a batch, or a prefill tile), with the weights in cache, in
+//! the CPU layout and in place in the export's rows; and one token in place from memory. G multiply-adds/s count `tokens·d_in·d_out`. Also the
 //! rearrangement of the export's rows into that layout by each transposer, in bytes of
 //! codes per second.
 //!
@@ -54,21 +54,64 @@ fn bench(c: &mut Criterion) {
                 (tokens * d_in * d_out) as u64,
             ));
             for kernel in Kernel::supported() {
-                group.bench_function(format!("{kernel:?} {tokens}×{d_in}×{d_out}"), |b| {
-                    b.iter(|| {
-                        black_box(cpu_gemm_with(
-                            kernel,
-                            black_box(&x),
-                            tokens,
-                            Codes::Panels(&words),
-                            d_out,
-                            d_in,
-                            1.0,
-                        ))
-                    })
-                });
+                for (place, codes) in [
+                    ("", Codes::Panels(&words)),
+                    (" in place", Codes::Rows(&bytes)),
+                ] {
+                    group.bench_function(
+                        format!("{kernel:?}{place} {tokens}×{d_in}×{d_out}"),
+                        |b| {
+                            b.iter(|| {
+                                black_box(cpu_gemm_with(
+                                    kernel,
+                                    black_box(&x),
+                                    tokens,
+                                    codes,
+                                    d_out,
+                                    d_in,
+                                    1.0,
+                                ))
+                            })
+                        },
+                    );
+                }
             }
         }
+    }
+    // One token in place from memory, as a streamed layer's product runs: enough
+    // copies of 3B's FFN up-projection (in 4 KiB pages, as a file's are mapped) to pass
+    // through memory rather than the caches, one after another.
+    let (d_in, d_out) = (2560usize, 13824usize);
+    let matrix: Vec<u8> = (0..d_out * d_in / 4)
+        .map(|i| (i % 81) as u8 & 0x55)
+        .collect();
+    let copies: Vec<Vec<u8>> = (0..(256usize << 20).div_ceil(matrix.len()))
+        .map(|_| matrix.clone())
+        .collect();
+    let x: Vec<f32> = (0..d_in)
+        .map(|i| ((i * 7919) % 255) as f32 - 127.0)
+        .collect();
+    group.throughput(criterion::Throughput::Elements((d_in * d_out) as u64));
+    for kernel in Kernel::supported() {
+        let mut next = 0;
+        group.bench_function(
+            format!("{kernel:?} in place from memory 1×{d_in}×{d_out}"),
+            |b| {
+                b.iter(|| {
+                    next = (next + 1) % copies.len();
+                    let codes = Codes::Rows(&copies[next]);
+                    black_box(cpu_gemm_with(
+                        kernel,
+                        black_box(&x),
+                        1,
+                        codes,
+                        d_out,
+                        d_in,
+                        1.0,
+                    ))
+                })
+            },
+        );
     }
     group.finish();
 }

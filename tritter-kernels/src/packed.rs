@@ -1023,6 +1023,67 @@ mod vnni {
         16 * blocks
     }
 
+    /// Rows `rows` of a product on codes in the export's rows, against `NT` tokens
+    /// ([`super::DirectJob`]), without rearranging them: each 64 bytes of a row (256
+    /// inputs) shifted right by `2k` and masked to 2 bits per byte give the codes of inputs
+    /// `4i + k`, multiplied against the activations stored in that order, four
+    /// accumulators per token (one per `k`) summed across their lanes at the row's end.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn rows<const NT: usize>(job: &super::DirectJob, rows: std::ops::Range<usize>) {
+        let super::DirectJob {
+            bytes,
+            row_bytes,
+            x,
+            stride,
+            first_token,
+            inv_scales,
+            sums,
+            gamma,
+            y,
+            d_out,
+        } = *job;
+        let mask = _mm512_set1_epi8(3);
+        let (full, tail) = (row_bytes / 64, row_bytes % 64);
+        let tail_mask = (1u64 << tail).wrapping_sub(1);
+        let x = x.as_ptr().add(first_token * stride);
+        for r in rows {
+            let row = bytes.as_ptr().add(r * row_bytes);
+            let mut acc = [[_mm512_setzero_si512(); NT]; 4];
+            let mut block = |m: usize, w: __m512i| {
+                let codes = [
+                    _mm512_and_si512(w, mask),
+                    _mm512_and_si512(_mm512_srli_epi16::<2>(w), mask),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(w), mask),
+                    _mm512_and_si512(_mm512_srli_epi16::<6>(w), mask),
+                ];
+                for (k, (codes, acc)) in codes.iter().zip(&mut acc).enumerate() {
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        let xs = _mm512_loadu_si512(x.add(t * stride + 256 * m + 64 * k).cast());
+                        *acc = _mm512_dpbusd_epi32(*acc, *codes, xs);
+                    }
+                }
+            };
+            for m in 0..full {
+                block(m, _mm512_loadu_si512(row.add(64 * m).cast()));
+            }
+            if tail > 0 {
+                // Bytes past the row stay unread: zero codes against zero activations.
+                block(
+                    full,
+                    _mm512_maskz_loadu_epi8(tail_mask, row.add(64 * full).cast()),
+                );
+            }
+            let [a, b, c, d] = acc;
+            for (t, (((a, b), c), d)) in a.iter().zip(&b).zip(&c).zip(&d).enumerate() {
+                let total = _mm512_add_epi32(_mm512_add_epi32(*a, *b), _mm512_add_epi32(*c, *d));
+                let token = first_token + t;
+                let sum = _mm512_reduce_add_epi32(total).wrapping_sub(sums[token]);
+                // `(a as f32 · 1/s) · γ`, the reference's order.
+                *y.0.add(token * d_out + r) = sum as f32 * inv_scales[token] * gamma;
+            }
+        }
+    }
+
     pub fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
@@ -1357,6 +1418,93 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<HostWords> = std::cell::RefCell::new(HostWords::zeroed(0));
 }
 
+/// Tokens up to which the VNNI kernel multiplies codes in the export's rows directly
+/// ([`vnni::rows`]): so few tokens compute too briefly to repay rearranging the rows into
+/// panels first.
+const DIRECT_TOKENS: usize = 4;
+
+/// Rows per task of the direct product.
+const DIRECT_ROWS: usize = 64;
+
+/// A product on the export's rows, for [`vnni::rows`]: activation codes of each token in
+/// `stride` bytes, each 256 inputs stored by their place in a weight byte (inputs `4i + k`
+/// at `64k + i`).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[derive(Clone, Copy)]
+struct DirectJob<'a> {
+    bytes: &'a [u8],
+    row_bytes: usize,
+    x: &'a [i8],
+    stride: usize,
+    first_token: usize,
+    inv_scales: &'a [f32],
+    sums: &'a [i32],
+    gamma: f32,
+    y: Output,
+    d_out: usize,
+}
+
+/// [`gemm`] of up to [`DIRECT_TOKENS`] tokens on codes in the export's rows with the VNNI
+/// kernel: row by row, no rearrangement. The same bits as through the panels.
+#[cfg(target_arch = "x86_64")]
+fn gemm_rows_direct(
+    x: &[f32],
+    tokens: usize,
+    bytes: &[u8],
+    d_out: usize,
+    d_in: usize,
+    gamma: f32,
+) -> Vec<f32> {
+    let stride = 256 * d_in.div_ceil(256);
+    let (codes, inv_scales, sums) = quantize_rows(x, d_in, stride);
+    let mut placed = vec![0i8; codes.len()];
+    for (from, to) in codes.chunks_exact(256).zip(placed.chunks_exact_mut(256)) {
+        for (i, four) in from.chunks_exact(4).enumerate() {
+            for (k, &code) in four.iter().enumerate() {
+                to[64 * k + i] = code;
+            }
+        }
+    }
+    let mut y = Vec::<f32>::with_capacity(tokens * d_out);
+    let out = Output(y.as_mut_ptr());
+    (0..d_out.div_ceil(DIRECT_ROWS))
+        .into_par_iter()
+        .for_each(|task| {
+            let rows = task * DIRECT_ROWS..((task + 1) * DIRECT_ROWS).min(d_out);
+            let mut first_token = 0;
+            while first_token < tokens {
+                let job = DirectJob {
+                    bytes,
+                    row_bytes: d_in.div_ceil(4),
+                    x: &placed,
+                    stride,
+                    first_token,
+                    inv_scales: &inv_scales,
+                    sums: &sums,
+                    gamma,
+                    y: out,
+                    d_out,
+                };
+                let n = (tokens - first_token).min(4);
+                // SAFETY: the CPU runs the VNNI kernel (the caller's `kernel`); every row
+                // of `rows` lies in `bytes`, every token's codes in `placed`; stores stay
+                // in this task's rows of the tokens' outputs.
+                unsafe {
+                    match n {
+                        1 => vnni::rows::<1>(&job, rows.clone()),
+                        2 => vnni::rows::<2>(&job, rows.clone()),
+                        3 => vnni::rows::<3>(&job, rows.clone()),
+                        _ => vnni::rows::<4>(&job, rows.clone()),
+                    }
+                }
+                first_token += n;
+            }
+        });
+    // SAFETY: the tasks wrote all `tokens × d_out` elements (every row of every token).
+    unsafe { y.set_len(tokens * d_out) };
+    y
+}
+
 fn gemm(
     x: &[f32],
     tokens: usize,
@@ -1380,6 +1528,10 @@ fn gemm(
     }
     if tokens == 0 || d_out == 0 {
         return vec![0f32; tokens * d_out];
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (Codes::Rows(bytes), Kernel::Vnni, 1..=DIRECT_TOKENS) = (codes, kernel, tokens) {
+        return gemm_rows_direct(x, tokens, bytes, d_out, d_in, gamma);
     }
     // Every element is written below, once, by the task holding its row's panel.
     let mut y = Vec::<f32>::with_capacity(tokens * d_out);
