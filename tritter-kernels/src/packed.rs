@@ -1421,15 +1421,17 @@ thread_local! {
 /// Tokens up to which the VNNI kernel multiplies codes in the export's rows directly
 /// ([`vnni::rows`]): so few tokens compute too briefly to repay rearranging the rows into
 /// panels first.
+#[cfg(target_arch = "x86_64")]
 const DIRECT_TOKENS: usize = 4;
 
 /// Rows per task of the direct product.
+#[cfg(target_arch = "x86_64")]
 const DIRECT_ROWS: usize = 64;
 
 /// A product on the export's rows, for [`vnni::rows`]: activation codes of each token in
 /// `stride` bytes, each 256 inputs stored by their place in a weight byte (inputs `4i + k`
 /// at `64k + i`).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct DirectJob<'a> {
     bytes: &'a [u8],
