@@ -1194,6 +1194,85 @@ mod avx2 {
         }
     }
 
+    /// Rows `rows` of a product on codes in the export's rows, against `NT` tokens
+    /// ([`super::DirectJob`], 128 inputs a block), without rearranging them: each 32
+    /// bytes of a row shifted right by `2k` and masked give the codes of inputs `4i + k`,
+    /// multiplied four inputs per place against the activations stored in that order
+    /// with `vpmaddubsw`, summed in 16 bits and widened every [`WIDEN`] blocks, then
+    /// across lanes at the row's end.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn rows<const NT: usize>(job: &super::DirectJob, rows: std::ops::Range<usize>) {
+        let super::DirectJob {
+            bytes,
+            row_bytes,
+            x,
+            stride,
+            first_token,
+            inv_scales,
+            sums,
+            gamma,
+            y,
+            d_out,
+        } = *job;
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        let chains = if NT <= 2 { 4 } else { 1 };
+        let blocks = row_bytes.div_ceil(32);
+        let x = x.as_ptr().add(first_token * stride);
+        for r in rows {
+            let row = &bytes[r * row_bytes..][..row_bytes];
+            let mut wide = [_mm256_setzero_si256(); NT];
+            let mut start = 0;
+            while start < blocks {
+                let end = (start + WIDEN).min(blocks);
+                let mut acc = [[_mm256_setzero_si256(); NT]; 4];
+                for m in start..end {
+                    let w = match row.get(32 * m..32 * m + 32) {
+                        Some(whole) => _mm256_loadu_si256(whole.as_ptr().cast()),
+                        None => {
+                            // The row's last bytes, then zero codes against zero
+                            // activations.
+                            let mut last = [0u8; 32];
+                            last[..row_bytes - 32 * m].copy_from_slice(&row[32 * m..]);
+                            _mm256_loadu_si256(last.as_ptr().cast())
+                        }
+                    };
+                    let codes = [
+                        _mm256_and_si256(w, mask),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask),
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask),
+                        _mm256_and_si256(_mm256_srli_epi16::<6>(w), mask),
+                    ];
+                    for (k, codes) in codes.iter().enumerate() {
+                        for (t, acc) in acc[k % chains].iter_mut().enumerate() {
+                            let xs =
+                                _mm256_loadu_si256(x.add(t * stride + 128 * m + 32 * k).cast());
+                            *acc = _mm256_add_epi16(*acc, _mm256_maddubs_epi16(*codes, xs));
+                        }
+                    }
+                }
+                for chain in &acc[..chains] {
+                    for (wide, acc) in wide.iter_mut().zip(chain) {
+                        *wide = _mm256_add_epi32(*wide, _mm256_madd_epi16(*acc, ones));
+                    }
+                }
+                start = end;
+            }
+            for (t, wide) in wide.iter().enumerate() {
+                let half = _mm_add_epi32(
+                    _mm256_castsi256_si128(*wide),
+                    _mm256_extracti128_si256::<1>(*wide),
+                );
+                let half = _mm_add_epi32(half, _mm_shuffle_epi32::<0b01_00_11_10>(half));
+                let half = _mm_add_epi32(half, _mm_shuffle_epi32::<0b10_11_00_01>(half));
+                let token = first_token + t;
+                let sum = _mm_cvtsi128_si32(half).wrapping_sub(sums[token]);
+                // `(a as f32 · 1/s) · γ`, the reference's order.
+                *y.0.add(token * d_out + r) = sum as f32 * inv_scales[token] * gamma;
+            }
+        }
+    }
+
     /// One [`PanelJob`] of 1 to 16 tokens, its codes in the AVX2 order.
     #[target_feature(enable = "avx2")]
     pub unsafe fn panel(job: &PanelJob) {
@@ -1356,9 +1435,9 @@ impl Kernel {
 /// The product on the CPU: `x` `[tokens, d_in]` row-major against a `[d_out, d_in]`
 /// matrix's `codes`, returns `[tokens, d_out]` row-major. Each weight vector is unpacked
 /// once per tile of up to 16 tokens, in registers. Codes in the export's rows are
-/// multiplied in place: each task rearranges its panels into a per-thread scratch
-/// ([`rows_scratch_bytes`]), then runs every tile over it — the same numbers as from the
-/// CPU layout, bit for bit. The kernel is [`Kernel::best`]: AVX-512 VNNI + VBMI, else
+/// multiplied in place: up to 4 tokens row by row by the vector kernels, more by tasks
+/// that each rearrange their panels into a per-thread scratch ([`rows_scratch_bytes`]),
+/// then run every tile over it — the same numbers as from the CPU layout, bit for bit. The kernel is [`Kernel::best`]: AVX-512 VNNI + VBMI, else
 /// AVX2, else portable Rust; every kernel gives the same bits.
 pub fn cpu_gemm(
     x: &[f32],
@@ -1418,9 +1497,9 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<HostWords> = std::cell::RefCell::new(HostWords::zeroed(0));
 }
 
-/// Tokens up to which the VNNI kernel multiplies codes in the export's rows directly
-/// ([`vnni::rows`]): so few tokens compute too briefly to repay rearranging the rows into
-/// panels first.
+/// Tokens up to which the vector kernels multiply codes in the export's rows directly
+/// ([`vnni::rows`], [`avx2::rows`]): so few tokens compute too briefly to repay
+/// rearranging the rows into panels first.
 #[cfg(target_arch = "x86_64")]
 const DIRECT_TOKENS: usize = 4;
 
@@ -1428,9 +1507,10 @@ const DIRECT_TOKENS: usize = 4;
 #[cfg(target_arch = "x86_64")]
 const DIRECT_ROWS: usize = 64;
 
-/// A product on the export's rows, for [`vnni::rows`]: activation codes of each token in
-/// `stride` bytes, each 256 inputs stored by their place in a weight byte (inputs `4i + k`
-/// at `64k + i`).
+/// A product on the export's rows, for [`vnni::rows`] and [`avx2::rows`]: activation
+/// codes of each token in `stride` bytes, each block of the kernel's inputs (256 for VNNI,
+/// 128 for AVX2) stored by their place in a weight byte (inputs `4i + k` at
+/// `block/4 · k + i`).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct DirectJob<'a> {
@@ -1446,8 +1526,8 @@ struct DirectJob<'a> {
     d_out: usize,
 }
 
-/// [`gemm`] of up to [`DIRECT_TOKENS`] tokens on codes in the export's rows with the VNNI
-/// kernel: row by row, no rearrangement. The same bits as through the panels.
+/// [`gemm`] of up to [`DIRECT_TOKENS`] tokens on codes in the export's rows with a
+/// vector kernel: row by row, no rearrangement. The same bits as through the panels.
 #[cfg(target_arch = "x86_64")]
 fn gemm_rows_direct(
     x: &[f32],
@@ -1456,14 +1536,20 @@ fn gemm_rows_direct(
     d_out: usize,
     d_in: usize,
     gamma: f32,
+    kernel: Kernel,
 ) -> Vec<f32> {
-    let stride = 256 * d_in.div_ceil(256);
+    // Inputs per block: a 64-byte row vector's codes (VNNI), a 32-byte one's (AVX2).
+    let block = if kernel == Kernel::Vnni { 256 } else { 128 };
+    let stride = block * d_in.div_ceil(block);
     let (codes, inv_scales, sums) = quantize_rows(x, d_in, stride);
     let mut placed = vec![0i8; codes.len()];
-    for (from, to) in codes.chunks_exact(256).zip(placed.chunks_exact_mut(256)) {
+    for (from, to) in codes
+        .chunks_exact(block)
+        .zip(placed.chunks_exact_mut(block))
+    {
         for (i, four) in from.chunks_exact(4).enumerate() {
             for (k, &code) in four.iter().enumerate() {
-                to[64 * k + i] = code;
+                to[block / 4 * k + i] = code;
             }
         }
     }
@@ -1488,15 +1574,20 @@ fn gemm_rows_direct(
                     d_out,
                 };
                 let n = (tokens - first_token).min(4);
-                // SAFETY: the CPU runs the VNNI kernel (the caller's `kernel`); every row
-                // of `rows` lies in `bytes`, every token's codes in `placed`; stores stay
-                // in this task's rows of the tokens' outputs.
+                let rows = rows.clone();
+                // SAFETY: the CPU runs `kernel` (the caller's); every row of `rows` lies in
+                // `bytes`, every token's codes in `placed`, in blocks of the kernel's;
+                // stores stay in this task's rows of the tokens' outputs.
                 unsafe {
-                    match n {
-                        1 => vnni::rows::<1>(&job, rows.clone()),
-                        2 => vnni::rows::<2>(&job, rows.clone()),
-                        3 => vnni::rows::<3>(&job, rows.clone()),
-                        _ => vnni::rows::<4>(&job, rows.clone()),
+                    match (kernel, n) {
+                        (Kernel::Vnni, 1) => vnni::rows::<1>(&job, rows),
+                        (Kernel::Vnni, 2) => vnni::rows::<2>(&job, rows),
+                        (Kernel::Vnni, 3) => vnni::rows::<3>(&job, rows),
+                        (Kernel::Vnni, _) => vnni::rows::<4>(&job, rows),
+                        (_, 1) => avx2::rows::<1>(&job, rows),
+                        (_, 2) => avx2::rows::<2>(&job, rows),
+                        (_, 3) => avx2::rows::<3>(&job, rows),
+                        (_, _) => avx2::rows::<4>(&job, rows),
                     }
                 }
                 first_token += n;
@@ -1532,8 +1623,10 @@ fn gemm(
         return vec![0f32; tokens * d_out];
     }
     #[cfg(target_arch = "x86_64")]
-    if let (Codes::Rows(bytes), Kernel::Vnni, 1..=DIRECT_TOKENS) = (codes, kernel, tokens) {
-        return gemm_rows_direct(x, tokens, bytes, d_out, d_in, gamma);
+    if let (Codes::Rows(bytes), Kernel::Vnni | Kernel::Avx2, 1..=DIRECT_TOKENS) =
+        (codes, kernel, tokens)
+    {
+        return gemm_rows_direct(x, tokens, bytes, d_out, d_in, gamma, kernel);
     }
     // Every element is written below, once, by the task holding its row's panel.
     let mut y = Vec::<f32>::with_capacity(tokens * d_out);
@@ -1776,26 +1869,29 @@ mod tests {
     /// and a whole tile, so `Σ = ±127·d_in` in every kernel.
     #[test]
     fn integer_accumulation_is_exact() {
-        let d_in = 1000;
+        // Long enough for the 16-bit sums of the AVX2 kernels to be widened many times.
+        let d_in = 4000;
         // Row 0 all +1 (code 2), row 1 all −1 (code 0).
         let mut bytes = vec![0b1010_1010u8; d_in / 4];
         bytes.extend(vec![0u8; d_in / 4]);
         let mut words = vec![0u32; panel_words(2, d_in)];
         interleave(&bytes, 2, d_in, &mut words);
-        for tokens in [1, 16] {
+        for tokens in [1, 3, 16] {
             // Token t: all 2.0 (codes 127) or all −2.0 (codes −127).
             let sign = |t: usize| if t.is_multiple_of(2) { 1.0f32 } else { -1.0 };
             let x: Vec<f32> = (0..tokens * d_in).map(|i| 2.0 * sign(i / d_in)).collect();
             for kernel in Kernel::supported() {
-                let y = gemm(&x, tokens, Codes::Panels(&words), 2, d_in, 1.0, kernel);
-                for t in 0..tokens {
-                    // inv_scale = 2/127: y = ±127·1000·(2/127) = ±2000.
-                    for (row, want) in [(0, 2000.0 * sign(t)), (1, -2000.0 * sign(t))] {
-                        let got = y[t * 2 + row];
-                        assert!(
-                            (got - want).abs() < 1e-2,
-                            "{kernel:?} token {t} row {row}: {got}"
-                        );
+                for codes in [Codes::Panels(&words), Codes::Rows(&bytes)] {
+                    let y = gemm(&x, tokens, codes, 2, d_in, 1.0, kernel);
+                    for t in 0..tokens {
+                        // inv_scale = 2/127: y = ±127·4000·(2/127) = ±8000.
+                        for (row, want) in [(0, 8000.0 * sign(t)), (1, -8000.0 * sign(t))] {
+                            let got = y[t * 2 + row];
+                            assert!(
+                                (got - want).abs() < 1e-2,
+                                "{kernel:?} token {t} row {row}: {got}"
+                            );
+                        }
                     }
                 }
             }
