@@ -1030,24 +1030,13 @@ mod vnni {
     /// accumulators per token (one per `k`) summed across their lanes at the row's end.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn rows<const NT: usize>(job: &super::DirectJob, rows: std::ops::Range<usize>) {
-        let super::DirectJob {
-            bytes,
-            row_bytes,
-            x,
-            stride,
-            first_token,
-            inv_scales,
-            sums,
-            gamma,
-            y,
-            d_out,
-        } = *job;
+        let (row_bytes, stride) = (job.row_bytes, job.stride);
         let mask = _mm512_set1_epi8(3);
         let (full, tail) = (row_bytes / 64, row_bytes % 64);
         let tail_mask = (1u64 << tail).wrapping_sub(1);
-        let x = x.as_ptr().add(first_token * stride);
+        let x = job.x.as_ptr();
         for r in rows {
-            let row = bytes.as_ptr().add(r * row_bytes);
+            let row = job.row(r).as_ptr();
             let mut acc = [[_mm512_setzero_si512(); NT]; 4];
             let mut block = |m: usize, w: __m512i| {
                 let codes = [
@@ -1076,10 +1065,7 @@ mod vnni {
             let [a, b, c, d] = acc;
             for (t, (((a, b), c), d)) in a.iter().zip(&b).zip(&c).zip(&d).enumerate() {
                 let total = _mm512_add_epi32(_mm512_add_epi32(*a, *b), _mm512_add_epi32(*c, *d));
-                let token = first_token + t;
-                let sum = _mm512_reduce_add_epi32(total).wrapping_sub(sums[token]);
-                // `(a as f32 · 1/s) · γ`, the reference's order.
-                *y.0.add(token * d_out + r) = sum as f32 * inv_scales[token] * gamma;
+                job.store(t, r, _mm512_reduce_add_epi32(total));
             }
         }
     }
@@ -1202,25 +1188,14 @@ mod avx2 {
     /// across lanes at the row's end.
     #[target_feature(enable = "avx2")]
     pub unsafe fn rows<const NT: usize>(job: &super::DirectJob, rows: std::ops::Range<usize>) {
-        let super::DirectJob {
-            bytes,
-            row_bytes,
-            x,
-            stride,
-            first_token,
-            inv_scales,
-            sums,
-            gamma,
-            y,
-            d_out,
-        } = *job;
+        let (row_bytes, stride) = (job.row_bytes, job.stride);
         let mask = _mm256_set1_epi8(3);
         let ones = _mm256_set1_epi16(1);
         let chains = if NT <= 2 { 4 } else { 1 };
         let blocks = row_bytes.div_ceil(32);
-        let x = x.as_ptr().add(first_token * stride);
+        let x = job.x.as_ptr();
         for r in rows {
-            let row = &bytes[r * row_bytes..][..row_bytes];
+            let row = job.row(r);
             let mut wide = [_mm256_setzero_si256(); NT];
             let mut start = 0;
             while start < blocks {
@@ -1265,10 +1240,7 @@ mod avx2 {
                 );
                 let half = _mm_add_epi32(half, _mm_shuffle_epi32::<0b01_00_11_10>(half));
                 let half = _mm_add_epi32(half, _mm_shuffle_epi32::<0b10_11_00_01>(half));
-                let token = first_token + t;
-                let sum = _mm_cvtsi128_si32(half).wrapping_sub(sums[token]);
-                // `(a as f32 · 1/s) · γ`, the reference's order.
-                *y.0.add(token * d_out + r) = sum as f32 * inv_scales[token] * gamma;
+                job.store(t, r, _mm_cvtsi128_si32(half));
             }
         }
     }
@@ -1437,8 +1409,9 @@ impl Kernel {
 /// once per tile of up to 16 tokens, in registers. Codes in the export's rows are
 /// multiplied in place: up to 4 tokens row by row by the vector kernels, more by tasks
 /// that each rearrange their panels into a per-thread scratch ([`rows_scratch_bytes`]),
-/// then run every tile over it — the same numbers as from the CPU layout, bit for bit. The kernel is [`Kernel::best`]: AVX-512 VNNI + VBMI, else
-/// AVX2, else portable Rust; every kernel gives the same bits.
+/// then run every tile over it — the same numbers as from the CPU layout, bit for bit.
+/// The kernel is [`Kernel::best`]: AVX-512 VNNI + VBMI, else AVX2, else portable Rust;
+/// every kernel gives the same bits.
 pub fn cpu_gemm(
     x: &[f32],
     tokens: usize,
@@ -1502,6 +1475,9 @@ thread_local! {
 /// rearranging the rows into panels first.
 #[cfg(target_arch = "x86_64")]
 const DIRECT_TOKENS: usize = 4;
+// The kernels are instantiated for 1 to 4 tokens.
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(DIRECT_TOKENS <= 4);
 
 /// Rows per task of the direct product.
 #[cfg(target_arch = "x86_64")]
@@ -1512,13 +1488,11 @@ const DIRECT_ROWS: usize = 64;
 /// 128 for AVX2) stored by their place in a weight byte (inputs `4i + k` at
 /// `block/4 · k + i`).
 #[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
 struct DirectJob<'a> {
     bytes: &'a [u8],
     row_bytes: usize,
     x: &'a [i8],
     stride: usize,
-    first_token: usize,
     inv_scales: &'a [f32],
     sums: &'a [i32],
     gamma: f32,
@@ -1526,7 +1500,26 @@ struct DirectJob<'a> {
     d_out: usize,
 }
 
-/// [`gemm`] of up to [`DIRECT_TOKENS`] tokens on codes in the export's rows with a
+#[cfg(target_arch = "x86_64")]
+impl DirectJob<'_> {
+    /// Row `r`'s codes.
+    fn row(&self, r: usize) -> &[u8] {
+        &self.bytes[r * self.row_bytes..][..self.row_bytes]
+    }
+
+    /// Writes output `r` of token `t` from its `Σ c·x`: `(Σ q·x as f32 · 1/s) · γ`, the
+    /// reference's order, with `Σ q·x = Σ c·x − Σ x`.
+    ///
+    /// # Safety
+    /// `r < d_out`, `t` one of the product's tokens, and no other task writes row `r`.
+    #[inline(always)]
+    unsafe fn store(&self, t: usize, r: usize, sum: i32) {
+        let sum = sum.wrapping_sub(self.sums[t]);
+        *self.y.0.add(t * self.d_out + r) = sum as f32 * self.inv_scales[t] * self.gamma;
+    }
+}
+
+/// [`gemm`] of 1 to [`DIRECT_TOKENS`] tokens on codes in the export's rows with a
 /// vector kernel: row by row, no rearrangement. The same bits as through the panels.
 #[cfg(target_arch = "x86_64")]
 fn gemm_rows_direct(
@@ -1554,43 +1547,35 @@ fn gemm_rows_direct(
         }
     }
     let mut y = Vec::<f32>::with_capacity(tokens * d_out);
-    let out = Output(y.as_mut_ptr());
+    let job = DirectJob {
+        bytes,
+        row_bytes: d_in.div_ceil(4),
+        x: &placed,
+        stride,
+        inv_scales: &inv_scales,
+        sums: &sums,
+        gamma,
+        y: Output(y.as_mut_ptr()),
+        d_out,
+    };
     (0..d_out.div_ceil(DIRECT_ROWS))
         .into_par_iter()
         .for_each(|task| {
             let rows = task * DIRECT_ROWS..((task + 1) * DIRECT_ROWS).min(d_out);
-            let mut first_token = 0;
-            while first_token < tokens {
-                let job = DirectJob {
-                    bytes,
-                    row_bytes: d_in.div_ceil(4),
-                    x: &placed,
-                    stride,
-                    first_token,
-                    inv_scales: &inv_scales,
-                    sums: &sums,
-                    gamma,
-                    y: out,
-                    d_out,
-                };
-                let n = (tokens - first_token).min(4);
-                let rows = rows.clone();
-                // SAFETY: the CPU runs `kernel` (the caller's); every row of `rows` lies in
-                // `bytes`, every token's codes in `placed`, in blocks of the kernel's;
-                // stores stay in this task's rows of the tokens' outputs.
-                unsafe {
-                    match (kernel, n) {
-                        (Kernel::Vnni, 1) => vnni::rows::<1>(&job, rows),
-                        (Kernel::Vnni, 2) => vnni::rows::<2>(&job, rows),
-                        (Kernel::Vnni, 3) => vnni::rows::<3>(&job, rows),
-                        (Kernel::Vnni, _) => vnni::rows::<4>(&job, rows),
-                        (_, 1) => avx2::rows::<1>(&job, rows),
-                        (_, 2) => avx2::rows::<2>(&job, rows),
-                        (_, 3) => avx2::rows::<3>(&job, rows),
-                        (_, _) => avx2::rows::<4>(&job, rows),
-                    }
+            // SAFETY: the CPU runs `kernel` (the caller's); every row of `rows` lies in
+            // `bytes`, every token's codes in `placed`, in blocks of the kernel's; stores
+            // stay in this task's rows of the tokens' outputs.
+            unsafe {
+                match (kernel, tokens) {
+                    (Kernel::Vnni, 1) => vnni::rows::<1>(&job, rows),
+                    (Kernel::Vnni, 2) => vnni::rows::<2>(&job, rows),
+                    (Kernel::Vnni, 3) => vnni::rows::<3>(&job, rows),
+                    (Kernel::Vnni, _) => vnni::rows::<4>(&job, rows),
+                    (_, 1) => avx2::rows::<1>(&job, rows),
+                    (_, 2) => avx2::rows::<2>(&job, rows),
+                    (_, 3) => avx2::rows::<3>(&job, rows),
+                    (_, _) => avx2::rows::<4>(&job, rows),
                 }
-                first_token += n;
             }
         });
     // SAFETY: the tasks wrote all `tokens × d_out` elements (every row of every token).
