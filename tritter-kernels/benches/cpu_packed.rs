@@ -1,7 +1,8 @@
 //! The packed ternary product of inference on the CPU, each kernel this CPU runs
 //! (portable, AVX2, AVX-512 VNNI), at the layer shapes of the `1B` and `3B` presets, for
 //! 1 token (decode) and 16 (a batch, or a prefill tile), with the weights in cache, in
-//! the CPU layout and in place in the export's rows; and one token in place from memory. G multiply-adds/s count `tokens·d_in·d_out`. Also the
+//! the CPU layout and in place in the export's rows; and one token in place from memory,
+//! in 2 MiB and in 4 KiB pages. G multiply-adds/s count `tokens·d_in·d_out`. Also the
 //! rearrangement of the export's rows into that layout by each transposer, in bytes of
 //! codes per second.
 //!
@@ -79,41 +80,89 @@ fn bench(c: &mut Criterion) {
         }
     }
     // One token in place from memory, as a streamed layer's product runs: enough
-    // copies of 3B's FFN up-projection (in 4 KiB pages, as a file's are mapped) to pass
-    // through memory rather than the caches, one after another.
+    // copies of 3B's FFN up-projection to pass through memory rather than the caches,
+    // one after another; in 2 MiB pages, as the streaming engine maps a model file on a
+    // filesystem with large folios (ext4, XFS), and in 4 KiB pages, as elsewhere.
     let (d_in, d_out) = (2560usize, 13824usize);
     let matrix: Vec<u8> = (0..d_out * d_in / 4)
         .map(|i| (i % 81) as u8 & 0x55)
-        .collect();
-    let copies: Vec<Vec<u8>> = (0..(256usize << 20).div_ceil(matrix.len()))
-        .map(|_| matrix.clone())
         .collect();
     let x: Vec<f32> = (0..d_in)
         .map(|i| ((i * 7919) % 255) as f32 - 127.0)
         .collect();
     group.throughput(criterion::Throughput::Elements((d_in * d_out) as u64));
-    for kernel in Kernel::supported() {
-        let mut next = 0;
-        group.bench_function(
-            format!("{kernel:?} in place from memory 1×{d_in}×{d_out}"),
-            |b| {
-                b.iter(|| {
-                    next = (next + 1) % copies.len();
-                    let codes = Codes::Rows(&copies[next]);
-                    black_box(cpu_gemm_with(
-                        kernel,
-                        black_box(&x),
-                        1,
-                        codes,
-                        d_out,
-                        d_in,
-                        1.0,
-                    ))
-                })
-            },
-        );
+    for huge in [true, false] {
+        let memory = Copies::new(&matrix, 256 << 20, huge);
+        let pages = if huge { "2 MiB" } else { "4 KiB" };
+        for kernel in Kernel::supported() {
+            let mut next = 0;
+            group.bench_function(
+                format!("{kernel:?} in place from memory ({pages} pages) 1×{d_in}×{d_out}"),
+                |b| {
+                    b.iter(|| {
+                        next = (next + 1) % memory.count;
+                        let codes = Codes::Rows(memory.copy(next));
+                        black_box(cpu_gemm_with(
+                            kernel,
+                            black_box(&x),
+                            1,
+                            codes,
+                            d_out,
+                            d_in,
+                            1.0,
+                        ))
+                    })
+                },
+            );
+        }
     }
     group.finish();
+}
+
+/// Copies of a matrix, side by side from a 2 MiB boundary, backed by 2 MiB or 4 KiB
+/// pages (on Linux; elsewhere by whatever the allocator gives).
+struct Copies {
+    memory: Vec<u8>,
+    first: usize,
+    matrix: usize,
+    count: usize,
+}
+
+impl Copies {
+    fn new(matrix: &[u8], bytes: usize, huge: bool) -> Self {
+        const HUGE: usize = 2 << 20;
+        let count = bytes.div_ceil(matrix.len());
+        // Zeroed by mapping fresh pages: none is touched before the advice.
+        let mut memory = vec![0u8; count * matrix.len() + HUGE];
+        let first = memory.as_ptr().align_offset(HUGE);
+        #[cfg(target_os = "linux")]
+        // SAFETY: advice on pages of `memory`, which changes how they are backed, never
+        // their contents.
+        unsafe {
+            let advice = if huge {
+                libc::MADV_HUGEPAGE
+            } else {
+                libc::MADV_NOHUGEPAGE
+            };
+            let start = memory.as_mut_ptr().add(first);
+            libc::madvise(start.cast(), memory.len() - first, advice);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = huge;
+        for copy in memory[first..].chunks_exact_mut(matrix.len()) {
+            copy.copy_from_slice(matrix);
+        }
+        Self {
+            memory,
+            first,
+            matrix: matrix.len(),
+            count,
+        }
+    }
+
+    fn copy(&self, i: usize) -> &[u8] {
+        &self.memory[self.first + i * self.matrix..][..self.matrix]
+    }
 }
 
 criterion_group!(benches, bench);

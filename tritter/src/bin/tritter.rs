@@ -845,9 +845,15 @@ fn product_rate(
 /// layout and in place from the export's rows, each in cache and from memory. Returns the
 /// best rate at 16 tokens, multiply-adds/s.
 fn print_product_rates(d_out: usize, d_in: usize, packed: &[u8], words: &HostWords) -> f64 {
-    // Copies enough to pass through memory rather than the caches.
+    // Copies enough to pass through memory rather than the caches; the rows in the
+    // pages the CPU layout's are in (2 MiB, where the kernel gives them), as the engine's
+    // mapping of the model file is on a filesystem that caches it in large folios.
     let copies = (512usize << 20).div_ceil(packed.len());
-    let rows: Vec<Vec<u8>> = (0..copies).map(|_| packed.to_vec()).collect();
+    let mut memory = HostWords::zeroed((copies * packed.len()).div_ceil(4));
+    for copy in memory.as_bytes_mut().chunks_exact_mut(packed.len()) {
+        copy.copy_from_slice(packed);
+    }
+    let rows: Vec<&[u8]> = memory.as_bytes().chunks_exact(packed.len()).collect();
     let panels: Vec<HostWords> = (0..copies).map(|_| words.clone()).collect();
     println!(
         "packed ternary product, G multiply-adds/s ({d_out} × {d_in}; from memory: {} of matrices)",
@@ -866,7 +872,7 @@ fn print_product_rates(d_out: usize, d_in: usize, packed: &[u8], words: &HostWor
         let panel =
             |x: &[f32], i: usize| cpu_gemm(x, tokens, Codes::Panels(&panels[i]), d_out, d_in, 1.0);
         let in_place =
-            |x: &[f32], i: usize| cpu_gemm(x, tokens, Codes::Rows(&rows[i]), d_out, d_in, 1.0);
+            |x: &[f32], i: usize| cpu_gemm(x, tokens, Codes::Rows(rows[i]), d_out, d_in, 1.0);
         let rates = [
             product_rate(d_out, d_in, 1, tokens, panel),
             product_rate(d_out, d_in, copies, tokens, panel),
