@@ -118,8 +118,8 @@ fn int4_cache_decodes_on_the_device_like_the_cpu_backend() {
     let config = TritterConfig::preset("test", 264).unwrap();
     let (cpu, gpu) = (Default::default(), WgpuDevice::Cpu);
     let (cpu_model, gpu_model) = twin_models::<Flex, Wgpu>(&config, &cpu, &gpu);
-    let mut cpu_cache = KvCache::with_storage(config.num_layers, KvCacheType::Int4);
-    let mut gpu_cache = KvCache::with_storage(config.num_layers, KvCacheType::Int4);
+    let mut cpu_cache = KvCache::with_storage(config.num_layers, KvCacheType::Int4, 0);
+    let mut gpu_cache = KvCache::with_storage(config.num_layers, KvCacheType::Int4, 0);
     // A 200-token prompt quantizes a group of 32 (128–159 recent tokens stay in f16),
     // then decode steps cross into the next group.
     let prompt: Vec<i64> = (0..200).map(|i| ((i * 37 + i / 7) % 264) as i64).collect();

@@ -303,13 +303,10 @@ fn activation_bytes(
         + 5 * (2 * f).max(config.qkv_size());
     // Attention of one sequence at a time to one layer's cache: its keys and values in
     // f32 as the attention reads them (copied out of a host cache, dequantized from
-    // INT4, or, on a device, the f32 cache copied on append and the f16 one copied on
-    // append and cast), and what the backend's attention holds besides.
-    let copy = match req.kv_cache {
-        KvCacheType::F16 if !device.host_cache => 6,
-        _ => 4,
-    };
-    let attention = copy * 2 * nkv * ctx * hd
+    // INT4, or, on a device, cast from the f16 buffers or copied contiguous out of the
+    // f32 ones, which are written in place), and what the backend's attention holds
+    // besides.
+    let attention = 4 * 2 * nkv * ctx * hd
         + (device.attention)(AttentionShape {
             batch: 1,
             heads: nh,
@@ -341,9 +338,6 @@ pub struct DeviceMemory {
     pub in_place: bool,
     /// Extra memory of one attention call ([`TritterBackend::attention_scratch_bytes`]).
     pub attention: fn(AttentionShape) -> usize,
-    /// Whether f32 and f16 caches live in host memory, appended in place
-    /// ([`TritterBackend::host_kv_cache`]).
-    pub host_cache: bool,
 }
 
 impl DeviceMemory {
@@ -352,7 +346,6 @@ impl DeviceMemory {
             scratch: B::ternary_scratch_bytes,
             in_place: B::computes_in_place(),
             attention: B::attention_scratch_bytes,
-            host_cache: B::host_kv_cache(),
         }
     }
 }
@@ -545,7 +538,6 @@ mod tests {
         scratch: |_, _| 0,
         in_place: false,
         attention: |_| 0,
-        host_cache: true,
     };
 
     fn req(budget: u64, context: usize, batch: usize, kv: KvCacheType) -> PlanRequest {

@@ -187,7 +187,8 @@ pub fn generate<B: TritterBackend>(
             &device,
         )
     };
-    let mut cache = use_cache.then(|| KvCache::new(model.config.num_layers));
+    let mut cache =
+        use_cache.then(|| KvCache::new(model.config.num_layers, prompt.len() + max_new));
     let mut tokens = prompt.to_vec();
     let mut generated = Vec::with_capacity(max_new);
     let mut next_input: Vec<u32> = prompt.to_vec();

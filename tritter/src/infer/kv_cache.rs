@@ -1,20 +1,27 @@
 //! The key/value cache of incremental decoding: per layer, the post-RoPE keys and the
 //! values of every position seen so far, `[batch, kv_heads, len, head_dim]` on the
-//! device in f32 or f16; or, for one sequence, KIVI INT4 codes — in device memory where
+//! device in f32 or f16, written in place into buffers reserved for the positions the
+//! generation will reach; or, for one sequence, KIVI INT4 codes — in device memory where
 //! the backend has the kernels (`TritterBackend::device_int4_kv_cache`: CUDA, wgpu), in
 //! host memory ([`tritter_kernels::kv_int4`]) elsewhere, as are the f32 and f16 caches on
 //! the CPU, appended in place — with decode attention that reads them directly.
 
 use super::budget::{KvCacheType, INT4_GROUP, INT4_RECENT_WINDOW};
 use burn::prelude::*;
-use burn::tensor::FloatDType;
+use burn::tensor::{FloatDType, TensorCreationOptions};
 use tritter_kernels::kv_int4::{DeviceKvCache, Int4KvCache};
 use tritter_kernels::TritterBackend;
 
 #[derive(Debug, Clone)]
 enum Stored<B: Backend> {
     Empty,
-    Dense(Tensor<B, 4>, Tensor<B, 4>),
+    /// Keys and values of `len` positions at the front of buffers
+    /// `[batch, kv_heads, capacity, head_dim]`.
+    Dense {
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        len: usize,
+    },
     Host(Int4KvCache, B::Device),
     Device(Box<dyn DeviceKvCache<B>>),
 }
@@ -24,6 +31,9 @@ enum Stored<B: Backend> {
 pub struct LayerCache<B: TritterBackend> {
     stored: Stored<B>,
     kind: KvCacheType,
+    /// Positions a dense cache reserves when it is first written (at least those
+    /// written then; it doubles if they run out).
+    reserve: usize,
 }
 
 fn host(t: Tensor<impl Backend, 4>) -> Vec<f32> {
@@ -34,10 +44,12 @@ fn host(t: Tensor<impl Backend, 4>) -> Vec<f32> {
 }
 
 impl<B: TritterBackend> LayerCache<B> {
-    pub fn new(kind: KvCacheType) -> Self {
+    /// A cache for `reserve` positions (0 if unknown: it grows as they come).
+    pub fn new(kind: KvCacheType, reserve: usize) -> Self {
         Self {
             stored: Stored::Empty,
             kind,
+            reserve,
         }
     }
 
@@ -91,11 +103,39 @@ impl<B: TritterBackend> LayerCache<B> {
         } else {
             (k, v)
         };
-        self.stored = match std::mem::replace(&mut self.stored, Stored::Empty) {
-            Stored::Dense(ck, cv) => {
-                Stored::Dense(Tensor::cat(vec![ck, k], 2), Tensor::cat(vec![cv, v], 2))
+        let (mut keys, mut values, len) = match std::mem::replace(&mut self.stored, Stored::Empty) {
+            Stored::Dense { keys, values, len } => (keys, values, len),
+            _ => {
+                let reserve = self.reserve.max(new);
+                let buffer = || {
+                    let options = TensorCreationOptions::new(k.device()).with_dtype(k.dtype());
+                    Tensor::empty([batch, kv_heads, reserve, head_dim], options)
+                };
+                (buffer(), buffer(), 0)
             }
-            _ => Stored::Dense(k, v),
+        };
+        let capacity = keys.dims()[2];
+        if len + new > capacity {
+            // More positions than reserved: twice the room, the cached ones copied over.
+            let capacity = (2 * capacity).max(len + new);
+            let grow = |buffer: Tensor<B, 4>| {
+                let options =
+                    TensorCreationOptions::new(buffer.device()).with_dtype(buffer.dtype());
+                let held = buffer.slice([0..batch, 0..kv_heads, 0..len, 0..head_dim]);
+                Tensor::empty([batch, kv_heads, capacity, head_dim], options)
+                    .slice_assign([0..batch, 0..kv_heads, 0..len, 0..head_dim], held)
+            };
+            (keys, values) = (grow(keys), grow(values));
+        }
+        // In place: the cache holds the buffers' only handles once the last step's
+        // attention has read them.
+        let at = [0..batch, 0..kv_heads, len..len + new, 0..head_dim];
+        keys = keys.slice_assign(at.clone(), k);
+        values = values.slice_assign(at, v);
+        self.stored = Stored::Dense {
+            keys,
+            values,
+            len: len + new,
         };
     }
 
@@ -103,11 +143,19 @@ impl<B: TritterBackend> LayerCache<B> {
     pub fn keys_values(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
         match &self.stored {
             Stored::Empty => panic!("keys and values read from an empty cache"),
-            Stored::Dense(k, v) if self.kind == KvCacheType::F16 => (
-                k.clone().cast(FloatDType::F32),
-                v.clone().cast(FloatDType::F32),
-            ),
-            Stored::Dense(k, v) => (k.clone(), v.clone()),
+            Stored::Dense { keys, values, len } => {
+                let [batch, kv_heads, _, head_dim] = keys.dims();
+                let held = |t: &Tensor<B, 4>| {
+                    let t = t
+                        .clone()
+                        .slice([0..batch, 0..kv_heads, 0..*len, 0..head_dim]);
+                    match self.kind {
+                        KvCacheType::F16 => t.cast(FloatDType::F32),
+                        _ => t,
+                    }
+                };
+                (held(keys), held(values))
+            }
             Stored::Host(cache, device) => {
                 let (keys, values) = cache.dequantize();
                 let shape = [1, cache.kv_heads(), cache.len(), cache.head_dim()];
@@ -165,16 +213,16 @@ impl<B: TritterBackend> LayerCache<B> {
     /// Whether the keys and values live in the device's memory: a dense cache, or INT4
     /// codes with the device's kernels (not the host-memory INT4 or f16 cache).
     pub fn on_device(&self) -> bool {
-        matches!(self.stored, Stored::Dense(..) | Stored::Device(_))
+        matches!(self.stored, Stored::Dense { .. } | Stored::Device(_))
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match &self.stored {
             Stored::Empty => 0,
-            Stored::Dense(k, v) => {
+            Stored::Dense { keys, values, .. } => {
                 let per = if self.kind == KvCacheType::F16 { 2 } else { 4 };
-                per * (k.shape().num_elements() + v.shape().num_elements())
+                per * (keys.shape().num_elements() + values.shape().num_elements())
             }
             Stored::Host(cache, _) => cache.bytes(),
             Stored::Device(cache) => cache.bytes(),
@@ -190,15 +238,18 @@ pub struct KvCache<B: TritterBackend> {
 }
 
 impl<B: TritterBackend> KvCache<B> {
-    /// An f32 cache.
-    pub fn new(num_layers: usize) -> Self {
-        Self::with_storage(num_layers, KvCacheType::F32)
+    /// An f32 cache for `reserve` positions (0 if unknown).
+    pub fn new(num_layers: usize, reserve: usize) -> Self {
+        Self::with_storage(num_layers, KvCacheType::F32, reserve)
     }
 
-    /// A cache that stores keys and values as `kind`.
-    pub fn with_storage(num_layers: usize, kind: KvCacheType) -> Self {
+    /// A cache that stores keys and values as `kind`, for `reserve` positions (a dense
+    /// cache's buffers hold that many from the start; 0 if unknown).
+    pub fn with_storage(num_layers: usize, kind: KvCacheType, reserve: usize) -> Self {
         Self {
-            layers: (0..num_layers).map(|_| LayerCache::new(kind)).collect(),
+            layers: (0..num_layers)
+                .map(|_| LayerCache::new(kind, reserve))
+                .collect(),
             len: 0,
         }
     }
@@ -223,5 +274,70 @@ impl<B: TritterBackend> KvCache<B> {
 
     pub fn advance(&mut self, positions: usize) {
         self.len += positions;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// A dense cache (two sequences: not the CPU's host cache) written in place holds
+    /// exactly what appending every step's keys and values holds, whether it reserved
+    /// enough positions, too few (it grows) or none; it holds the positions reserved.
+    fn dense_cache_appends_in_place_and_grows<B: TritterBackend>(device: B::Device) {
+        let (batch, kv_heads, head_dim) = (2, 3, 8);
+        for kind in [KvCacheType::F32, KvCacheType::F16] {
+            for reserve in [0, 5, 16] {
+                let mut cache = LayerCache::<B>::new(kind, reserve);
+                let (mut keys, mut values) = (Vec::new(), Vec::new());
+                for new in [3, 1, 1, 4, 1] {
+                    let shape = [batch, kv_heads, new, head_dim];
+                    let k = Tensor::<B, 4>::random(shape, Distribution::Normal(0., 1.), &device);
+                    let v = Tensor::<B, 4>::random(shape, Distribution::Normal(0., 1.), &device);
+                    cache.push(k.clone(), v.clone());
+                    keys.push(k);
+                    values.push(v);
+                    let (got_k, got_v) = cache.keys_values();
+                    let expected = |parts: &[Tensor<B, 4>]| {
+                        let all = Tensor::cat(parts.to_vec(), 2);
+                        match kind {
+                            KvCacheType::F16 => all.cast(FloatDType::F16).cast(FloatDType::F32),
+                            _ => all,
+                        }
+                    };
+                    for (got, want) in [(got_k, expected(&keys)), (got_v, expected(&values))] {
+                        assert_eq!(got.dims(), want.dims(), "{kind} reserving {reserve}");
+                        got.into_data().assert_eq(&want.into_data(), true);
+                    }
+                }
+                assert!(cache.on_device());
+                let per = if kind == KvCacheType::F16 { 2 } else { 4 };
+                // 10 positions: reserved, or doubled from 5 (or from the first 3 to 6 to 12).
+                let capacity = match reserve {
+                    16 => 16,
+                    5 => 10,
+                    _ => 12,
+                };
+                assert_eq!(
+                    cache.bytes(),
+                    per * 2 * batch * kv_heads * capacity * head_dim,
+                    "{kind} reserving {reserve}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dense_cache_on_the_cpu() {
+        dense_cache_appends_in_place_and_grows::<crate::TestBackend>(Default::default());
+    }
+
+    /// On a CubeCL backend (wgpu: lavapipe in CI), where the buffers are written in place
+    /// when the cache holds their only handles.
+    #[test]
+    fn dense_cache_on_wgpu() {
+        use burn::backend::wgpu::{Wgpu, WgpuDevice};
+        dense_cache_appends_in_place_and_grows::<Wgpu>(WgpuDevice::Cpu);
     }
 }

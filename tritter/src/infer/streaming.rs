@@ -780,7 +780,11 @@ impl<B: TritterBackend> StreamingEngine<B> {
             .map(|(id, p)| Sequence {
                 id,
                 hidden: p.chunks(chunk).map(|ids| self.embed(ids)).collect(),
-                cache: KvCache::with_storage(config.num_layers, self.plan.kv_cache),
+                cache: KvCache::with_storage(
+                    config.num_layers,
+                    self.plan.kv_cache,
+                    p.len() + max_new,
+                ),
                 sampler: Sampler::new(SamplingConfig {
                     seed: sampling.seed.wrapping_add(id as u64),
                     ..sampling.clone()
