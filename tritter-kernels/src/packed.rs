@@ -140,8 +140,7 @@ impl HostWords {
     /// 0.55 s, most of the difference page faults.
     pub fn zeroed(len: usize) -> Self {
         let n = len.div_ceil(16);
-        let mut lines: Vec<Line> = Vec::with_capacity(n);
-        advise_huge_pages(lines.as_mut_ptr().cast(), n * std::mem::size_of::<Line>());
+        let mut lines = advised_lines(n);
         // SAFETY: the capacity holds `n` lines, each written with zeros (a valid `Line`)
         // before the length covers it.
         unsafe {
@@ -150,6 +149,39 @@ impl HostWords {
         }
         Self { lines, len }
     }
+
+    /// The words' bytes: codes in the export's rows can sit in the same pages as the CPU
+    /// layout's (as the streaming engine's mapping of a model file does, where the
+    /// filesystem caches it in 2 MiB folios).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `lines` holds at least `4·len` initialized bytes, contiguous.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), 4 * self.len) }
+    }
+
+    /// [`HostWords::as_bytes`], mutably.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `as_bytes`, borrowed mutably; any bytes are valid words.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), 4 * self.len) }
+    }
+}
+
+impl Clone for HostWords {
+    fn clone(&self) -> Self {
+        let mut lines = advised_lines(self.lines.len());
+        lines.extend_from_slice(&self.lines);
+        Self {
+            lines,
+            len: self.len,
+        }
+    }
+}
+
+/// An empty vector with room for `n` lines, advised into huge pages before anything
+/// touches them ([`advise_huge_pages`]).
+fn advised_lines(n: usize) -> Vec<Line> {
+    let mut lines: Vec<Line> = Vec::with_capacity(n);
+    advise_huge_pages(lines.as_mut_ptr().cast(), n * std::mem::size_of::<Line>());
+    lines
 }
 
 /// Asks the kernel to back the whole 2 MiB pages within `bytes` at `start` with
@@ -175,35 +207,6 @@ fn advise_huge_pages(start: *mut u8, bytes: usize) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = start;
-}
-
-impl Clone for HostWords {
-    fn clone(&self) -> Self {
-        let n = self.lines.len();
-        let mut lines: Vec<Line> = Vec::with_capacity(n);
-        advise_huge_pages(lines.as_mut_ptr().cast(), n * std::mem::size_of::<Line>());
-        lines.extend_from_slice(&self.lines);
-        Self {
-            lines,
-            len: self.len,
-        }
-    }
-}
-
-impl HostWords {
-    /// The words' bytes: codes in the export's rows can sit in the same pages as the CPU
-    /// layout's (as the streaming engine's mapping of a model file does, where the
-    /// filesystem caches it in 2 MiB folios).
-    pub fn as_bytes(&self) -> &[u8] {
-        // SAFETY: `lines` holds at least `4·len` initialized bytes, contiguous.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), 4 * self.len) }
-    }
-
-    /// [`HostWords::as_bytes`], mutably.
-    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as for `as_bytes`, borrowed mutably; any bytes are valid words.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), 4 * self.len) }
-    }
 }
 
 impl std::ops::Deref for HostWords {

@@ -26,6 +26,20 @@ enum Stored<B: Backend> {
     Device(Box<dyn DeviceKvCache<B>>),
 }
 
+/// An unwritten buffer for `positions` of keys or values like `t`'s
+/// (`[batch, kv_heads, _, head_dim]`, its device and dtype).
+fn buffer_like<B: Backend>(t: &Tensor<B, 4>, positions: usize) -> Tensor<B, 4> {
+    let [batch, kv_heads, _, head_dim] = t.dims();
+    let options = TensorCreationOptions::new(t.device()).with_dtype(t.dtype());
+    Tensor::empty([batch, kv_heads, positions, head_dim], options)
+}
+
+/// `buffer` with `values` (`[batch, kv_heads, n, head_dim]`) at positions `at..at + n`.
+fn write_at<B: Backend>(buffer: Tensor<B, 4>, at: usize, values: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [batch, kv_heads, n, head_dim] = values.dims();
+    buffer.slice_assign([0..batch, 0..kv_heads, at..at + n, 0..head_dim], values)
+}
+
 /// One layer's cached keys and values.
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: TritterBackend> {
@@ -107,11 +121,7 @@ impl<B: TritterBackend> LayerCache<B> {
             Stored::Dense { keys, values, len } => (keys, values, len),
             _ => {
                 let reserve = self.reserve.max(new);
-                let buffer = || {
-                    let options = TensorCreationOptions::new(k.device()).with_dtype(k.dtype());
-                    Tensor::empty([batch, kv_heads, reserve, head_dim], options)
-                };
-                (buffer(), buffer(), 0)
+                (buffer_like(&k, reserve), buffer_like(&v, reserve), 0)
             }
         };
         let capacity = keys.dims()[2];
@@ -119,19 +129,14 @@ impl<B: TritterBackend> LayerCache<B> {
             // More positions than reserved: twice the room, the cached ones copied over.
             let capacity = (2 * capacity).max(len + new);
             let grow = |buffer: Tensor<B, 4>| {
-                let options =
-                    TensorCreationOptions::new(buffer.device()).with_dtype(buffer.dtype());
-                let held = buffer.slice([0..batch, 0..kv_heads, 0..len, 0..head_dim]);
-                Tensor::empty([batch, kv_heads, capacity, head_dim], options)
-                    .slice_assign([0..batch, 0..kv_heads, 0..len, 0..head_dim], held)
+                write_at(buffer_like(&buffer, capacity), 0, buffer.narrow(2, 0, len))
             };
             (keys, values) = (grow(keys), grow(values));
         }
         // In place: the cache holds the buffers' only handles once the last step's
         // attention has read them.
-        let at = [0..batch, 0..kv_heads, len..len + new, 0..head_dim];
-        keys = keys.slice_assign(at.clone(), k);
-        values = values.slice_assign(at, v);
+        keys = write_at(keys, len, k);
+        values = write_at(values, len, v);
         self.stored = Stored::Dense {
             keys,
             values,
@@ -144,11 +149,8 @@ impl<B: TritterBackend> LayerCache<B> {
         match &self.stored {
             Stored::Empty => panic!("keys and values read from an empty cache"),
             Stored::Dense { keys, values, len } => {
-                let [batch, kv_heads, _, head_dim] = keys.dims();
                 let held = |t: &Tensor<B, 4>| {
-                    let t = t
-                        .clone()
-                        .slice([0..batch, 0..kv_heads, 0..*len, 0..head_dim]);
+                    let t = t.clone().narrow(2, 0, *len);
                     match self.kind {
                         KvCacheType::F16 => t.cast(FloatDType::F32),
                         _ => t,
