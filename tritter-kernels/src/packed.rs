@@ -693,7 +693,7 @@ impl Order {
     fn of(kernel: Kernel) -> Self {
         match kernel {
             Kernel::Vnni => Order::Inputs,
-            Kernel::Avx2 => Order::ByPlace,
+            Kernel::Avx2 | Kernel::AvxVnni => Order::ByPlace,
             Kernel::Portable => Order::Rows,
         }
     }
@@ -1116,29 +1116,71 @@ mod vnni {
     }
 }
 
-/// AVX2 kernel, for CPUs without AVX-512 VNNI. Half a panel (8 rows, one per 32-bit lane)
-/// at a time: shifting each word by `2j` and masking every byte to 2 bits gives vector
-/// `j`, whose byte `k` in each row's lane is the code of input `4k + j`. The tile's
+/// AVX2 kernels, for CPUs without AVX-512 VNNI. Half a panel (8 rows, one per 32-bit
+/// lane) at a time: shifting each word by `2j` and masking every byte to 2 bits gives
+/// vector `j`, whose byte `k` in each row's lane is the code of input `4k + j`. The tile's
 /// activations are stored in that order (inputs `j, 4 + j, 8 + j, 12 + j` together), so
-/// each vector multiplies four inputs of eight rows against one broadcast with
-/// `vpmaddubsw`: four unpacking steps per 16 inputs, where the VNNI kernel takes four
-/// multishifts. `Σ c·x` collects in 16-bit pair sums of at most 2·2·128 = 512, widened to
-/// 32 bits every 15 columns; `Σ q·x = Σ c·x − Σ x` as in the VNNI kernel.
+/// each vector multiplies four inputs of eight rows against one broadcast: four unpacking
+/// steps per 16 inputs, where the AVX-512 kernel takes four multishifts. Two ways to sum
+/// the products ([`Dot`]): AVX2's `vpmaddubsw`, into 16-bit pair sums of at most
+/// 2·2·128 = 512, widened to 32 bits every 15 columns; or, where the CPU has AVX-VNNI,
+/// `vpdpbusd` straight into 32 bits. `Σ q·x = Σ c·x − Σ x` as in the AVX-512 kernel.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{PanelJob, PANEL_ROWS};
+    use super::{PanelJob, PANEL_ROWS, PREFETCH_AHEAD};
     use std::arch::x86_64::*;
 
-    /// Columns summed in 16 bits between widenings: each adds four pair sums of at most
-    /// 512 to a lane, and 15 × 4 × 512 = 30,720 < 2¹⁵.
-    const WIDEN: usize = 15;
     /// Tokens computed together: their sums and a half panel's four weight vectors fit
     /// the 16 registers.
     const GROUP: usize = 8;
 
+    /// How the kernels sum codes (unsigned bytes) times activations (signed bytes) into
+    /// each 32-bit lane, four products a lane.
+    pub trait Dot {
+        /// Columns (panel kernel) or 32-byte blocks (direct kernel) an accumulator may
+        /// take between two [`Dot::widen`]s, at most four [`Dot::add`]s each.
+        const RUN: usize;
+        /// `acc` plus the products of `codes` and `x`, in the accumulator's form.
+        unsafe fn add(acc: __m256i, codes: __m256i, x: __m256i) -> __m256i;
+        /// The accumulator's sums in 32 bits.
+        unsafe fn widen(acc: __m256i) -> __m256i;
+    }
+
+    /// AVX2: `vpmaddubsw` into 16-bit pair sums of at most 512, widened by `vpmaddwd`
+    /// every 15 columns or blocks: 15 × 4 × 512 = 30,720 < 2¹⁵.
+    pub enum Pairs {}
+
+    impl Dot for Pairs {
+        const RUN: usize = 15;
+        #[inline(always)]
+        unsafe fn add(acc: __m256i, codes: __m256i, x: __m256i) -> __m256i {
+            _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, x))
+        }
+        #[inline(always)]
+        unsafe fn widen(acc: __m256i) -> __m256i {
+            _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
+        }
+    }
+
+    /// AVX-VNNI: `vpdpbusd`, four products summed into each 32-bit lane in one
+    /// instruction, which never needs widening.
+    pub enum Quads {}
+
+    impl Dot for Quads {
+        const RUN: usize = usize::MAX;
+        #[inline(always)]
+        unsafe fn add(acc: __m256i, codes: __m256i, x: __m256i) -> __m256i {
+            _mm256_dpbusd_avx_epi32(acc, codes, x)
+        }
+        #[inline(always)]
+        unsafe fn widen(acc: __m256i) -> __m256i {
+            acc
+        }
+    }
+
     /// `Σ c·x` of 8 rows (`words`: their column words, 16 apart) for `NT` tokens.
     #[inline(always)]
-    unsafe fn sums<const NT: usize>(
+    unsafe fn sums<D: Dot, const NT: usize>(
         words: *const u32,
         columns: usize,
         x: *const i8,
@@ -1146,14 +1188,13 @@ mod avx2 {
         ahead: &[u8],
     ) -> [__m256i; NT] {
         let mask = _mm256_set1_epi8(3);
-        let ones = _mm256_set1_epi16(1);
         // Few tokens: one chain per place, so that the additions do not wait on each other.
         let chains = if NT <= 2 { 4 } else { 1 };
         let ahead_lines = ahead.len().div_ceil(64);
         let mut wide = [_mm256_setzero_si256(); NT];
         let mut start = 0;
         while start < columns {
-            let end = (start + WIDEN).min(columns);
+            let end = columns.min(start.saturating_add(D::RUN));
             let mut acc = [[_mm256_setzero_si256(); NT]; 4];
             for c in start..end {
                 if c < ahead_lines {
@@ -1170,14 +1211,13 @@ mod avx2 {
                 for (j, w) in w.iter().enumerate() {
                     for (t, acc) in acc[j % chains].iter_mut().enumerate() {
                         let four = x.add(t * 16 + 4 * j).cast::<i32>().read_unaligned();
-                        let products = _mm256_maddubs_epi16(*w, _mm256_set1_epi32(four));
-                        *acc = _mm256_add_epi16(*acc, products);
+                        *acc = D::add(*acc, *w, _mm256_set1_epi32(four));
                     }
                 }
             }
             for chain in &acc[..chains] {
                 for (wide, acc) in wide.iter_mut().zip(chain) {
-                    *wide = _mm256_add_epi32(*wide, _mm256_madd_epi16(*acc, ones));
+                    *wide = _mm256_add_epi32(*wide, D::widen(*acc));
                 }
             }
             start = end;
@@ -1222,14 +1262,15 @@ mod avx2 {
     /// ([`super::DirectJob`], 128 inputs a block), without rearranging them: each 32
     /// bytes of a row shifted right by `2k` and masked give the codes of inputs `4i + k`,
     /// multiplied four inputs per place against the activations stored in that order
-    /// with `vpmaddubsw`, summed in 16 bits and widened every [`WIDEN`] blocks, then
-    /// across lanes at the row's end. (Unlike [`super::vnni::rows`], no prefetch: the
-    /// hardware's keeps up with this kernel; asking too cost a tenth in 4 KiB pages.)
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn rows<const NT: usize>(job: &super::DirectJob, rows: std::ops::Range<usize>) {
+    /// and summed by `D`, then across lanes at the row's end. The codes
+    /// [`PREFETCH_AHEAD`] bytes on are requested meanwhile, as in [`super::vnni::rows`].
+    #[inline(always)]
+    unsafe fn rows_with<D: Dot, const NT: usize>(
+        job: &super::DirectJob,
+        rows: std::ops::Range<usize>,
+    ) {
         let (row_bytes, stride) = (job.row_bytes, job.stride);
         let mask = _mm256_set1_epi8(3);
-        let ones = _mm256_set1_epi16(1);
         let chains = if NT <= 2 { 4 } else { 1 };
         let blocks = row_bytes.div_ceil(32);
         let x = job.x.as_ptr();
@@ -1238,9 +1279,15 @@ mod avx2 {
             let mut wide = [_mm256_setzero_si256(); NT];
             let mut start = 0;
             while start < blocks {
-                let end = (start + WIDEN).min(blocks);
+                let end = blocks.min(start.saturating_add(D::RUN));
                 let mut acc = [[_mm256_setzero_si256(); NT]; 4];
                 for m in start..end {
+                    if m % 2 == 0 {
+                        // A line ahead per 64 bytes; past the codes' end, the address is
+                        // only a hint: a prefetch never faults.
+                        let ahead = row.as_ptr().wrapping_add(32 * m + PREFETCH_AHEAD);
+                        _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
+                    }
                     let w = match row.get(32 * m..32 * m + 32) {
                         Some(whole) => _mm256_loadu_si256(whole.as_ptr().cast()),
                         None => {
@@ -1261,13 +1308,13 @@ mod avx2 {
                         for (t, acc) in acc[k % chains].iter_mut().enumerate() {
                             let xs =
                                 _mm256_loadu_si256(x.add(t * stride + 128 * m + 32 * k).cast());
-                            *acc = _mm256_add_epi16(*acc, _mm256_maddubs_epi16(*codes, xs));
+                            *acc = D::add(*acc, *codes, xs);
                         }
                     }
                 }
                 for chain in &acc[..chains] {
                     for (wide, acc) in wide.iter_mut().zip(chain) {
-                        *wide = _mm256_add_epi32(*wide, _mm256_madd_epi16(*acc, ones));
+                        *wide = _mm256_add_epi32(*wide, D::widen(*acc));
                     }
                 }
                 start = end;
@@ -1284,9 +1331,21 @@ mod avx2 {
         }
     }
 
-    /// One [`PanelJob`] of 1 to 16 tokens, its codes in the AVX2 order.
+    /// [`rows_with`] on AVX2.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn panel(job: &PanelJob) {
+    pub unsafe fn rows<const NT: usize>(job: &super::DirectJob, rows: std::ops::Range<usize>) {
+        rows_with::<Pairs, NT>(job, rows)
+    }
+
+    /// [`rows_with`] on AVX-VNNI.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub unsafe fn rows_vnni<const NT: usize>(job: &super::DirectJob, rows: std::ops::Range<usize>) {
+        rows_with::<Quads, NT>(job, rows)
+    }
+
+    /// One [`PanelJob`] of 1 to 16 tokens, its codes in the AVX2 order, summed by `D`.
+    #[inline(always)]
+    unsafe fn panel_with<D: Dot>(job: &PanelJob) {
         let (columns, width) = (job.x.columns, job.x.width);
         for half in 0..PANEL_ROWS / 8 {
             if job.first_row + 8 * half >= job.d_out {
@@ -1305,7 +1364,7 @@ mod avx2 {
                 macro_rules! run {
                     ($($n:literal)*) => {
                         match n {
-                            $($n => store::<$n>(sums::<$n>(words, columns, x, width, ahead), job, first, half),)*
+                            $($n => store::<$n>(sums::<D, $n>(words, columns, x, width, ahead), job, first, half),)*
                             _ => unreachable!("groups hold 1 to {GROUP} tokens"),
                         }
                     };
@@ -1314,6 +1373,23 @@ mod avx2 {
                 first += n;
             }
         }
+    }
+
+    /// [`panel_with`] on AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn panel(job: &PanelJob) {
+        panel_with::<Pairs>(job)
+    }
+
+    /// [`panel_with`] on AVX-VNNI.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub unsafe fn panel_vnni(job: &PanelJob) {
+        panel_with::<Quads>(job)
+    }
+
+    pub fn vnni_available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("avxvnni")
     }
 
     /// [`super::interleave`]'s whole blocks of 8 columns in one panel: 32 bytes of each
@@ -1408,6 +1484,9 @@ pub enum Kernel {
     Portable,
     /// AVX2: `vpmaddubsw` on codes split by their place in each byte.
     Avx2,
+    /// AVX-VNNI: AVX2's kernel with `vpdpbusd` (256-bit) in place of `vpmaddubsw`, no
+    /// widening.
+    AvxVnni,
     /// AVX-512 VNNI + VBMI: `vpdpbusd` on codes unpacked with `vpmultishiftqb`.
     Vnni,
 }
@@ -1421,6 +1500,9 @@ impl Kernel {
         {
             if std::arch::is_x86_feature_detected!("avx2") {
                 kernels.push(Kernel::Avx2);
+            }
+            if avx2::vnni_available() {
+                kernels.push(Kernel::AvxVnni);
             }
             if vnni::available() {
                 kernels.push(Kernel::Vnni);
@@ -1437,6 +1519,7 @@ impl Kernel {
             crate::isa::widest(&Kernel::supported(), |k| match k {
                 Kernel::Portable => Tier::Portable,
                 Kernel::Avx2 => Tier::Avx2,
+                Kernel::AvxVnni => Tier::AvxVnni,
                 Kernel::Vnni => Tier::Avx512,
             })
         })
@@ -1449,8 +1532,8 @@ impl Kernel {
 /// multiplied in place: up to 4 tokens row by row by the vector kernels, more by tasks
 /// that each rearrange their panels into a per-thread scratch ([`rows_scratch_bytes`]),
 /// then run every tile over it — the same numbers as from the CPU layout, bit for bit.
-/// The kernel is [`Kernel::best`]: AVX-512 VNNI + VBMI, else AVX2, else portable Rust;
-/// every kernel gives the same bits.
+/// The kernel is [`Kernel::best`]: AVX-512 VNNI + VBMI, else AVX-VNNI, else AVX2, else
+/// portable Rust; every kernel gives the same bits.
 pub fn cpu_gemm(
     x: &[f32],
     tokens: usize,
@@ -1509,18 +1592,20 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<HostWords> = std::cell::RefCell::new(HostWords::zeroed(0));
 }
 
-/// How far ahead of its loads the VNNI direct product ([`vnni::rows`]) asks for its
-/// codes, in bytes, into the second-level cache. A task's rows lie one after another, one
-/// stream of codes; with the hardware prefetcher alone, this kernel's loads waited on
-/// memory (streaming the `3B` preset at batch 1, the instruction after a row's load took
-/// 58% of its samples). On 2 cores of an EPYC (Zen 4), one token from memory went from
-/// 76-89 to 104-118 G multiply-adds/s in 2 MiB pages, from 65-75 to 81-88 in 4 KiB
-/// pages; 4 KiB ahead gave a little less, 16 KiB no more.
+/// How far ahead of their loads the direct products ([`vnni::rows`], [`avx2::rows`],
+/// [`avx2::rows_vnni`]) ask for their codes, in bytes, into the second-level cache. A
+/// task's rows lie one after another, one stream of codes; with the hardware prefetcher
+/// alone, these kernels' loads waited on memory. One token from memory, G multiply-adds/s:
+/// on 2 cores of an EPYC (Zen 4), AVX-512 VNNI went from 76-89 to 104-118 in 2 MiB pages
+/// and from 65-75 to 81-88 in 4 KiB pages (AVX2 kept up without asking there: 93-95 and
+/// 72-77, and 64-65 in 4 KiB pages asking); on 2 cores of an Intel Xeon with AMX, AVX2
+/// went from 31-33 to 67-72 in 2 MiB pages and from 31 to 61-66 in 4 KiB pages, AVX-VNNI
+/// from 36-37 to 69-76 and to 64-69. 4 KiB or 16 KiB ahead gave the same within noise.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 8 << 10;
 
 /// Tokens up to which the vector kernels multiply codes in the export's rows directly
-/// ([`vnni::rows`], [`avx2::rows`]): so few tokens compute too briefly to repay
+/// ([`vnni::rows`], [`avx2::rows`], [`avx2::rows_vnni`]): so few tokens compute too briefly to repay
 /// rearranging the rows into panels first.
 #[cfg(target_arch = "x86_64")]
 const DIRECT_TOKENS: usize = 4;
@@ -1533,8 +1618,8 @@ const _: () = assert!(DIRECT_TOKENS <= 4);
 const DIRECT_ROWS: usize = 64;
 
 /// A product on the export's rows, for [`vnni::rows`] and [`avx2::rows`]: activation
-/// codes of each token in `stride` bytes, each block of the kernel's inputs (256 for VNNI,
-/// 128 for AVX2) stored by their place in a weight byte (inputs `4i + k` at
+/// codes of each token in `stride` bytes, each block of the kernel's inputs (256 for
+/// AVX-512 VNNI, 128 for AVX2 and AVX-VNNI) stored by their place in a weight byte (inputs `4i + k` at
 /// `block/4 · k + i`).
 #[cfg(target_arch = "x86_64")]
 struct DirectJob<'a> {
@@ -1580,7 +1665,8 @@ fn gemm_rows_direct(
     gamma: f32,
     kernel: Kernel,
 ) -> Vec<f32> {
-    // Inputs per block: a 64-byte row vector's codes (VNNI), a 32-byte one's (AVX2).
+    // Inputs per block: a 64-byte row vector's codes (AVX-512), a 32-byte one's (AVX2,
+    // AVX-VNNI).
     let block = if kernel == Kernel::Vnni { 256 } else { 128 };
     let stride = block * d_in.div_ceil(block);
     let (codes, inv_scales, sums) = quantize_rows(x, d_in, stride);
@@ -1620,6 +1706,10 @@ fn gemm_rows_direct(
                     (Kernel::Vnni, 2) => vnni::rows::<2>(&job, rows),
                     (Kernel::Vnni, 3) => vnni::rows::<3>(&job, rows),
                     (Kernel::Vnni, _) => vnni::rows::<4>(&job, rows),
+                    (Kernel::AvxVnni, 1) => avx2::rows_vnni::<1>(&job, rows),
+                    (Kernel::AvxVnni, 2) => avx2::rows_vnni::<2>(&job, rows),
+                    (Kernel::AvxVnni, 3) => avx2::rows_vnni::<3>(&job, rows),
+                    (Kernel::AvxVnni, _) => avx2::rows_vnni::<4>(&job, rows),
                     (_, 1) => avx2::rows::<1>(&job, rows),
                     (_, 2) => avx2::rows::<2>(&job, rows),
                     (_, 3) => avx2::rows::<3>(&job, rows),
@@ -1657,7 +1747,7 @@ fn gemm(
         return vec![0f32; tokens * d_out];
     }
     #[cfg(target_arch = "x86_64")]
-    if let (Codes::Rows(bytes), Kernel::Vnni | Kernel::Avx2, 1..=DIRECT_TOKENS) =
+    if let (Codes::Rows(bytes), Kernel::Vnni | Kernel::AvxVnni | Kernel::Avx2, 1..=DIRECT_TOKENS) =
         (codes, kernel, tokens)
     {
         return gemm_rows_direct(x, tokens, bytes, d_out, d_in, gamma, kernel);
@@ -1691,13 +1781,15 @@ fn gemm(
                     };
                     // SAFETY (vector kernels): the CPU has the features (`Kernel::
                     // supported`); the panel holds `columns` whole column blocks, the tile
-                    // `columns` runs of `width × 16` codes (in the AVX2 kernel's order for
-                    // it); stores stay in this panel's columns of the tile's tokens' rows.
+                    // `columns` runs of `width × 16` codes (in the AVX2 kernels' order for
+                    // them); stores stay in this panel's columns of the tile's tokens' rows.
                     match kernel {
                         #[cfg(target_arch = "x86_64")]
                         Kernel::Vnni => unsafe { vnni::panel(&job) },
                         #[cfg(target_arch = "x86_64")]
                         Kernel::Avx2 => unsafe { avx2::panel(&job) },
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::AvxVnni => unsafe { avx2::panel_vnni(&job) },
                         _ => panel_portable(&job),
                     }
                 }
