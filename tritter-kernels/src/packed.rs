@@ -1796,10 +1796,20 @@ fn gemm(
             }
         };
         match codes {
-            Codes::Panels(words) => run(
-                &words[first * panel_size..][..count * panel_size],
-                [&[]; PANELS_PER_TASK],
-            ),
+            Codes::Panels(words) => {
+                // The next task's panels, a line per column, as for rows below: a
+                // resident layer too large for the caches waited on memory with the
+                // hardware prefetcher alone.
+                // SAFETY: the words' `4·len` bytes, initialized and contiguous.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), 4 * words.len())
+                };
+                let ahead = std::array::from_fn(|p| match first + count + p {
+                    next if next < panels => &bytes[4 * next * panel_size..][..4 * panel_size],
+                    _ => &[][..],
+                });
+                run(&words[first * panel_size..][..count * panel_size], ahead)
+            }
             Codes::Rows(bytes) => SCRATCH.with_borrow_mut(|scratch| {
                 if scratch.len() < count * panel_size {
                     *scratch = HostWords::zeroed(PANELS_PER_TASK * panel_size);
