@@ -1,10 +1,10 @@
 //! The packed ternary product of inference on the CPU, each kernel this CPU runs
-//! (portable, AVX2, AVX-VNNI, AVX-512 VNNI), at the layer shapes of the `1B` and `3B` presets, for
-//! 1 token (decode) and 16 (a batch, or a prefill tile), with the weights in cache, in
-//! the CPU layout and in place in the export's rows; and one token in place from memory,
-//! in 2 MiB and in 4 KiB pages. G multiply-adds/s count `tokens·d_in·d_out`. Also the
-//! rearrangement of the export's rows into that layout by each transposer, in bytes of
-//! codes per second.
+//! (portable, AVX2, AVX-VNNI, AVX-512 VNNI, AMX), at the layer shapes of the `1B` and
+//! `3B` presets, for 1 token (decode) and 16 (a batch, or a prefill tile), with the
+//! weights in cache, in the CPU layout and in place in the export's rows; and one token
+//! in place from memory, in 2 MiB and in 4 KiB pages. G multiply-adds/s count
+//! `tokens·d_in·d_out`. Also the rearrangement of the export's rows into that layout by
+//! each transposer, in bytes of codes per second.
 //!
 //! `cargo bench -p tritter-kernels --bench cpu_packed`
 

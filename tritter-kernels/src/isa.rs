@@ -1,6 +1,6 @@
 //! Which vector extensions the CPU kernels may use: the widest the CPU has, unless
-//! `TRITTER_CPU_KERNELS` caps them at `portable`, `avx2` or `avxvnni` (`avx512`, the
-//! default, caps nothing). One machine can then run, test and measure every tier it is
+//! `TRITTER_CPU_KERNELS` caps them at `portable`, `avx2`, `avxvnni` or `avx512` (`amx`,
+//! the default, caps nothing). One machine can then run, test and measure every tier it is
 //! able to: CI runs the kernel tests under each, and a bench under a cap shows what a CPU
 //! without the wider extensions gets.
 
@@ -19,6 +19,8 @@ pub enum Tier {
     /// AVX-512 (with VNNI and VBMI for the integer products): Ice Lake and later Xeons,
     /// Zen 4 and later.
     Avx512,
+    /// AMX's tile multiplies beside AVX-512: Xeons from Sapphire Rapids on.
+    Amx,
 }
 
 /// The variable that caps the tier.
@@ -27,7 +29,8 @@ pub const VARIABLE: &str = "TRITTER_CPU_KERNELS";
 /// The widest tier `TRITTER_CPU_KERNELS` allows.
 ///
 /// # Panics
-/// Where the variable is set to anything but `portable`, `avx2`, `avxvnni` or `avx512`.
+/// Where the variable is set to anything but `portable`, `avx2`, `avxvnni`, `avx512` or
+/// `amx`.
 pub fn ceiling() -> Tier {
     static CEILING: OnceLock<Tier> = OnceLock::new();
     *CEILING.get_or_init(|| {
@@ -37,12 +40,13 @@ pub fn ceiling() -> Tier {
 
 fn parse(value: Option<&str>) -> Result<Tier, String> {
     match value {
-        None | Some("avx512") => Ok(Tier::Avx512),
+        None | Some("amx") => Ok(Tier::Amx),
+        Some("avx512") => Ok(Tier::Avx512),
         Some("avxvnni") => Ok(Tier::AvxVnni),
         Some("avx2") => Ok(Tier::Avx2),
         Some("portable") => Ok(Tier::Portable),
         Some(other) => Err(format!(
-            "{VARIABLE}={other:?}: expected portable, avx2, avxvnni or avx512"
+            "{VARIABLE}={other:?}: expected portable, avx2, avxvnni, avx512 or amx"
         )),
     }
 }
@@ -67,13 +71,14 @@ mod tests {
 
     #[test]
     fn caps_are_parsed_and_unknown_ones_named() {
-        assert_eq!(parse(None), Ok(Tier::Avx512));
+        assert_eq!(parse(None), Ok(Tier::Amx));
+        assert_eq!(parse(Some("avx512")), Ok(Tier::Avx512));
         assert_eq!(parse(Some("avxvnni")), Ok(Tier::AvxVnni));
         assert_eq!(parse(Some("avx2")), Ok(Tier::Avx2));
         assert_eq!(parse(Some("portable")), Ok(Tier::Portable));
         let err = parse(Some("sse4")).unwrap_err();
         assert!(err.contains("TRITTER_CPU_KERNELS=\"sse4\""), "{err}");
         assert!(Tier::Portable < Tier::Avx2 && Tier::Avx2 < Tier::AvxVnni);
-        assert!(Tier::AvxVnni < Tier::Avx512);
+        assert!(Tier::AvxVnni < Tier::Avx512 && Tier::Avx512 < Tier::Amx);
     }
 }

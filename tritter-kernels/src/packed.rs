@@ -687,12 +687,16 @@ enum Order {
     ByPlace,
     /// Each token's codes as one row of `i16` (portable).
     Rows,
+    /// Each token's codes as one row of `i8` in input order, a multiple of 64 long, a
+    /// tile's rows together (AMX).
+    Tokens,
 }
 
 impl Order {
     fn of(kernel: Kernel) -> Self {
         match kernel {
             Kernel::Vnni => Order::Inputs,
+            Kernel::Amx => Order::Tokens,
             Kernel::Avx2 | Kernel::AvxVnni => Order::ByPlace,
             Kernel::Portable => Order::Rows,
         }
@@ -701,13 +705,18 @@ impl Order {
 
 /// Int8 activations in tiles for the CPU product: for each tile of `width` tokens and
 /// each column of 16 inputs, `width` runs of 16 codes (zero-padded past `d_in` and past
-/// the last token), so a tile's codes for one column lie together; or, for the portable
+/// the last token), so a tile's codes for one column lie together; for the AMX kernel,
+/// a tile's `width` rows of `stride` codes (zero-padded likewise); or, for the portable
 /// kernel, each token's codes in a row of `i16` (`wide`).
 struct Tiles {
     codes: Vec<i8>,
+    /// Where the tiles start in `codes`.
+    first: usize,
     wide: Vec<i16>,
     width: usize,
     columns: usize,
+    /// Codes per token in `codes`.
+    stride: usize,
     inv_scales: Vec<f32>,
     /// Each token's `Σ x` (the vector kernels multiply codes `q + 1`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -717,18 +726,35 @@ struct Tiles {
 impl Tiles {
     fn new(x: &[f32], tokens: usize, d_in: usize, order: Order) -> Self {
         let columns = d_in.div_ceil(16);
-        let stride = 16 * columns;
+        // AMX multiplies pairs of blocks of 64 inputs.
+        let stride = match order {
+            Order::Tokens => 128 * d_in.div_ceil(128),
+            _ => 16 * columns,
+        };
         let (rows, inv_scales, sums) = quantize_rows(x, d_in, stride);
         let width = tokens.clamp(1, TILE_TOKENS);
-        let (codes, wide) = match order {
-            Order::Rows => (Vec::new(), rows.iter().map(|&code| code as i16).collect()),
-            _ => (tiled(&rows, tokens, width, stride, order), Vec::new()),
+        let (codes, wide, first) = match order {
+            Order::Rows => (
+                Vec::new(),
+                rows.iter().map(|&code| code as i16).collect(),
+                0,
+            ),
+            Order::Tokens => {
+                // From a 64-byte boundary, so that each row of a tile is whole lines.
+                let mut codes = vec![0i8; tokens.div_ceil(width) * width * stride + 63];
+                let start = codes.as_ptr().align_offset(64);
+                codes[start..start + rows.len()].copy_from_slice(&rows);
+                (codes, Vec::new(), start)
+            }
+            _ => (tiled(&rows, tokens, width, stride, order), Vec::new(), 0),
         };
         Self {
             codes,
+            first,
             wide,
             width,
             columns,
+            stride,
             inv_scales,
             sums,
         }
@@ -736,9 +762,11 @@ impl Tiles {
 
     /// Tile `i`'s codes (empty in [`Order::Rows`]) and its number of tokens.
     fn tile(&self, i: usize, tokens: usize) -> (&[i8], usize) {
-        let size = self.width * 16 * self.columns;
+        let size = self.width * self.stride;
         (
-            self.codes.get(i * size..(i + 1) * size).unwrap_or_default(),
+            self.codes
+                .get(self.first + i * size..self.first + (i + 1) * size)
+                .unwrap_or_default(),
             (tokens - i * self.width).min(self.width),
         )
     }
@@ -891,7 +919,7 @@ mod vnni {
 
     /// `vpmultishiftqb` selectors: byte `j` of every 64-bit lane takes the two bits of
     /// input `4k + j % 4` of the row in the lane's half `j / 4` (word byte `k`).
-    const fn selector(k: u64) -> i64 {
+    pub(super) const fn selector(k: u64) -> i64 {
         let mut bits = 0u64;
         let mut j = 0;
         while j < 8 {
@@ -1113,6 +1141,186 @@ mod vnni {
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vnni")
             && std::arch::is_x86_feature_detected!("avx512vbmi")
+    }
+}
+
+/// AMX kernel (Intel Xeons from Sapphire Rapids on): each block of 64 inputs of a panel
+/// is one tile multiply, `tdpbsud`, of the tile's tokens (rows of 64 signed codes, `A`)
+/// against the panel's 16 rows (`B`: 16 rows of 64 unsigned codes, row `4j + k` holding
+/// each output's inputs `16j + 4k … 16j + 4k + 3`, which is what the AVX-512 kernel's
+/// multishift and mask give for column `j`, group `k`), summed in a 16 × 16 tile of
+/// `i32`: 16 tokens × 16 rows × 64 inputs per instruction, where `vpdpbusd` does 64
+/// multiply-adds. The codes are unpacked as in [`vnni`] into a 1 KiB buffer that the
+/// tile loads from the first-level cache. `Σ q·x = Σ c·x − Σ x` as in the other kernels.
+/// Even and odd blocks sum into two tiles, so that each multiply waits less on the one
+/// before. Stable Rust has no AMX intrinsics: the tile instructions are inline assembly.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{vnni, PanelJob, PANEL_ROWS};
+    use std::arch::{asm, x86_64::*};
+
+    /// Palette 1's tile configuration, as `ldtilecfg` reads it.
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// Two chains of tile multiplies, even and odd blocks, so that each waits less on
+    /// its sums: `tmm0`, `tmm1` the sums, `width` tokens × 16 `i32`; `tmm2`, `tmm3` the
+    /// tokens' codes, `width` rows of 64; `tmm4`, `tmm5` the panel's codes, 16 rows of
+    /// 64.
+    fn config(width: usize) -> Config {
+        let width = width as u8;
+        let mut config = Config {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            bytes_per_row: [0; 16],
+            rows: [0; 16],
+        };
+        config.bytes_per_row[..6].fill(64);
+        config.rows[..6].copy_from_slice(&[width, width, width, width, 16, 16]);
+        config
+    }
+
+    /// A block's unpacked codes, the `B` of one tile multiply.
+    #[repr(C, align(64))]
+    struct Block([[u8; 64]; 16]);
+
+    /// Unpacks block `b` of a panel's `columns` (zero codes past the last) into `block`,
+    /// prefetching a line of `ahead` per column.
+    #[inline(always)]
+    unsafe fn unpack(words: &[u32], columns: usize, b: usize, ahead: &[u8], block: &mut Block) {
+        let mask = _mm512_set1_epi8(3);
+        let select = [
+            _mm512_set1_epi64(vnni::selector(0)),
+            _mm512_set1_epi64(vnni::selector(1)),
+            _mm512_set1_epi64(vnni::selector(2)),
+            _mm512_set1_epi64(vnni::selector(3)),
+        ];
+        for j in 0..4 {
+            let c = 4 * b + j;
+            if 64 * c < ahead.len() {
+                _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(64 * c).cast());
+            }
+            // Past the last column: zero codes, against zero activations.
+            let packed = match c < columns {
+                true => _mm512_loadu_si512(words.as_ptr().add(c * PANEL_ROWS).cast()),
+                false => _mm512_setzero_si512(),
+            };
+            for (k, select) in select.iter().enumerate() {
+                let w = _mm512_and_si512(_mm512_multishift_epi64_epi8(*select, packed), mask);
+                _mm512_store_si512(block.0[4 * j + k].as_mut_ptr().cast(), w);
+            }
+        }
+    }
+
+    /// One [`PanelJob`] of 1 to 16 tokens, the tile's codes in rows of `x.stride` (a
+    /// multiple of 128) from a 64-byte boundary. The tile state is released at the end:
+    /// a thread between products holds none for the kernel to save when it switches.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub unsafe fn panel(job: &PanelJob) {
+        let PanelJob {
+            words,
+            codes,
+            tokens,
+            first_token,
+            x,
+            gamma,
+            y,
+            d_out,
+            first_row,
+            ahead,
+        } = *job;
+        let columns = x.columns;
+        let blocks = columns.div_ceil(4);
+        let config = config(x.width);
+        let mut pair = [Block([[0; 64]; 16]), Block([[0; 64]; 16])];
+        let mut sums = [[[0i32; 16]; 16]; 2];
+        asm!("ldtilecfg [{}]", in(reg) &config as *const Config, options(nostack, readonly));
+        asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+        for b in (0..blocks).step_by(2) {
+            // An odd last block pairs with zero codes, against the zeros that pad the
+            // tokens' rows to whole pairs of blocks.
+            let [even, odd] = &mut pair;
+            unpack(words, columns, b, ahead, even);
+            unpack(words, columns, b + 1, ahead, odd);
+            asm!(
+                "tileloadd tmm2, [{x} + {stride}*1]",
+                "tileloadd tmm4, [{w} + {row}*1]",
+                "tdpbsud tmm0, tmm2, tmm4",
+                "tileloadd tmm3, [{x} + {stride}*1 + 64]",
+                "tileloadd tmm5, [{w} + {row}*1 + 1024]",
+                "tdpbsud tmm1, tmm3, tmm5",
+                x = in(reg) codes.as_ptr().add(64 * b),
+                stride = in(reg) x.stride,
+                w = in(reg) pair.as_ptr(),
+                row = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        asm!(
+            "tilestored [{even} + {row}*1], tmm0",
+            "tilestored [{odd} + {row}*1], tmm1",
+            "tilerelease",
+            even = in(reg) sums[0].as_mut_ptr(),
+            odd = in(reg) sums[1].as_mut_ptr(),
+            row = in(reg) 64usize,
+            options(nostack),
+        );
+        let rows = (d_out - first_row).min(PANEL_ROWS);
+        let store = (1u32 << rows).wrapping_sub(1) as u16;
+        let gamma = _mm512_set1_ps(gamma);
+        let [even, odd] = &sums;
+        for (t, (even, odd)) in even.iter().zip(odd).take(tokens).enumerate() {
+            let token = first_token + t;
+            let even = _mm512_loadu_si512(even.as_ptr().cast());
+            let odd = _mm512_loadu_si512(odd.as_ptr().cast());
+            let acc = _mm512_add_epi32(even, odd);
+            let sum = _mm512_set1_epi32(x.sums[token]);
+            let inv = _mm512_set1_ps(x.inv_scales[token]);
+            // `(a as f32 · 1/s) · γ`, the reference's order.
+            let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, sum));
+            let v = _mm512_mul_ps(_mm512_mul_ps(v, inv), gamma);
+            _mm512_mask_storeu_ps(y.0.add(token * d_out + first_row), store, v);
+        }
+    }
+
+    /// Whether this CPU has AMX's tiles and int8 products, and Linux lets this process
+    /// use their state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked
+    /// once), besides the AVX-512 that unpacks the codes.
+    pub fn available() -> bool {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            // CPUID leaf 7 exists on every CPU with AVX-512 (checked first).
+            let tiles = vnni::available() && {
+                let edx = __cpuid_count(7, 0).edx;
+                edx & (1 << 24) != 0 && edx & (1 << 25) != 0
+            };
+            #[cfg(target_os = "linux")]
+            {
+                const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+                const XFEATURE_XTILEDATA: libc::c_long = 18;
+                // SAFETY: a request for a permission; no memory is passed.
+                tiles
+                    && unsafe {
+                        libc::syscall(
+                            libc::SYS_arch_prctl,
+                            ARCH_REQ_XCOMP_PERM,
+                            XFEATURE_XTILEDATA,
+                        )
+                    } == 0
+            }
+            #[cfg(not(target_os = "linux"))]
+            {
+                let _ = tiles;
+                false
+            }
+        })
     }
 }
 
@@ -1476,6 +1684,13 @@ pub(crate) fn use_vnni() -> bool {
     false
 }
 
+/// Tokens from which [`cpu_gemm`] runs the AMX kernel: a tile multiply takes as long
+/// for one token as for 16, and below 5 the AVX-512 kernel is faster. On 2 cores of an
+/// Intel Xeon with AMX, 1B's FFN up-projection (5,632 × 2,048) from the CPU layout, G multiply-adds/s,
+/// AMX against AVX-512 VNNI: 91 against 145 at 1 token, 255 against 379 at 4, 351-382
+/// against 304-309 at 5, 837 against 498 at 16.
+pub const AMX_TOKENS: usize = 5;
+
 /// The CPU product's kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
@@ -1489,6 +1704,9 @@ pub enum Kernel {
     AvxVnni,
     /// AVX-512 VNNI + VBMI: `vpdpbusd` on codes unpacked with `vpmultishiftqb`.
     Vnni,
+    /// AMX: the AVX-512 kernel's unpacking, and a 16 × 16 × 64 tile multiply
+    /// (`tdpbsud`) per block of 64 inputs.
+    Amx,
 }
 
 impl Kernel {
@@ -1507,8 +1725,20 @@ impl Kernel {
             if vnni::available() {
                 kernels.push(Kernel::Vnni);
             }
+            if amx::available() {
+                kernels.push(Kernel::Amx);
+            }
         }
         kernels
+    }
+
+    /// The kernel [`cpu_gemm`] runs for a product of `tokens` tokens: [`Kernel::best`],
+    /// except AMX below [`AMX_TOKENS`], where the AVX-512 kernel runs.
+    pub fn for_tokens(tokens: usize) -> Kernel {
+        match Kernel::best() {
+            Kernel::Amx if tokens < AMX_TOKENS => Kernel::Vnni,
+            best => best,
+        }
     }
 
     /// The widest kernel this CPU runs within `TRITTER_CPU_KERNELS` ([`crate::isa`]).
@@ -1521,6 +1751,7 @@ impl Kernel {
                 Kernel::Avx2 => Tier::Avx2,
                 Kernel::AvxVnni => Tier::AvxVnni,
                 Kernel::Vnni => Tier::Avx512,
+                Kernel::Amx => Tier::Amx,
             })
         })
     }
@@ -1532,8 +1763,9 @@ impl Kernel {
 /// multiplied in place: up to 4 tokens row by row by the vector kernels, more by tasks
 /// that each rearrange their panels into a per-thread scratch ([`rows_scratch_bytes`]),
 /// then run every tile over it — the same numbers as from the CPU layout, bit for bit.
-/// The kernel is [`Kernel::best`]: AVX-512 VNNI + VBMI, else AVX-VNNI, else AVX2, else
-/// portable Rust; every kernel gives the same bits.
+/// The kernel is [`Kernel::for_tokens`]: AMX from [`AMX_TOKENS`] tokens, else AVX-512
+/// VNNI + VBMI, else AVX-VNNI, else AVX2, else portable Rust; every kernel gives the same
+/// bits.
 pub fn cpu_gemm(
     x: &[f32],
     tokens: usize,
@@ -1542,7 +1774,15 @@ pub fn cpu_gemm(
     d_in: usize,
     gamma: f32,
 ) -> Vec<f32> {
-    gemm(x, tokens, codes, d_out, d_in, gamma, Kernel::best())
+    gemm(
+        x,
+        tokens,
+        codes,
+        d_out,
+        d_in,
+        gamma,
+        Kernel::for_tokens(tokens),
+    )
 }
 
 /// [`cpu_gemm`] with a given kernel, for tests and benchmarks that compare them.
@@ -1667,6 +1907,11 @@ fn gemm_rows_direct(
 ) -> Vec<f32> {
     // Inputs per block: a 64-byte row vector's codes (AVX-512), a 32-byte one's (AVX2,
     // AVX-VNNI).
+    // AMX's few tokens run the AVX-512 kernel.
+    let kernel = match kernel {
+        Kernel::Amx => Kernel::Vnni,
+        other => other,
+    };
     let block = if kernel == Kernel::Vnni { 256 } else { 128 };
     let stride = block * d_in.div_ceil(block);
     let (codes, inv_scales, sums) = quantize_rows(x, d_in, stride);
@@ -1747,8 +1992,11 @@ fn gemm(
         return vec![0f32; tokens * d_out];
     }
     #[cfg(target_arch = "x86_64")]
-    if let (Codes::Rows(bytes), Kernel::Vnni | Kernel::AvxVnni | Kernel::Avx2, 1..=DIRECT_TOKENS) =
-        (codes, kernel, tokens)
+    if let (
+        Codes::Rows(bytes),
+        Kernel::Amx | Kernel::Vnni | Kernel::AvxVnni | Kernel::Avx2,
+        1..=DIRECT_TOKENS,
+    ) = (codes, kernel, tokens)
     {
         return gemm_rows_direct(x, tokens, bytes, d_out, d_in, gamma, kernel);
     }
@@ -1790,6 +2038,8 @@ fn gemm(
                         Kernel::Avx2 => unsafe { avx2::panel(&job) },
                         #[cfg(target_arch = "x86_64")]
                         Kernel::AvxVnni => unsafe { avx2::panel_vnni(&job) },
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Amx => unsafe { amx::panel(&job) },
                         _ => panel_portable(&job),
                     }
                 }
@@ -1935,6 +2185,22 @@ mod tests {
                     err / norm
                 );
             }
+        }
+    }
+
+    /// The product runs AMX from [`AMX_TOKENS`] tokens where it is the best kernel, the
+    /// AVX-512 one below; any other best kernel at every count.
+    #[test]
+    fn amx_runs_from_its_token_count() {
+        for tokens in [1, AMX_TOKENS - 1, AMX_TOKENS, 16, 33] {
+            let want = match Kernel::best() {
+                Kernel::Amx if tokens < AMX_TOKENS => Kernel::Vnni,
+                best => best,
+            };
+            assert_eq!(Kernel::for_tokens(tokens), want, "{tokens} tokens");
+        }
+        if Kernel::supported().contains(&Kernel::Amx) {
+            assert!(Kernel::supported().contains(&Kernel::Vnni));
         }
     }
 
