@@ -687,8 +687,8 @@ enum Order {
     ByPlace,
     /// Each token's codes as one row of `i16` (portable).
     Rows,
-    /// Each token's codes as one row of `i8` in input order, a multiple of 64 long, a
-    /// tile's rows together (AMX).
+    /// Each token's codes as one row of `i8` in input order, a multiple of 128 long
+    /// (whole pairs of AMX's blocks of 64), a tile's rows together (AMX).
     Tokens,
 }
 
@@ -919,7 +919,7 @@ mod vnni {
 
     /// `vpmultishiftqb` selectors: byte `j` of every 64-bit lane takes the two bits of
     /// input `4k + j % 4` of the row in the lane's half `j / 4` (word byte `k`).
-    pub(super) const fn selector(k: u64) -> i64 {
+    const fn selector(k: u64) -> i64 {
         let mut bits = 0u64;
         let mut j = 0;
         while j < 8 {
@@ -927,6 +927,39 @@ mod vnni {
             j += 1;
         }
         bits as i64
+    }
+
+    /// A column of a panel (one 64-byte load: 16 rows × 16 inputs) unpacked into its
+    /// four groups of four inputs: group `k` holds each row's codes of inputs `4k` to
+    /// `4k + 3`, a byte each (a multishift and a mask).
+    #[derive(Clone, Copy)]
+    pub(super) struct Unpack {
+        select: [__m512i; 4],
+        mask: __m512i,
+    }
+
+    impl Unpack {
+        #[inline(always)]
+        pub(super) unsafe fn new() -> Self {
+            Self {
+                select: [
+                    _mm512_set1_epi64(selector(0)),
+                    _mm512_set1_epi64(selector(1)),
+                    _mm512_set1_epi64(selector(2)),
+                    _mm512_set1_epi64(selector(3)),
+                ],
+                mask: _mm512_set1_epi8(3),
+            }
+        }
+
+        /// Group `k` of the column `packed`.
+        #[inline(always)]
+        pub(super) unsafe fn group(&self, packed: __m512i, k: usize) -> __m512i {
+            _mm512_and_si512(
+                _mm512_multishift_epi64_epi8(self.select[k], packed),
+                self.mask,
+            )
+        }
     }
 
     #[inline(always)]
@@ -937,13 +970,7 @@ mod vnni {
         width: usize,
         ahead: &[u8],
     ) -> [__m512i; NT] {
-        let mask = _mm512_set1_epi8(3);
-        let select = [
-            _mm512_set1_epi64(selector(0)),
-            _mm512_set1_epi64(selector(1)),
-            _mm512_set1_epi64(selector(2)),
-            _mm512_set1_epi64(selector(3)),
-        ];
+        let unpack = Unpack::new();
         // Few tokens: one accumulator per token and group of four inputs, so that the
         // multiply-adds do not wait on each other; summed at the end.
         let chains = if NT <= 4 { 4 } else { 1 };
@@ -955,8 +982,8 @@ mod vnni {
             }
             let packed = _mm512_loadu_si512(words.add(c * PANEL_ROWS).cast());
             let x = x.add(c * width * 16);
-            for (k, select) in select.iter().enumerate() {
-                let w = _mm512_and_si512(_mm512_multishift_epi64_epi8(*select, packed), mask);
+            for k in 0..4 {
+                let w = unpack.group(packed, k);
                 for (t, acc) in acc[k % chains].iter_mut().enumerate() {
                     let four = x.add(t * 16 + 4 * k).cast::<i32>().read_unaligned();
                     *acc = _mm512_dpbusd_epi32(*acc, w, _mm512_set1_epi32(four));
@@ -1195,13 +1222,7 @@ mod amx {
     /// prefetching a line of `ahead` per column.
     #[inline(always)]
     unsafe fn unpack(words: &[u32], columns: usize, b: usize, ahead: &[u8], block: &mut Block) {
-        let mask = _mm512_set1_epi8(3);
-        let select = [
-            _mm512_set1_epi64(vnni::selector(0)),
-            _mm512_set1_epi64(vnni::selector(1)),
-            _mm512_set1_epi64(vnni::selector(2)),
-            _mm512_set1_epi64(vnni::selector(3)),
-        ];
+        let unpack = vnni::Unpack::new();
         for j in 0..4 {
             let c = 4 * b + j;
             if 64 * c < ahead.len() {
@@ -1212,8 +1233,8 @@ mod amx {
                 true => _mm512_loadu_si512(words.as_ptr().add(c * PANEL_ROWS).cast()),
                 false => _mm512_setzero_si512(),
             };
-            for (k, select) in select.iter().enumerate() {
-                let w = _mm512_and_si512(_mm512_multishift_epi64_epi8(*select, packed), mask);
+            for k in 0..4 {
+                let w = unpack.group(packed, k);
                 _mm512_store_si512(block.0[4 * j + k].as_mut_ptr().cast(), w);
             }
         }
@@ -1686,9 +1707,9 @@ pub(crate) fn use_vnni() -> bool {
 
 /// Tokens from which [`cpu_gemm`] runs the AMX kernel: a tile multiply takes as long
 /// for one token as for 16, and below 5 the AVX-512 kernel is faster. On 2 cores of an
-/// Intel Xeon with AMX, 1B's FFN up-projection (5,632 × 2,048) from the CPU layout, G multiply-adds/s,
-/// AMX against AVX-512 VNNI: 91 against 145 at 1 token, 255 against 379 at 4, 351-382
-/// against 304-309 at 5, 837 against 498 at 16.
+/// Intel Xeon with AMX, 1B's FFN up-projection (5,632 × 2,048) from the CPU layout, in
+/// G multiply-adds/s, AMX against AVX-512 VNNI: 91 against 145 at 1 token, 255 against
+/// 379 at 4, 351-382 against 304-309 at 5, 837 against 498 at 16.
 pub const AMX_TOKENS: usize = 5;
 
 /// The CPU product's kernels.
@@ -1905,13 +1926,13 @@ fn gemm_rows_direct(
     gamma: f32,
     kernel: Kernel,
 ) -> Vec<f32> {
-    // Inputs per block: a 64-byte row vector's codes (AVX-512), a 32-byte one's (AVX2,
-    // AVX-VNNI).
     // AMX's few tokens run the AVX-512 kernel.
     let kernel = match kernel {
         Kernel::Amx => Kernel::Vnni,
         other => other,
     };
+    // Inputs per block: a 64-byte row vector's codes (AVX-512), a 32-byte one's (AVX2,
+    // AVX-VNNI).
     let block = if kernel == Kernel::Vnni { 256 } else { 128 };
     let stride = block * d_in.div_ceil(block);
     let (codes, inv_scales, sums) = quantize_rows(x, d_in, stride);
