@@ -610,8 +610,9 @@ impl TritterBackend for burn::backend::Flex {
     fn ternary_scratch_bytes(d_out: usize, d_in: usize) -> usize {
         // The int8 activations (rows, then tiles) are per call and proportional to the
         // activations; the accumulators live in registers. A matrix computed in place
-        // rearranges each task's panels into a scratch per thread, and the portable
-        // kernel unpacks each panel into another.
+        // rearranges each task's panels into a scratch per thread (not with AMX, which
+        // multiplies the rows as they stand), and the portable kernel unpacks each panel
+        // into another.
         let _ = d_out;
         packed::rows_scratch_bytes(d_in)
     }

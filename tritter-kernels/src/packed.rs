@@ -19,6 +19,8 @@
 //! file ([`MappedCodes`]), as streaming keeps it on the CPU. The product then rearranges
 //! each task's panels into a per-thread scratch that stays in cache, as it reaches them:
 //! the weights are read from memory once per product, never copied to a second buffer.
+//! Few tokens, and with AMX any number, skip even that: the kernels multiply the rows as
+//! they stand.
 
 use crate::reference::{int8_quantize, ACT_MAX, QUANT_EPS};
 use burn::tensor::backend::Backend;
@@ -1311,14 +1313,187 @@ mod amx {
         }
     }
 
+    /// The codes of 16 rows for one block of 256 inputs, by their place in a weight
+    /// byte: `[k][m]` holds row `m`'s codes of inputs `4i + k`, `i` < 64, the `A` of one
+    /// tile multiply for each `k`.
+    #[repr(C, align(64))]
+    struct Places([[[u8; 64]; 16]; 4]);
+
+    /// [`rows`]' outputs of 16 rows (each row's 16 tokens), before they go to `y`.
+    #[repr(C, align(64))]
+    struct Values([[f32; 16]; 16]);
+
+    /// `rows` of a product on the export's rows ([`super::DirectJob`]), from a multiple
+    /// of 16, without rearranging them: the 64 bytes of a row that hold a block of 256
+    /// inputs, split by place in a byte (bits `2k`, `2k + 1` of each byte to bits 0, 1,
+    /// one GFNI affine transform each), are the row's codes of inputs `4i + k`, which is
+    /// a tile's row as it stands. So each group of 16 rows takes four tile multiplies
+    /// (`tdpbusd`, the codes unsigned) per block, of 16 rows × 64 inputs against the
+    /// tokens' codes of the same inputs, laid out once per product
+    /// ([`super::amx_tokens`]); two chains of sums, even and odd places. The tile state is
+    /// released at the end.
+    #[target_feature(enable = "avx512f,avx512bw,gfni")]
+    pub unsafe fn rows(job: &super::DirectJob, rows: std::ops::Range<usize>) {
+        let super::DirectJob {
+            bytes,
+            row_bytes,
+            x,
+            stride,
+            inv_scales,
+            sums,
+            gamma,
+            y,
+            d_out,
+        } = *job;
+        let (tokens, blocks) = (inv_scales.len(), stride / 256);
+        // Bit `i` of each byte of a product by `place[k]` is the parity of the byte
+        // masked by byte `7 − i` of the matrix: bits `2k`, `2k + 1` to bits 0, 1.
+        let place: [__m512i; 4] = std::array::from_fn(|k| {
+            _mm512_set1_epi64((1i64 << (2 * k + 56)) | (1i64 << (2 * k + 1 + 48)))
+        });
+        let full = row_bytes / 64;
+        let tail_mask = (1u64 << (row_bytes % 64)).wrapping_sub(1);
+        let mut pair = [Places([[[0; 64]; 16]; 4]), Places([[[0; 64]; 16]; 4])];
+        let mut out = [[[0i32; 16]; 16]; 2];
+        let mut values = Values([[0f32; 16]; 16]);
+        let mut configured = None;
+        for first_row in rows.step_by(16) {
+            let rows = (d_out - first_row).min(16);
+            let base = bytes.as_ptr().add(first_row * row_bytes);
+            for tile in 0..tokens.div_ceil(16) {
+                let n = (tokens - 16 * tile).min(16);
+                if configured != Some((rows, n)) {
+                    let config = rows_config(rows, n);
+                    asm!("ldtilecfg [{}]", in(reg) &config as *const Config, options(nostack, readonly));
+                    configured = Some((rows, n));
+                }
+                asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+                let tokens_codes = x.as_ptr().add(tile * blocks * 4096);
+                for b in 0..blocks {
+                    let places = &mut pair[b % 2];
+                    for half in [0, 2] {
+                        for m in 0..rows {
+                            let row = base.add(m * row_bytes);
+                            if half == 0 && tile == 0 {
+                                // The next group's line in the same place: the rows of a
+                                // group lie together, the next after them. Past the
+                                // codes' end, the address is only a hint: a prefetch
+                                // never faults.
+                                _mm_prefetch::<_MM_HINT_T1>(
+                                    row.wrapping_add(16 * row_bytes + 64 * b).cast(),
+                                );
+                            }
+                            // Bytes past the row stay unread: codes against zero
+                            // activations.
+                            let w = match b < full {
+                                true => _mm512_loadu_si512(row.add(64 * b).cast()),
+                                false => _mm512_maskz_loadu_epi8(tail_mask, row.add(64 * b).cast()),
+                            };
+                            let even = _mm512_gf2p8affine_epi64_epi8::<0>(w, place[half]);
+                            let odd = _mm512_gf2p8affine_epi64_epi8::<0>(w, place[half + 1]);
+                            _mm512_store_si512(places.0[half][m].as_mut_ptr().cast(), even);
+                            _mm512_store_si512(places.0[half + 1][m].as_mut_ptr().cast(), odd);
+                        }
+                        asm!(
+                            "tileloadd tmm2, [{w} + {stride}*1]",
+                            "tileloadd tmm4, [{x} + {stride}*1]",
+                            "tdpbusd tmm0, tmm2, tmm4",
+                            "tileloadd tmm3, [{w} + {stride}*1 + 1024]",
+                            "tileloadd tmm5, [{x} + {stride}*1 + 1024]",
+                            "tdpbusd tmm1, tmm3, tmm5",
+                            w = in(reg) places.0[half].as_ptr(),
+                            x = in(reg) tokens_codes.add(b * 4096 + half * 1024),
+                            stride = in(reg) 64usize,
+                            options(nostack, readonly),
+                        );
+                    }
+                }
+                asm!(
+                    "tilestored [{even} + {stride}*1], tmm0",
+                    "tilestored [{odd} + {stride}*1], tmm1",
+                    even = in(reg) out[0].as_mut_ptr(),
+                    odd = in(reg) out[1].as_mut_ptr(),
+                    stride = in(reg) 64usize,
+                    options(nostack),
+                );
+                // Row `m` of the sums holds its output for each token: `(a as f32 · 1/s)
+                // · γ`, the reference's order, into `values[m]`, then each token's
+                // column of `values` into its row of `y`.
+                let first = 16 * tile;
+                let keep = (1u32 << n).wrapping_sub(1) as u16;
+                let sum = _mm512_maskz_loadu_epi32(keep, sums.as_ptr().add(first).cast());
+                let inv = _mm512_maskz_loadu_ps(keep, inv_scales.as_ptr().add(first));
+                let gamma = _mm512_set1_ps(gamma);
+                let [even, odd] = &out;
+                for (m, (even, odd)) in even.iter().zip(odd).take(rows).enumerate() {
+                    let even = _mm512_loadu_si512(even.as_ptr().cast());
+                    let odd = _mm512_loadu_si512(odd.as_ptr().cast());
+                    let acc = _mm512_sub_epi32(_mm512_add_epi32(even, odd), sum);
+                    let v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), inv), gamma);
+                    _mm512_store_ps(values.0[m].as_mut_ptr(), v);
+                }
+                let store = (1u32 << rows).wrapping_sub(1) as u16;
+                let column = _mm512_mullo_epi32(
+                    _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                    _mm512_set1_epi32(16),
+                );
+                for t in 0..n {
+                    let at = values.0.as_ptr().cast::<f32>().add(t);
+                    let v = _mm512_mask_i32gather_ps::<4>(
+                        _mm512_setzero_ps(),
+                        store,
+                        column,
+                        at.cast(),
+                    );
+                    _mm512_mask_storeu_ps(y.0.add((first + t) * d_out + first_row), store, v);
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// [`rows`]' tiles: `tmm0`, `tmm1` the sums, `rows` × `n` tokens' `i32`; `tmm2`,
+    /// `tmm3` the rows' codes, `rows` × 64; `tmm4`, `tmm5` the tokens' codes, 16 groups
+    /// of four inputs × `n` tokens.
+    fn rows_config(rows: usize, n: usize) -> Config {
+        let (rows, n) = (rows as u8, n as u16);
+        let mut config = Config {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            bytes_per_row: [
+                4 * n,
+                4 * n,
+                64,
+                64,
+                4 * n,
+                4 * n,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ],
+            rows: [0; 16],
+        };
+        config.rows[..6].copy_from_slice(&[rows, rows, rows, rows, 16, 16]);
+        config
+    }
+
     /// Whether this CPU has AMX's tiles and int8 products, and Linux lets this process
     /// use their state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked
-    /// once), besides the AVX-512 that unpacks the codes.
+    /// once), besides the AVX-512 and GFNI that unpack the codes.
     pub fn available() -> bool {
         static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *AVAILABLE.get_or_init(|| {
-            // CPUID leaf 7 exists on every CPU with AVX-512 (checked first).
-            let tiles = vnni::available() && {
+            // CPUID leaf 7 exists on every CPU with AVX-512 (checked first). GFNI
+            // unpacks codes in the export's rows.
+            let tiles = vnni::available() && std::arch::is_x86_feature_detected!("gfni") && {
                 let edx = __cpuid_count(7, 0).edx;
                 edx & (1 << 24) != 0 && edx & (1 << 25) != 0
             };
@@ -1726,7 +1901,8 @@ pub enum Kernel {
     /// AVX-512 VNNI + VBMI: `vpdpbusd` on codes unpacked with `vpmultishiftqb`.
     Vnni,
     /// AMX: the AVX-512 kernel's unpacking, and a 16 × 16 × 64 tile multiply
-    /// (`tdpbsud`) per block of 64 inputs.
+    /// (`tdpbsud`) per block of 64 inputs; in place, the export's rows as tiles
+    /// (`tdpbusd`), each row's codes split by their place in a byte with GFNI.
     Amx,
 }
 
@@ -1781,9 +1957,10 @@ impl Kernel {
 /// The product on the CPU: `x` `[tokens, d_in]` row-major against a `[d_out, d_in]`
 /// matrix's `codes`, returns `[tokens, d_out]` row-major. Each weight vector is unpacked
 /// once per tile of up to 16 tokens, in registers. Codes in the export's rows are
-/// multiplied in place: up to 4 tokens row by row by the vector kernels, more by tasks
-/// that each rearrange their panels into a per-thread scratch ([`rows_scratch_bytes`]),
-/// then run every tile over it — the same numbers as from the CPU layout, bit for bit.
+/// multiplied in place: up to 4 tokens row by row by the vector kernels, more by AMX in
+/// tiles of 16 rows as they stand, or else by tasks that each rearrange their panels
+/// into a per-thread scratch ([`rows_scratch_bytes`]), then run every tile over it — the
+/// same numbers as from the CPU layout, bit for bit.
 /// The kernel is [`Kernel::for_tokens`]: AMX from [`AMX_TOKENS`] tokens, else AVX-512
 /// VNNI + VBMI, else AVX-VNNI, else AVX2, else portable Rust; every kernel gives the same
 /// bits.
@@ -1829,14 +2006,18 @@ pub fn cpu_gemm_with(
 
 /// Scratch bytes [`cpu_gemm`] keeps on the threads of the pool for products of `d_in`
 /// inputs: per thread, the panels of a task rearranged from codes in rows, and, where
-/// the portable kernel runs, a panel unpacked into `i16` weights.
+/// the portable kernel runs, a panel unpacked into `i16` weights. None where AMX runs:
+/// it multiplies the rows as they stand from 5 tokens, and the AVX-512 kernel fewer.
 pub fn rows_scratch_bytes(d_in: usize) -> usize {
     let columns = d_in.div_ceil(16);
-    let unpacked = match Kernel::best() {
-        Kernel::Portable => PANEL_ROWS * 16 * columns * 2,
-        _ => 0,
+    let per_thread = match Kernel::best() {
+        Kernel::Amx => 0,
+        Kernel::Portable => {
+            PANELS_PER_TASK * PANEL_ROWS * columns * 4 + PANEL_ROWS * 16 * columns * 2
+        }
+        _ => PANELS_PER_TASK * PANEL_ROWS * columns * 4,
     };
-    rayon::current_num_threads() * (PANELS_PER_TASK * PANEL_ROWS * columns * 4 + unpacked)
+    rayon::current_num_threads() * per_thread
 }
 
 /// Where a product's codes are.
@@ -1874,14 +2055,15 @@ const DIRECT_TOKENS: usize = 4;
 #[cfg(target_arch = "x86_64")]
 const _: () = assert!(DIRECT_TOKENS <= 4);
 
-/// Rows per task of the direct product.
+/// Rows per task of the direct product: whole groups of AMX's 16.
 #[cfg(target_arch = "x86_64")]
 const DIRECT_ROWS: usize = 64;
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(DIRECT_ROWS.is_multiple_of(16));
 
-/// A product on the export's rows, for [`vnni::rows`] and [`avx2::rows`]: activation
-/// codes of each token in `stride` bytes, each block of the kernel's inputs (256 for
-/// AVX-512 VNNI, 128 for AVX2 and AVX-VNNI) stored by their place in a weight byte (inputs `4i + k` at
-/// `block/4 · k + i`).
+/// A product on the export's rows, for [`vnni::rows`], [`avx2::rows`] and [`amx::rows`]:
+/// activation codes of each token in `stride` bytes ([`by_place`]), or for AMX, the
+/// tiles of [`amx_tokens`] from a 64-byte boundary.
 #[cfg(target_arch = "x86_64")]
 struct DirectJob<'a> {
     bytes: &'a [u8],
@@ -1914,8 +2096,28 @@ impl DirectJob<'_> {
     }
 }
 
-/// [`gemm`] of 1 to [`DIRECT_TOKENS`] tokens on codes in the export's rows with a
-/// vector kernel: row by row, no rearrangement. The same bits as through the panels.
+/// The vector kernels' codes of each token for [`gemm_rows_direct`]: each block of
+/// `block` inputs stored by their place in a weight byte (inputs `4i + k` at
+/// `block/4 · k + i`).
+#[cfg(target_arch = "x86_64")]
+fn by_place(codes: &[i8], block: usize) -> Vec<i8> {
+    let mut placed = vec![0i8; codes.len()];
+    for (from, to) in codes
+        .chunks_exact(block)
+        .zip(placed.chunks_exact_mut(block))
+    {
+        for (i, four) in from.chunks_exact(4).enumerate() {
+            for (k, &code) in four.iter().enumerate() {
+                to[block / 4 * k + i] = code;
+            }
+        }
+    }
+    placed
+}
+
+/// [`gemm`] on codes in the export's rows without rearranging them: 1 to
+/// [`DIRECT_TOKENS`] tokens row by row with a vector kernel, any number in tiles of 16
+/// rows with AMX. The same bits as through the panels.
 #[cfg(target_arch = "x86_64")]
 fn gemm_rows_direct(
     x: &[f32],
@@ -1928,30 +2130,26 @@ fn gemm_rows_direct(
 ) -> Vec<f32> {
     // AMX's few tokens run the AVX-512 kernel.
     let kernel = match kernel {
-        Kernel::Amx => Kernel::Vnni,
+        Kernel::Amx if tokens <= DIRECT_TOKENS => Kernel::Vnni,
         other => other,
     };
-    // Inputs per block: a 64-byte row vector's codes (AVX-512), a 32-byte one's (AVX2,
-    // AVX-VNNI).
-    let block = if kernel == Kernel::Vnni { 256 } else { 128 };
+    // Inputs per block: a 64-byte row vector's codes (AVX-512, AMX), a 32-byte one's
+    // (AVX2, AVX-VNNI).
+    let block = match kernel {
+        Kernel::Vnni | Kernel::Amx => 256,
+        _ => 128,
+    };
     let stride = block * d_in.div_ceil(block);
     let (codes, inv_scales, sums) = quantize_rows(x, d_in, stride);
-    let mut placed = vec![0i8; codes.len()];
-    for (from, to) in codes
-        .chunks_exact(block)
-        .zip(placed.chunks_exact_mut(block))
-    {
-        for (i, four) in from.chunks_exact(4).enumerate() {
-            for (k, &code) in four.iter().enumerate() {
-                to[block / 4 * k + i] = code;
-            }
-        }
-    }
+    let (placed, first) = match kernel {
+        Kernel::Amx => amx_tokens(&codes, tokens, stride / 256),
+        _ => (by_place(&codes, block), 0),
+    };
     let mut y = Vec::<f32>::with_capacity(tokens * d_out);
     let job = DirectJob {
         bytes,
         row_bytes: d_in.div_ceil(4),
-        x: &placed,
+        x: &placed[first..],
         stride,
         inv_scales: &inv_scales,
         sums: &sums,
@@ -1968,6 +2166,7 @@ fn gemm_rows_direct(
             // stay in this task's rows of the tokens' outputs.
             unsafe {
                 match (kernel, tokens) {
+                    (Kernel::Amx, _) => amx::rows(&job, rows),
                     (Kernel::Vnni, 1) => vnni::rows::<1>(&job, rows),
                     (Kernel::Vnni, 2) => vnni::rows::<2>(&job, rows),
                     (Kernel::Vnni, 3) => vnni::rows::<3>(&job, rows),
@@ -1986,6 +2185,37 @@ fn gemm_rows_direct(
     // SAFETY: the tasks wrote all `tokens × d_out` elements (every row of every token).
     unsafe { y.set_len(tokens * d_out) };
     y
+}
+
+/// The tokens' int8 codes (`stride = 256 · blocks` per token, zero-padded) as
+/// [`amx::rows`] multiplies them, from a 64-byte boundary: for each tile of 16 tokens,
+/// each block of 256 inputs and each place `k` in a weight byte, a tile of 16 rows of 64
+/// bytes, row `j` holding each token's codes of inputs `16j + 4i + k`, `i` < 4, four
+/// bytes a token. Returns the codes and where they start.
+#[cfg(target_arch = "x86_64")]
+fn amx_tokens(codes: &[i8], tokens: usize, blocks: usize) -> (Vec<i8>, usize) {
+    let stride = 256 * blocks;
+    let mut tiles = vec![0i8; tokens.div_ceil(16) * blocks * 4096 + 63];
+    let first = tiles.as_ptr().align_offset(64);
+    for (t, row) in codes.chunks_exact(stride).enumerate() {
+        let tile = &mut tiles[first + (t / 16) * blocks * 4096..][..blocks * 4096];
+        for (block, inputs) in tile.chunks_exact_mut(4096).zip(row.chunks_exact(256)) {
+            for (j, sixteen) in inputs.chunks_exact(16).enumerate() {
+                // Place `k`'s four codes, inputs `k, 4 + k, 8 + k, 12 + k`, as one word.
+                let c = u128::from_le_bytes(std::array::from_fn(|b| sixteen[b] as u8));
+                for k in 0..4 {
+                    let place = (c >> (8 * k)) & 0x0000_00ff_0000_00ff_0000_00ff_0000_00ff;
+                    let word = place as u32
+                        | (place >> 24) as u32
+                        | (place >> 48) as u32
+                        | (place >> 72) as u32;
+                    let at = k * 1024 + j * 64 + 4 * (t % 16);
+                    block[at..at + 4].copy_from_slice(&word.to_le_bytes().map(|b| b as i8));
+                }
+            }
+        }
+    }
+    (tiles, first)
 }
 
 fn gemm(
@@ -2013,11 +2243,9 @@ fn gemm(
         return vec![0f32; tokens * d_out];
     }
     #[cfg(target_arch = "x86_64")]
-    if let (
-        Codes::Rows(bytes),
-        Kernel::Amx | Kernel::Vnni | Kernel::AvxVnni | Kernel::Avx2,
-        1..=DIRECT_TOKENS,
-    ) = (codes, kernel, tokens)
+    if let (Codes::Rows(bytes), Kernel::Amx, _)
+    | (Codes::Rows(bytes), Kernel::Vnni | Kernel::AvxVnni | Kernel::Avx2, 1..=DIRECT_TOKENS) =
+        (codes, kernel, tokens)
     {
         return gemm_rows_direct(x, tokens, bytes, d_out, d_in, gamma, kernel);
     }
@@ -2174,7 +2402,8 @@ mod tests {
                 |codes: Codes, kernel: Kernel| gemm(&xv, tokens, codes, d_out, d_in, gamma, kernel);
             let portable = product(Codes::Panels(&layout), Kernel::Portable);
             // Integer accumulation: every kernel gives the same bits, from the CPU layout
-            // and in place from the export's rows (each task rearranging into its scratch).
+            // and in place from the export's rows (row by row up to 4 tokens, by AMX as
+            // tiles of rows, or each task rearranging into its scratch).
             for kernel in Kernel::supported() {
                 let panels = product(Codes::Panels(&layout), kernel);
                 assert_eq!(panels, portable, "{kernel:?} {tokens}x{d_in}x{d_out}");
