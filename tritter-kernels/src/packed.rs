@@ -743,8 +743,7 @@ impl Tiles {
             ),
             Order::Tokens => {
                 // From a 64-byte boundary, so that each row of a tile is whole lines.
-                let mut codes = vec![0i8; tokens.div_ceil(width) * width * stride + 63];
-                let start = codes.as_ptr().align_offset(64);
+                let (mut codes, start) = aligned_codes(tokens.div_ceil(width) * width * stride);
                 codes[start..start + rows.len()].copy_from_slice(&rows);
                 (codes, Vec::new(), start)
             }
@@ -772,6 +771,14 @@ impl Tiles {
             (tokens - i * self.width).min(self.width),
         )
     }
+}
+
+/// `len` zero codes from a 64-byte boundary, for AMX's tiles: a buffer and where they
+/// start in it.
+fn aligned_codes(len: usize) -> (Vec<i8>, usize) {
+    let codes = vec![0i8; len + 63];
+    let start = codes.as_ptr().align_offset(64);
+    (codes, start)
 }
 
 /// The vector kernels' tiles of [`Tiles`]: `rows` (`tokens` rows of `stride` codes) as
@@ -1198,22 +1205,29 @@ mod amx {
         rows: [u8; 16],
     }
 
+    impl Config {
+        /// Tiles `tmm0` to `tmm5` of `bytes_per_row` × `rows`, the others unused.
+        fn tiles(bytes_per_row: [u16; 6], rows: [u8; 6]) -> Self {
+            let mut config = Config {
+                palette: 1,
+                start_row: 0,
+                reserved: [0; 14],
+                bytes_per_row: [0; 16],
+                rows: [0; 16],
+            };
+            config.bytes_per_row[..6].copy_from_slice(&bytes_per_row);
+            config.rows[..6].copy_from_slice(&rows);
+            config
+        }
+    }
+
     /// Two chains of tile multiplies, even and odd blocks, so that each waits less on
     /// its sums: `tmm0`, `tmm1` the sums, `width` tokens × 16 `i32`; `tmm2`, `tmm3` the
     /// tokens' codes, `width` rows of 64; `tmm4`, `tmm5` the panel's codes, 16 rows of
     /// 64.
     fn config(width: usize) -> Config {
-        let width = width as u8;
-        let mut config = Config {
-            palette: 1,
-            start_row: 0,
-            reserved: [0; 14],
-            bytes_per_row: [0; 16],
-            rows: [0; 16],
-        };
-        config.bytes_per_row[..6].fill(64);
-        config.rows[..6].copy_from_slice(&[width, width, width, width, 16, 16]);
-        config
+        let w = width as u8;
+        Config::tiles([64; 6], [w, w, w, w, 16, 16])
     }
 
     /// A block's unpacked codes, the `B` of one tile multiply.
@@ -1356,6 +1370,12 @@ mod amx {
         let mut pair = [Places([[[0; 64]; 16]; 4]), Places([[[0; 64]; 16]; 4])];
         let mut out = [[[0i32; 16]; 16]; 2];
         let mut values = Values([[0f32; 16]; 16]);
+        let gamma = _mm512_set1_ps(gamma);
+        // Where each row's value for one token lies in `values`.
+        let column = _mm512_mullo_epi32(
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+            _mm512_set1_epi32(16),
+        );
         let mut configured = None;
         for first_row in rows.step_by(16) {
             let rows = (d_out - first_row).min(16);
@@ -1423,7 +1443,6 @@ mod amx {
                 let keep = (1u32 << n).wrapping_sub(1) as u16;
                 let sum = _mm512_maskz_loadu_epi32(keep, sums.as_ptr().add(first).cast());
                 let inv = _mm512_maskz_loadu_ps(keep, inv_scales.as_ptr().add(first));
-                let gamma = _mm512_set1_ps(gamma);
                 let [even, odd] = &out;
                 for (m, (even, odd)) in even.iter().zip(odd).take(rows).enumerate() {
                     let even = _mm512_loadu_si512(even.as_ptr().cast());
@@ -1433,10 +1452,6 @@ mod amx {
                     _mm512_store_ps(values.0[m].as_mut_ptr(), v);
                 }
                 let store = (1u32 << rows).wrapping_sub(1) as u16;
-                let column = _mm512_mullo_epi32(
-                    _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                    _mm512_set1_epi32(16),
-                );
                 for t in 0..n {
                     let at = values.0.as_ptr().cast::<f32>().add(t);
                     let v = _mm512_mask_i32gather_ps::<4>(
@@ -1456,33 +1471,8 @@ mod amx {
     /// `tmm3` the rows' codes, `rows` × 64; `tmm4`, `tmm5` the tokens' codes, 16 groups
     /// of four inputs × `n` tokens.
     fn rows_config(rows: usize, n: usize) -> Config {
-        let (rows, n) = (rows as u8, n as u16);
-        let mut config = Config {
-            palette: 1,
-            start_row: 0,
-            reserved: [0; 14],
-            bytes_per_row: [
-                4 * n,
-                4 * n,
-                64,
-                64,
-                4 * n,
-                4 * n,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-            ],
-            rows: [0; 16],
-        };
-        config.rows[..6].copy_from_slice(&[rows, rows, rows, rows, 16, 16]);
-        config
+        let (r, n) = (rows as u8, 4 * n as u16);
+        Config::tiles([n, n, 64, 64, n, n], [r, r, r, r, 16, 16])
     }
 
     /// Whether this CPU has AMX's tiles and int8 products, and Linux lets this process
@@ -2010,12 +2000,11 @@ pub fn cpu_gemm_with(
 /// it multiplies the rows as they stand from 5 tokens, and the AVX-512 kernel fewer.
 pub fn rows_scratch_bytes(d_in: usize) -> usize {
     let columns = d_in.div_ceil(16);
+    let panels = PANELS_PER_TASK * PANEL_ROWS * columns * 4;
     let per_thread = match Kernel::best() {
         Kernel::Amx => 0,
-        Kernel::Portable => {
-            PANELS_PER_TASK * PANEL_ROWS * columns * 4 + PANEL_ROWS * 16 * columns * 2
-        }
-        _ => PANELS_PER_TASK * PANEL_ROWS * columns * 4,
+        Kernel::Portable => panels + PANEL_ROWS * 16 * columns * 2,
+        _ => panels,
     };
     rayon::current_num_threads() * per_thread
 }
@@ -2117,7 +2106,8 @@ fn by_place(codes: &[i8], block: usize) -> Vec<i8> {
 
 /// [`gemm`] on codes in the export's rows without rearranging them: 1 to
 /// [`DIRECT_TOKENS`] tokens row by row with a vector kernel, any number in tiles of 16
-/// rows with AMX. The same bits as through the panels.
+/// rows with AMX ([`cpu_gemm`] runs AMX from [`AMX_TOKENS`]). The same bits as through
+/// the panels.
 #[cfg(target_arch = "x86_64")]
 fn gemm_rows_direct(
     x: &[f32],
@@ -2128,11 +2118,6 @@ fn gemm_rows_direct(
     gamma: f32,
     kernel: Kernel,
 ) -> Vec<f32> {
-    // AMX's few tokens run the AVX-512 kernel.
-    let kernel = match kernel {
-        Kernel::Amx if tokens <= DIRECT_TOKENS => Kernel::Vnni,
-        other => other,
-    };
     // Inputs per block: a 64-byte row vector's codes (AVX-512, AMX), a 32-byte one's
     // (AVX2, AVX-VNNI).
     let block = match kernel {
@@ -2195,8 +2180,7 @@ fn gemm_rows_direct(
 #[cfg(target_arch = "x86_64")]
 fn amx_tokens(codes: &[i8], tokens: usize, blocks: usize) -> (Vec<i8>, usize) {
     let stride = 256 * blocks;
-    let mut tiles = vec![0i8; tokens.div_ceil(16) * blocks * 4096 + 63];
-    let first = tiles.as_ptr().align_offset(64);
+    let (mut tiles, first) = aligned_codes(tokens.div_ceil(16) * blocks * 4096);
     for (t, row) in codes.chunks_exact(stride).enumerate() {
         let tile = &mut tiles[first + (t / 16) * blocks * 4096..][..blocks * 4096];
         for (block, inputs) in tile.chunks_exact_mut(4096).zip(row.chunks_exact(256)) {
