@@ -68,7 +68,7 @@ impl AttentionShape {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn fma_available() -> bool {
+pub(crate) fn fma_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         std::arch::is_x86_feature_detected!("avx2")
@@ -78,7 +78,7 @@ fn fma_available() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx512_available() -> bool {
+pub(crate) fn avx512_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         fma_available()
@@ -91,7 +91,7 @@ fn avx512_available() -> bool {
 /// `a·b + c`, fused where the kernel is compiled with FMA (elsewhere `mul_add` would be
 /// a library call).
 #[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
         a.mul_add(b, c)
     } else {
@@ -103,7 +103,7 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, and a degree-6 polynomial (relative error below
 /// 2·10⁻⁷). Inputs below −87 give 0.
 #[inline(always)]
-fn exp<const FMA: bool>(x: f32) -> f32 {
+pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -142,18 +142,19 @@ macro_rules! dispatch {
             $kernel::<true>($($arg),*)
         }
         #[cfg(target_arch = "x86_64")]
-        if avx512_available() {
+        if $crate::cpu::avx512_available() {
             // SAFETY: the CPU has AVX-512 F and VL, AVX2 and FMA (checked by `avx512_available`).
             return unsafe { wide($($arg),*) };
         }
         #[cfg(target_arch = "x86_64")]
-        if fma_available() {
+        if $crate::cpu::fma_available() {
             // SAFETY: the CPU has AVX2 and FMA (checked by `fma_available`).
             return unsafe { fast($($arg),*) };
         }
         $kernel::<false>($($arg),*)
     }};
 }
+pub(crate) use dispatch;
 
 /// `row` reduced by `op` (associative) from `init`, eight lanes side by side and then
 /// across, where a sequential fold would keep the loop from vectorizing.

@@ -14,6 +14,7 @@
 //! second sum computed once per group; values are accumulated as
 //! `Σ_t p_t·scale_t·code_tc + Σ_t p_t·zero_t`.
 
+use crate::cpu::madd;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use half::f16;
@@ -102,6 +103,7 @@ impl Window {
     }
 
     /// The `k`-th `[d]` row, as f32.
+    #[inline(always)]
     fn row(&self, k: usize, row: &mut [f32]) {
         let d = row.len();
         match self {
@@ -137,6 +139,7 @@ impl Window {
 
 impl Head {
     /// Quantized key `t` as f32 (`g` tokens per key group).
+    #[inline(always)]
     fn key_row(&self, t: usize, g: usize, row: &mut [f32]) {
         let d = row.len();
         unpack(&self.key_codes[t * d / 2..(t + 1) * d / 2], row);
@@ -151,6 +154,7 @@ impl Head {
     }
 
     /// Quantized value `t` as f32 (`g` channels per value group).
+    #[inline(always)]
     fn value_row(&self, t: usize, g: usize, row: &mut [f32]) {
         let d = row.len();
         let cg = d.div_ceil(g);
@@ -416,70 +420,105 @@ impl Int4KvCache {
         window: Option<usize>,
         out: &mut [f32],
     ) {
-        let (d, g) = (self.head_dim, self.group);
-        let n = self.len();
-        let first = window.map_or(0, |w| n.saturating_sub(w));
-        let scale = 1.0 / (d as f32).sqrt();
-        // scores[r * n + t]
-        let mut scores = vec![f32::NEG_INFINITY; rows * n];
-        let mut row = vec![0f32; d];
-        // Quantized keys, a group at a time: q·(s⊙c + z) = (q⊙s)·c + q·z.
-        let mut qs = vec![0f32; rows * d];
-        let mut bias = vec![0f32; rows];
-        for group in first / g..self.quantized / g {
-            let params = group * d..(group + 1) * d;
-            let (s, z) = (&head.key_scale[params.clone()], &head.key_zero[params]);
-            for r in 0..rows {
-                let q = &queries[r * d..(r + 1) * d];
-                bias[r] = 0.0;
-                for c in 0..d {
-                    qs[r * d + c] = q[c] * s[c].to_f32();
-                    bias[r] += q[c] * z[c].to_f32();
-                }
-            }
-            for t in (group * g).max(first)..(group + 1) * g {
-                unpack(&head.key_codes[t * d / 2..(t + 1) * d / 2], &mut row);
-                for r in 0..rows {
-                    scores[r * n + t] = (dot(&qs[r * d..(r + 1) * d], &row) + bias[r]) * scale;
-                }
-            }
-        }
-        for t in first.max(self.quantized)..n {
-            head.recent_keys.row(t - self.quantized, &mut row);
-            for r in 0..rows {
-                scores[r * n + t] = dot(&queries[r * d..(r + 1) * d], &row) * scale;
-            }
-        }
+        let cache = self;
+        crate::cpu::dispatch!(attend(
+            cache: &Int4KvCache,
+            head: &Head,
+            queries: &[f32],
+            rows: usize,
+            window: Option<usize>,
+            out: &mut [f32],
+        ))
+    }
+}
+
+/// [`Int4KvCache::attend_kv_head`], with fused multiply-adds where `FMA` (compiled for
+/// AVX-512 or AVX2 by [`crate::cpu::dispatch`]): each key and value row is converted once
+/// and serves every query head of its key/value head from L1.
+#[inline(always)]
+fn attend<const FMA: bool>(
+    cache: &Int4KvCache,
+    head: &Head,
+    queries: &[f32],
+    rows: usize,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
+    let (d, g) = (cache.head_dim, cache.group);
+    let n = cache.len();
+    let first = window.map_or(0, |w| n.saturating_sub(w));
+    let scale = 1.0 / (d as f32).sqrt();
+    // scores[(t − first)·rows + r]: a token's rows side by side. (Row by row, a stride
+    // of `n` floats would put each token's scores in one L1 set where `n` is a multiple
+    // of 1024.)
+    let mut scores = vec![0f32; (n - first) * rows];
+    let mut row = vec![0f32; d];
+    // Quantized keys, a group at a time: q·(s⊙c + z) = (q⊙s)·c + q·z.
+    let mut qs = vec![0f32; rows * d];
+    let mut bias = vec![0f32; rows];
+    for group in first / g..cache.quantized / g {
+        let params = group * d..(group + 1) * d;
+        let (s, z) = (&head.key_scale[params.clone()], &head.key_zero[params]);
         for r in 0..rows {
-            let scores = &mut scores[r * n + first..(r + 1) * n];
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut total = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
-            }
-            for s in scores.iter_mut() {
-                *s /= total;
+            let q = &queries[r * d..(r + 1) * d];
+            bias[r] = 0.0;
+            for c in 0..d {
+                qs[r * d + c] = q[c] * s[c].to_f32();
+                bias[r] += q[c] * z[c].to_f32();
             }
         }
-        out.fill(0.0);
-        // Quantized values, a token at a time: Σ p·(s·c + z), one row in registers.
-        for t in first..self.quantized {
+        for t in (group * g).max(first)..(group + 1) * g {
+            unpack(&head.key_codes[t * d / 2..(t + 1) * d / 2], &mut row);
+            let scores = &mut scores[(t - first) * rows..][..rows];
+            for r in 0..rows {
+                scores[r] = (dot::<FMA>(&qs[r * d..(r + 1) * d], &row) + bias[r]) * scale;
+            }
+        }
+    }
+    for t in first.max(cache.quantized)..n {
+        head.recent_keys.row(t - cache.quantized, &mut row);
+        let scores = &mut scores[(t - first) * rows..][..rows];
+        for r in 0..rows {
+            scores[r] = dot::<FMA>(&queries[r * d..(r + 1) * d], &row) * scale;
+        }
+    }
+    // Softmax weights, left unnormalized: each row's output is divided by its sum once.
+    let mut max = vec![f32::NEG_INFINITY; rows];
+    for token in scores.chunks_exact(rows) {
+        for (m, &s) in max.iter_mut().zip(token) {
+            *m = m.max(s);
+        }
+    }
+    let mut total = vec![0f32; rows];
+    for token in scores.chunks_exact_mut(rows) {
+        for ((s, &m), sum) in token.iter_mut().zip(&max).zip(&mut total) {
+            *s = crate::cpu::exp::<FMA>(*s - m);
+            *sum += *s;
+        }
+    }
+    out.fill(0.0);
+    // Values, a token at a time, each row converted once for every query head (quantized
+    // ones as Σ p·(s·c + z)).
+    for t in first..n {
+        if t < cache.quantized {
             head.value_row(t, g, &mut row);
-            for r in 0..rows {
-                axpy(scores[r * n + t], &row, &mut out[r * d..(r + 1) * d]);
-            }
+        } else {
+            head.recent_values.row(t - cache.quantized, &mut row);
         }
-        for t in first.max(self.quantized)..n {
-            head.recent_values.row(t - self.quantized, &mut row);
-            for r in 0..rows {
-                axpy(scores[r * n + t], &row, &mut out[r * d..(r + 1) * d]);
-            }
+        let weights = &scores[(t - first) * rows..][..rows];
+        for (r, &p) in weights.iter().enumerate() {
+            axpy::<FMA>(p, &row, &mut out[r * d..(r + 1) * d]);
         }
+    }
+    for (out, sum) in out.chunks_exact_mut(d).zip(total) {
+        // No key at all (an empty window) leaves the output 0.
+        let inverse = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        out.iter_mut().for_each(|x| *x *= inverse);
     }
 }
 
 /// Two 4-bit codes per byte, low nibble first, as f32.
+#[inline(always)]
 fn unpack(codes: &[u8], out: &mut [f32]) {
     for (pair, o) in codes.iter().zip(out.chunks_exact_mut(2)) {
         o[0] = (pair & 15) as f32;
@@ -487,28 +526,74 @@ fn unpack(codes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// `a·b`, in eight independent sums so that it vectorizes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+/// `a·b`, in sixteen independent sums so that it vectorizes.
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if FMA && crate::cpu::avx512_available() {
+        // SAFETY: the CPU has AVX-512 F (checked by `avx512_available`).
+        return unsafe { dot_avx512(a, b) };
+    }
+    let mut acc = [0f32; 16];
+    let ((ca, ra), (cb, rb)) = (a.as_chunks::<16>(), b.as_chunks::<16>());
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.iter().zip(cb) {
+        for i in 0..16 {
+            acc[i] = madd::<FMA>(x[i], y[i], acc[i]);
         }
     }
-    acc.iter().sum::<f32>() + tail
+    sum16(acc) + tail
+}
+
+/// [`dot`] in AVX-512 registers (the compiler splits the portable loop's sixteen sums
+/// into pairs): two chains of sums, masked loads for the last 1 to 31 elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (a, b) = (a.as_ptr(), b.as_ptr());
+    let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    while i + 32 <= n {
+        even = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), _mm512_loadu_ps(b.add(i)), even);
+        odd = _mm512_fmadd_ps(
+            _mm512_loadu_ps(a.add(i + 16)),
+            _mm512_loadu_ps(b.add(i + 16)),
+            odd,
+        );
+        i += 32;
+    }
+    while i < n {
+        let mask: __mmask16 = (1u32 << (n - i).min(16)).wrapping_sub(1) as __mmask16;
+        even = _mm512_fmadd_ps(
+            _mm512_maskz_loadu_ps(mask, a.add(i)),
+            _mm512_maskz_loadu_ps(mask, b.add(i)),
+            even,
+        );
+        i += 16;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(even, odd))
+}
+
+/// The sum of sixteen lanes, in halves (four vector steps, not fifteen scalar ones).
+#[inline(always)]
+fn sum16(mut acc: [f32; 16]) -> f32 {
+    let mut width = 8;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0]
 }
 
 /// `y += a·x`.
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
+#[inline(always)]
+fn axpy<const FMA: bool>(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = madd::<FMA>(a, x, *y);
     }
 }
 
