@@ -139,7 +139,6 @@ impl Window {
 
 impl Head {
     /// Quantized key `t` as f32 (`g` tokens per key group).
-    #[inline(always)]
     fn key_row(&self, t: usize, g: usize, row: &mut [f32]) {
         let d = row.len();
         unpack(&self.key_codes[t * d / 2..(t + 1) * d / 2], row);
