@@ -1206,8 +1206,8 @@ mod amx {
     }
 
     impl Config {
-        /// Tiles `tmm0` to `tmm5` of `bytes_per_row` × `rows`, the others unused.
-        fn tiles(bytes_per_row: [u16; 6], rows: [u8; 6]) -> Self {
+        /// Tiles `tmm0` to `tmm{N-1}` of `bytes_per_row` × `rows`, the others unused.
+        fn tiles<const N: usize>(bytes_per_row: [u16; N], rows: [u8; N]) -> Self {
             let mut config = Config {
                 palette: 1,
                 start_row: 0,
@@ -1215,8 +1215,8 @@ mod amx {
                 bytes_per_row: [0; 16],
                 rows: [0; 16],
             };
-            config.bytes_per_row[..6].copy_from_slice(&bytes_per_row);
-            config.rows[..6].copy_from_slice(&rows);
+            config.bytes_per_row[..N].copy_from_slice(&bytes_per_row);
+            config.rows[..N].copy_from_slice(&rows);
             config
         }
     }
@@ -1276,16 +1276,26 @@ mod amx {
         let columns = x.columns;
         let blocks = columns.div_ceil(4);
         let config = config(x.width);
-        let mut pair = [Block([[0; 64]; 16]), Block([[0; 64]; 16])];
+        let pairs = blocks.div_ceil(2);
+        // Two pairs of blocks, one multiplied while the next is unpacked, so that the
+        // tile loads read codes stored a pair earlier. Every block is written before it
+        // is read.
+        let mut ring = std::mem::MaybeUninit::<[Block; 4]>::uninit();
+        let ring = ring.as_mut_ptr().cast::<Block>();
         let mut sums = [[[0i32; 16]; 16]; 2];
         asm!("ldtilecfg [{}]", in(reg) &config as *const Config, options(nostack, readonly));
         asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-        for b in (0..blocks).step_by(2) {
-            // An odd last block pairs with zero codes, against the zeros that pad the
-            // tokens' rows to whole pairs of blocks.
-            let [even, odd] = &mut pair;
-            unpack(words, columns, b, ahead, even);
-            unpack(words, columns, b + 1, ahead, odd);
+        // An odd last block pairs with zero codes, against the zeros that pad the
+        // tokens' rows to whole pairs of blocks.
+        unpack(words, columns, 0, ahead, &mut *ring);
+        unpack(words, columns, 1, ahead, &mut *ring.add(1));
+        for p in 0..pairs {
+            if p + 1 < pairs {
+                let next = ring.add(2 * ((p + 1) % 2));
+                unpack(words, columns, 2 * p + 2, ahead, &mut *next);
+                unpack(words, columns, 2 * p + 3, ahead, &mut *next.add(1));
+            }
+            let b = 2 * p;
             asm!(
                 "tileloadd tmm2, [{x} + {stride}*1]",
                 "tileloadd tmm4, [{w} + {row}*1]",
@@ -1295,7 +1305,7 @@ mod amx {
                 "tdpbsud tmm1, tmm3, tmm5",
                 x = in(reg) codes.as_ptr().add(64 * b),
                 stride = in(reg) x.stride,
-                w = in(reg) pair.as_ptr(),
+                w = in(reg) ring.add(2 * (p % 2)),
                 row = in(reg) 64usize,
                 options(nostack, readonly),
             );
@@ -1344,8 +1354,11 @@ mod amx {
     /// a tile's row as it stands. So each group of 16 rows takes four tile multiplies
     /// (`tdpbusd`, the codes unsigned) per block, of 16 rows × 64 inputs against the
     /// tokens' codes of the same inputs, laid out once per product
-    /// ([`super::amx_tokens`]); two chains of sums, even and odd places. The tile state is
-    /// released at the end.
+    /// ([`super::amx_tokens`]). Two groups go together, so that each tile of the
+    /// tokens' codes loaded serves both, each group in two chains of sums (even and odd
+    /// places); and each block is unpacked while the block before it is multiplied, so
+    /// that the tile loads read codes stored a block earlier. The tile state is released
+    /// at the end.
     #[target_feature(enable = "avx512f,avx512bw,gfni")]
     pub unsafe fn rows(job: &super::DirectJob, rows: std::ops::Range<usize>) {
         let super::DirectJob {
@@ -1367,8 +1380,12 @@ mod amx {
         });
         let full = row_bytes / 64;
         let tail_mask = (1u64 << (row_bytes % 64)).wrapping_sub(1);
-        let mut pair = [Places([[[0; 64]; 16]; 4]), Places([[[0; 64]; 16]; 4])];
-        let mut out = [[[0i32; 16]; 16]; 2];
+        // Two blocks' codes of the two groups, `[block % 2][group]`; every place of a
+        // block is written before it is read.
+        let mut ring = std::mem::MaybeUninit::<[[Places; 2]; 2]>::uninit();
+        let ring = ring.as_mut_ptr().cast::<[Places; 2]>();
+        // Each group's sums, `[group][even, odd]`.
+        let mut out = [[[[0i32; 16]; 16]; 2]; 2];
         let mut values = Values([[0f32; 16]; 16]);
         let gamma = _mm512_set1_ps(gamma);
         // Where each row's value for one token lies in `values`.
@@ -1377,102 +1394,136 @@ mod amx {
             _mm512_set1_epi32(16),
         );
         let mut configured = None;
-        for first_row in rows.step_by(16) {
-            let rows = (d_out - first_row).min(16);
-            let base = bytes.as_ptr().add(first_row * row_bytes);
-            for tile in 0..tokens.div_ceil(16) {
-                let n = (tokens - 16 * tile).min(16);
-                if configured != Some((rows, n)) {
-                    let config = rows_config(rows, n);
-                    asm!("ldtilecfg [{}]", in(reg) &config as *const Config, options(nostack, readonly));
-                    configured = Some((rows, n));
-                }
-                asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-                let tokens_codes = x.as_ptr().add(tile * blocks * 4096);
-                for b in 0..blocks {
-                    let places = &mut pair[b % 2];
-                    for half in [0, 2] {
-                        for m in 0..rows {
-                            let row = base.add(m * row_bytes);
-                            if half == 0 && tile == 0 {
-                                // The next group's line in the same place: the rows of a
-                                // group lie together, the next after them. Past the
-                                // codes' end, the address is only a hint: a prefetch
-                                // never faults.
-                                _mm_prefetch::<_MM_HINT_T1>(
-                                    row.wrapping_add(16 * row_bytes + 64 * b).cast(),
-                                );
-                            }
-                            // Bytes past the row stay unread: codes against zero
-                            // activations.
-                            let w = match b < full {
-                                true => _mm512_loadu_si512(row.add(64 * b).cast()),
-                                false => _mm512_maskz_loadu_epi8(tail_mask, row.add(64 * b).cast()),
-                            };
-                            let even = _mm512_gf2p8affine_epi64_epi8::<0>(w, place[half]);
-                            let odd = _mm512_gf2p8affine_epi64_epi8::<0>(w, place[half + 1]);
-                            _mm512_store_si512(places.0[half][m].as_mut_ptr().cast(), even);
-                            _mm512_store_si512(places.0[half + 1][m].as_mut_ptr().cast(), odd);
+        for first_row in rows.clone().step_by(32) {
+            // A lone last group is multiplied twice, its copy's sums left unread.
+            let first = [first_row, (first_row + 16).min(rows.end - 1) / 16 * 16];
+            let groups = if first[1] == first[0] { 1 } else { 2 };
+            let counts = first.map(|f| (d_out - f).min(16));
+            let bases = first.map(|f| bytes.as_ptr().add(f * row_bytes));
+            // Block `b`'s codes of both groups' rows by place, into `into`.
+            let unpack = |b: usize, into: *mut [Places; 2], prefetch: bool| {
+                for (g, base) in bases.iter().enumerate() {
+                    for m in 0..counts[g] {
+                        let row = base.add(m * row_bytes);
+                        if prefetch {
+                            // The next pair's line in the same place: the rows of a pair
+                            // lie together, the next after them. Past the codes' end,
+                            // the address is only a hint: a prefetch never faults.
+                            _mm_prefetch::<_MM_HINT_T1>(
+                                row.wrapping_add(32 * row_bytes + 64 * b).cast(),
+                            );
                         }
-                        asm!(
-                            "tileloadd tmm2, [{w} + {stride}*1]",
-                            "tileloadd tmm4, [{x} + {stride}*1]",
-                            "tdpbusd tmm0, tmm2, tmm4",
-                            "tileloadd tmm3, [{w} + {stride}*1 + 1024]",
-                            "tileloadd tmm5, [{x} + {stride}*1 + 1024]",
-                            "tdpbusd tmm1, tmm3, tmm5",
-                            w = in(reg) places.0[half].as_ptr(),
-                            x = in(reg) tokens_codes.add(b * 4096 + half * 1024),
-                            stride = in(reg) 64usize,
-                            options(nostack, readonly),
-                        );
+                        // Bytes past the row stay unread: codes against zero activations.
+                        let w = match b < full {
+                            true => _mm512_loadu_si512(row.add(64 * b).cast()),
+                            false => _mm512_maskz_loadu_epi8(tail_mask, row.add(64 * b).cast()),
+                        };
+                        for (k, place) in place.iter().enumerate() {
+                            let codes = _mm512_gf2p8affine_epi64_epi8::<0>(w, *place);
+                            _mm512_store_si512((*into)[g].0[k][m].as_mut_ptr().cast(), codes);
+                        }
                     }
                 }
+            };
+            for tile in 0..tokens.div_ceil(16) {
+                let n = (tokens - 16 * tile).min(16);
+                if configured != Some((counts, n)) {
+                    let config = rows_config(counts, n);
+                    asm!("ldtilecfg [{}]", in(reg) &config as *const Config, options(nostack, readonly));
+                    configured = Some((counts, n));
+                }
                 asm!(
-                    "tilestored [{even} + {stride}*1], tmm0",
-                    "tilestored [{odd} + {stride}*1], tmm1",
-                    even = in(reg) out[0].as_mut_ptr(),
-                    odd = in(reg) out[1].as_mut_ptr(),
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                let tokens_codes = x.as_ptr().add(tile * blocks * 4096);
+                unpack(0, ring, tile == 0);
+                for b in 0..blocks {
+                    if b + 1 < blocks {
+                        unpack(b + 1, ring.add((b + 1) % 2), tile == 0);
+                    }
+                    // Place `k` of the tokens (`tmm4`) against place `k` of each group
+                    // (`tmm5`, `tmm6`: the group's places 4 KiB apart).
+                    asm!(
+                        "tileloadd tmm4, [{x} + {stride}*1]",
+                        "tileloadd tmm5, [{w} + {stride}*1]",
+                        "tdpbusd tmm0, tmm5, tmm4",
+                        "tileloadd tmm6, [{w} + {stride}*1 + 4096]",
+                        "tdpbusd tmm2, tmm6, tmm4",
+                        "tileloadd tmm4, [{x} + {stride}*1 + 1024]",
+                        "tileloadd tmm5, [{w} + {stride}*1 + 1024]",
+                        "tdpbusd tmm1, tmm5, tmm4",
+                        "tileloadd tmm6, [{w} + {stride}*1 + 5120]",
+                        "tdpbusd tmm3, tmm6, tmm4",
+                        "tileloadd tmm4, [{x} + {stride}*1 + 2048]",
+                        "tileloadd tmm5, [{w} + {stride}*1 + 2048]",
+                        "tdpbusd tmm0, tmm5, tmm4",
+                        "tileloadd tmm6, [{w} + {stride}*1 + 6144]",
+                        "tdpbusd tmm2, tmm6, tmm4",
+                        "tileloadd tmm4, [{x} + {stride}*1 + 3072]",
+                        "tileloadd tmm5, [{w} + {stride}*1 + 3072]",
+                        "tdpbusd tmm1, tmm5, tmm4",
+                        "tileloadd tmm6, [{w} + {stride}*1 + 7168]",
+                        "tdpbusd tmm3, tmm6, tmm4",
+                        w = in(reg) ring.add(b % 2),
+                        x = in(reg) tokens_codes.add(b * 4096),
+                        stride = in(reg) 64usize,
+                        options(nostack, readonly),
+                    );
+                }
+                asm!(
+                    "tilestored [{out} + {stride}*1], tmm0",
+                    "tilestored [{out} + {stride}*1 + 1024], tmm1",
+                    "tilestored [{out} + {stride}*1 + 2048], tmm2",
+                    "tilestored [{out} + {stride}*1 + 3072], tmm3",
+                    out = in(reg) out.as_mut_ptr(),
                     stride = in(reg) 64usize,
                     options(nostack),
                 );
-                // Row `m` of the sums holds its output for each token: `(a as f32 · 1/s)
-                // · γ`, the reference's order, into `values[m]`, then each token's
-                // column of `values` into its row of `y`.
-                let first = 16 * tile;
+                // Row `m` of a group's sums holds its output for each token: `(a as f32
+                // · 1/s) · γ`, the reference's order, into `values[m]`, then each
+                // token's column of `values` into its row of `y`.
+                let t0 = 16 * tile;
                 let keep = (1u32 << n).wrapping_sub(1) as u16;
-                let sum = _mm512_maskz_loadu_epi32(keep, sums.as_ptr().add(first).cast());
-                let inv = _mm512_maskz_loadu_ps(keep, inv_scales.as_ptr().add(first));
-                let [even, odd] = &out;
-                for (m, (even, odd)) in even.iter().zip(odd).take(rows).enumerate() {
-                    let even = _mm512_loadu_si512(even.as_ptr().cast());
-                    let odd = _mm512_loadu_si512(odd.as_ptr().cast());
-                    let acc = _mm512_sub_epi32(_mm512_add_epi32(even, odd), sum);
-                    let v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), inv), gamma);
-                    _mm512_store_ps(values.0[m].as_mut_ptr(), v);
-                }
-                let store = (1u32 << rows).wrapping_sub(1) as u16;
-                for t in 0..n {
-                    let at = values.0.as_ptr().cast::<f32>().add(t);
-                    let v = _mm512_mask_i32gather_ps::<4>(
-                        _mm512_setzero_ps(),
-                        store,
-                        column,
-                        at.cast(),
-                    );
-                    _mm512_mask_storeu_ps(y.0.add((first + t) * d_out + first_row), store, v);
+                let sum = _mm512_maskz_loadu_epi32(keep, sums.as_ptr().add(t0).cast());
+                let inv = _mm512_maskz_loadu_ps(keep, inv_scales.as_ptr().add(t0));
+                for (g, [even, odd]) in out.iter().enumerate().take(groups) {
+                    let rows = counts[g];
+                    for (m, (even, odd)) in even.iter().zip(odd).take(rows).enumerate() {
+                        let even = _mm512_loadu_si512(even.as_ptr().cast());
+                        let odd = _mm512_loadu_si512(odd.as_ptr().cast());
+                        let acc = _mm512_sub_epi32(_mm512_add_epi32(even, odd), sum);
+                        let v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), inv), gamma);
+                        _mm512_store_ps(values.0[m].as_mut_ptr(), v);
+                    }
+                    let store = (1u32 << rows).wrapping_sub(1) as u16;
+                    for t in 0..n {
+                        let at = values.0.as_ptr().cast::<f32>().add(t);
+                        let v = _mm512_mask_i32gather_ps::<4>(
+                            _mm512_setzero_ps(),
+                            store,
+                            column,
+                            at.cast(),
+                        );
+                        _mm512_mask_storeu_ps(y.0.add((t0 + t) * d_out + first[g]), store, v);
+                    }
                 }
             }
         }
         asm!("tilerelease", options(nostack, nomem));
     }
 
-    /// [`rows`]' tiles: `tmm0`, `tmm1` the sums, `rows` × `n` tokens' `i32`; `tmm2`,
-    /// `tmm3` the rows' codes, `rows` × 64; `tmm4`, `tmm5` the tokens' codes, 16 groups
-    /// of four inputs × `n` tokens.
-    fn rows_config(rows: usize, n: usize) -> Config {
-        let (r, n) = (rows as u8, 4 * n as u16);
-        Config::tiles([n, n, 64, 64, n, n], [r, r, r, r, 16, 16])
+    /// [`rows`]' tiles for two groups of `counts` rows and `n` tokens: `tmm0`, `tmm1`
+    /// the first group's sums (`i32`, a row's for each token), `tmm2`, `tmm3` the
+    /// second's; `tmm4` the tokens' codes of one place, 16 groups of four inputs × `n`
+    /// tokens; `tmm5`, `tmm6` each group's codes of that place, its rows × 64.
+    fn rows_config(counts: [usize; 2], n: usize) -> Config {
+        let [r0, r1] = counts.map(|c| c as u8);
+        let c = 4 * n as u16;
+        Config::tiles([c, c, c, c, c, 64, 64], [r0, r0, r1, r1, 16, r0, r1])
     }
 
     /// Whether this CPU has AMX's tiles and int8 products, and Linux lets this process
