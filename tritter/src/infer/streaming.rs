@@ -807,9 +807,11 @@ impl<B: TritterBackend> StreamingEngine<B> {
             match (&self.layers, loader.as_mut()) {
                 (Layers::Resident(layers), _) => {
                     let layer_bytes: usize = layers.iter().map(|l| l.bytes).sum();
-                    for layer in layers {
-                        layer_pass(layer, &config, &mut live, chunk);
-                    }
+                    in_pool::<B, _>(|| {
+                        for layer in layers {
+                            layer_pass(layer, &config, &mut live, chunk);
+                        }
+                    });
                     let cache: usize = live.iter().map(|s| s.cache.bytes()).sum();
                     peak = peak.max((self.resident_bytes + layer_bytes + cache) as u64);
                     peak_kv = peak_kv.max(cache as u64);
@@ -818,9 +820,11 @@ impl<B: TritterBackend> StreamingEngine<B> {
                     let mut previous_bytes = 0;
                     for _ in 0..self.plan.num_groups {
                         let group = loader.next_group()?;
-                        for layer in &group.layers {
-                            layer_pass(layer, &config, &mut live, chunk);
-                        }
+                        in_pool::<B, _>(|| {
+                            for layer in &group.layers {
+                                layer_pass(layer, &config, &mut live, chunk);
+                            }
+                        });
                         // Every kernel reading this group finishes before its buffers
                         // are freed for the loader to reuse.
                         B::sync(&self.device)
@@ -894,6 +898,20 @@ impl<B: TritterBackend> StreamingEngine<B> {
             logits: logits_out,
             stats,
         })
+    }
+}
+
+/// Runs `pass` on one of the CPU thread pool's workers where the device is the CPU, so
+/// that the parallel loops inside it (the products, attention, the backend's
+/// operations) start from a worker, which queues their tasks for the other workers,
+/// instead of each waking the pool from outside and sleeping until it finishes (several
+/// such loops a layer, every pass). Elsewhere on the calling thread: a GPU backend's
+/// work runs on the device, queued by the thread that submits it.
+fn in_pool<B: TritterBackend, R: Send>(pass: impl FnOnce() -> R + Send) -> R {
+    // The backends whose caches live in host memory are those that compute there.
+    match B::host_kv_cache() {
+        true => rayon::scope(|_| pass()),
+        false => pass(),
     }
 }
 
