@@ -29,10 +29,11 @@ use burn::nn::RmsNorm;
 use burn::prelude::*;
 use rayon::prelude::*;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, SendError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tritter_kernels::packed::{MappedCodes, PackedStorage};
 use tritter_kernels::reference::mask_tensor;
 use tritter_kernels::{AttentionMask, MaskMod, PackedTernary, TritterBackend};
@@ -176,30 +177,25 @@ impl<B: TritterBackend> LayerWeights<B> {
     }
 
     /// The block on several sequences' rows at once: `xs[i]` `[len_i, hidden]` continues
-    /// sequence `i` at position `starts[i]`, appending to `caches[i]`. Everything but
-    /// the attention itself (cache append, scores) runs on all rows together.
+    /// sequence `i`, appending to `caches[i]`, its rows rotated by `rope`'s rows (see
+    /// [`ChunkRope`]). Everything but the attention itself (cache append, scores) runs on
+    /// all rows together.
     fn forward(
         &self,
         config: &TritterConfig,
         xs: Vec<Tensor<B, 2>>,
-        starts: &[usize],
+        rope: &ChunkRope<B>,
         caches: Vec<&mut LayerCache<B>>,
     ) -> Vec<Tensor<B, 2>> {
         let heads = Heads::new(config);
-        let (nh, nkv, hd) = (heads.num_heads, heads.num_kv_heads, heads.head_dim);
+        let (nh, nkv) = (heads.num_heads, heads.num_kv_heads);
         let lens: Vec<usize> = xs.iter().map(|x| x.dims()[0]).collect();
         let x = Tensor::cat(xs, 0);
-        let device = x.device();
         let [qkv, out, gate_up, down] = &self.linears;
         let qkv = qkv.forward(x.clone());
 
         // QK-norm and RoPE for every row at its own position.
-        let positions: Vec<usize> = lens
-            .iter()
-            .zip(starts)
-            .flat_map(|(&len, &start)| start..start + len)
-            .collect();
-        let (cos, sin) = rope_tables::<B>(&positions, hd, config.rope_theta, &device);
+        let (cos, sin) = (rope.cos.clone(), rope.sin.clone());
         let [q, k, v] = B::qk_norm_rotary(
             qkv,
             self.q_norm.gamma.val(),
@@ -296,21 +292,52 @@ fn attend_each<B: TritterBackend>(
     Tensor::cat(attended, 0)
 }
 
-/// Rotary tables `[rows, head_dim]` (`cos`, signed `sin`) for rows at `positions`.
-fn rope_tables<B: Backend>(
-    positions: &[usize],
-    head_dim: usize,
-    theta: f64,
-    device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let mut cos = Vec::with_capacity(positions.len() * head_dim);
-    let mut sin = Vec::with_capacity(positions.len() * head_dim);
-    for &p in positions {
-        rope_row(p, head_dim, theta, &mut cos, &mut sin);
+/// Rotary tables `[rows, head_dim]` (`cos`, signed `sin`) of the rows of one chunk of a
+/// pass, every live sequence's rows of the chunk one after another: the same in every
+/// layer, so computed once a pass.
+struct ChunkRope<B: Backend> {
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+}
+
+impl<B: TritterBackend> ChunkRope<B> {
+    /// Each chunk's tables for a pass over `live`, chunk `c` of a sequence continuing it
+    /// at `c · chunk` past its cached tokens.
+    fn pass(
+        live: &[Sequence<B>],
+        chunk: usize,
+        config: &TritterConfig,
+        device: &B::Device,
+    ) -> Vec<Self> {
+        let head_dim = Heads::new(config).head_dim;
+        let most = live.iter().map(|s| s.hidden.len()).max().unwrap_or(0);
+        (0..most)
+            .map(|c| {
+                let positions: Vec<usize> = live
+                    .iter()
+                    .filter_map(|s| {
+                        let rows = s.hidden.get(c)?.dims()[0];
+                        debug_assert!(rows <= chunk, "chunks of at most {chunk} rows");
+                        let start = s.cache.len() + c * chunk;
+                        Some(start..start + rows)
+                    })
+                    .flatten()
+                    .collect();
+                let mut cos = Vec::with_capacity(positions.len() * head_dim);
+                let mut sin = Vec::with_capacity(positions.len() * head_dim);
+                for &p in &positions {
+                    rope_row(p, head_dim, config.rope_theta, &mut cos, &mut sin);
+                }
+                let table = |v: Vec<f32>| {
+                    Tensor::from_data(TensorData::new(v, [positions.len(), head_dim]), device)
+                };
+                Self {
+                    cos: table(cos),
+                    sin: table(sin),
+                }
+            })
+            .collect()
     }
-    let table =
-        |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [positions.len(), head_dim]), device);
-    (table(cos), table(sin))
 }
 
 /// Decode attention of one new position per sequence (`q` `[rows, heads, d]`, `k` and `v`
@@ -807,9 +834,10 @@ impl<B: TritterBackend> StreamingEngine<B> {
             match (&self.layers, loader.as_mut()) {
                 (Layers::Resident(layers), _) => {
                     let layer_bytes: usize = layers.iter().map(|l| l.bytes).sum();
+                    let rope = ChunkRope::pass(&live, chunk, &config, &self.device);
                     in_pool::<B, _>(|| {
                         for layer in layers {
-                            layer_pass(layer, &config, &mut live, chunk);
+                            layer_pass(layer, &config, &mut live, &rope);
                         }
                     });
                     let cache: usize = live.iter().map(|s| s.cache.bytes()).sum();
@@ -818,11 +846,12 @@ impl<B: TritterBackend> StreamingEngine<B> {
                 }
                 (Layers::Streamed { .. }, Some(loader)) => {
                     let mut previous_bytes = 0;
+                    let rope = ChunkRope::pass(&live, chunk, &config, &self.device);
                     for _ in 0..self.plan.num_groups {
                         let group = loader.next_group()?;
                         in_pool::<B, _>(|| {
                             for layer in &group.layers {
-                                layer_pass(layer, &config, &mut live, chunk);
+                                layer_pass(layer, &config, &mut live, &rope);
                             }
                         });
                         // Every kernel reading this group finishes before its buffers
@@ -905,13 +934,73 @@ impl<B: TritterBackend> StreamingEngine<B> {
 /// that the parallel loops inside it (the products, attention, the backend's
 /// operations) start from a worker, which queues their tasks for the other workers,
 /// instead of each waking the pool from outside and sleeping until it finishes (several
-/// such loops a layer, every pass). Elsewhere on the calling thread: a GPU backend's
-/// work runs on the device, queued by the thread that submits it.
+/// such loops a layer, every pass); the other workers stay with the pass
+/// ([`help_until`]) rather than sleep between its loops. Elsewhere on the calling
+/// thread: a GPU backend's work runs on the device, queued by the thread that submits
+/// it.
 fn in_pool<B: TritterBackend, R: Send>(pass: impl FnOnce() -> R + Send) -> R {
     // The backends whose caches live in host memory are those that compute there.
-    match B::host_kv_cache() {
-        true => rayon::scope(|_| pass()),
-        false => pass(),
+    if !B::host_kv_cache() {
+        return pass();
+    }
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        let driver = rayon::current_thread_index();
+        for _ in 1..rayon::current_num_threads() {
+            let done = &done;
+            s.spawn(move |_| {
+                // Taken back by the pass's own thread, the pass is beneath this frame.
+                if rayon::current_thread_index() != driver {
+                    help_until(done);
+                }
+            });
+        }
+        // Set on return and when the pass unwinds alike.
+        let _done = SetOnDrop(&done);
+        pass()
+    })
+}
+
+/// Runs the pool's tasks on this worker as soon as they are queued, until `done` or until
+/// none has come for [`HELP_IDLE`]: the parallel loops of a pass start every few tens of
+/// microseconds, the serial work between them (norms, the gate, rotary embedding) too
+/// short for a worker that went to sleep to be woken in time, which left one core idle
+/// through much of each product. Past [`HELP_SPIN`] without a task it polls between
+/// naps, which leave its core idle, so that the scheduler can move a thread waiting for
+/// a core there (the loader's, which polling alone kept waiting behind the pass: the
+/// share of transfer time hidden fell from 88% to none in one streamed run of three).
+/// The limit ends waits that nothing will end, such as a wait on a pass whose task this
+/// thread holds further down.
+fn help_until(done: &AtomicBool) {
+    let mut idle_since = None;
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            idle_since = None;
+            continue;
+        }
+        let idle = idle_since.get_or_insert_with(Instant::now).elapsed();
+        if idle > HELP_IDLE {
+            return;
+        } else if idle > HELP_SPIN {
+            std::thread::sleep(HELP_NAP);
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// How long [`help_until`] polls for tasks that do not come: at all, without napping,
+/// and the length of a nap.
+const HELP_IDLE: Duration = Duration::from_millis(1);
+const HELP_SPIN: Duration = Duration::from_micros(200);
+const HELP_NAP: Duration = Duration::from_micros(20);
+
+/// Sets its flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -922,25 +1011,21 @@ fn layer_pass<B: TritterBackend>(
     layer: &LayerWeights<B>,
     config: &TritterConfig,
     live: &mut [Sequence<B>],
-    chunk: usize,
+    rope: &[ChunkRope<B>],
 ) {
-    let most = live.iter().map(|s| s.hidden.len()).max().unwrap_or(0);
-    for c in 0..most {
+    for (c, rope) in rope.iter().enumerate() {
         let mut xs = Vec::new();
-        let mut starts = Vec::new();
         let mut caches = Vec::new();
         let mut members = Vec::new();
         for (i, s) in live.iter_mut().enumerate() {
             let Some(x) = s.hidden.get(c) else {
                 continue;
             };
-            debug_assert!(x.dims()[0] <= chunk, "chunks of at most {chunk} rows");
             xs.push(x.clone());
-            starts.push(s.cache.len() + c * chunk);
             caches.push(s.cache.layer_mut(layer.index));
             members.push(i);
         }
-        let ys = layer.forward(config, xs, &starts, caches);
+        let ys = layer.forward(config, xs, rope, caches);
         for (i, y) in members.into_iter().zip(ys) {
             live[i].hidden[c] = y;
         }
@@ -1043,6 +1128,33 @@ mod tests {
     use crate::export::write_random_export;
     use crate::infer::budget::KvCacheType;
     use crate::TestBackend as B;
+
+    /// A pass on the CPU runs on the pool with the other workers helping: its parallel
+    /// loops give their results, and a pass that panics unwinds to the caller instead of
+    /// leaving the helpers polling for it.
+    #[test]
+    fn passes_run_on_the_pool_and_unwind_from_it() {
+        let sum = in_pool::<B, _>(|| (0..10_000u64).into_par_iter().sum::<u64>());
+        assert_eq!(sum, 10_000 * 9_999 / 2);
+        let caught = std::panic::catch_unwind(|| {
+            in_pool::<B, _>(|| {
+                (0..64)
+                    .into_par_iter()
+                    .for_each(|i| assert!(i < 32, "task {i}"));
+            })
+        });
+        assert!(caught.is_err(), "the pass's panic reached the caller");
+    }
+
+    /// A worker that would help a pass which never ends (one whose task it holds further
+    /// down its own stack) leaves it once no task has come for a while.
+    #[test]
+    fn helpers_leave_a_pass_that_never_ends() {
+        let never = AtomicBool::new(false);
+        let start = Instant::now();
+        rayon::scope(|_| help_until(&never));
+        assert!(start.elapsed() >= HELP_IDLE, "it waited for tasks first");
+    }
 
     /// On the CPU the loader hands over groups whose codes are the file's own pages.
     #[test]
