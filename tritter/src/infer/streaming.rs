@@ -323,21 +323,28 @@ impl<B: TritterBackend> ChunkRope<B> {
                     })
                     .flatten()
                     .collect();
-                let mut cos = Vec::with_capacity(positions.len() * head_dim);
-                let mut sin = Vec::with_capacity(positions.len() * head_dim);
-                for &p in &positions {
-                    rope_row(p, head_dim, config.rope_theta, &mut cos, &mut sin);
-                }
-                let table = |v: Vec<f32>| {
-                    Tensor::from_data(TensorData::new(v, [positions.len(), head_dim]), device)
-                };
-                Self {
-                    cos: table(cos),
-                    sin: table(sin),
-                }
+                let (cos, sin) = rope_tables(&positions, head_dim, config.rope_theta, device);
+                Self { cos, sin }
             })
             .collect()
     }
+}
+
+/// Rotary tables `[rows, head_dim]` (`cos`, signed `sin`) for rows at `positions`.
+fn rope_tables<B: Backend>(
+    positions: &[usize],
+    head_dim: usize,
+    theta: f64,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let mut cos = Vec::with_capacity(positions.len() * head_dim);
+    let mut sin = Vec::with_capacity(positions.len() * head_dim);
+    for &p in positions {
+        rope_row(p, head_dim, theta, &mut cos, &mut sin);
+    }
+    let table =
+        |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [positions.len(), head_dim]), device);
+    (table(cos), table(sin))
 }
 
 /// Decode attention of one new position per sequence (`q` `[rows, heads, d]`, `k` and `v`
