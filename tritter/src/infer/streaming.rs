@@ -838,10 +838,10 @@ impl<B: TritterBackend> StreamingEngine<B> {
         let (mut peak, mut peak_kv) = (0u64, 0u64);
         while !live.is_empty() {
             // One pass through every layer for every live sequence.
+            let rope = ChunkRope::pass(&live, chunk, &config, &self.device);
             match (&self.layers, loader.as_mut()) {
                 (Layers::Resident(layers), _) => {
                     let layer_bytes: usize = layers.iter().map(|l| l.bytes).sum();
-                    let rope = ChunkRope::pass(&live, chunk, &config, &self.device);
                     in_pool::<B, _>(|| {
                         for layer in layers {
                             layer_pass(layer, &config, &mut live, &rope);
@@ -853,7 +853,6 @@ impl<B: TritterBackend> StreamingEngine<B> {
                 }
                 (Layers::Streamed { .. }, Some(loader)) => {
                     let mut previous_bytes = 0;
-                    let rope = ChunkRope::pass(&live, chunk, &config, &self.device);
                     for _ in 0..self.plan.num_groups {
                         let group = loader.next_group()?;
                         in_pool::<B, _>(|| {
